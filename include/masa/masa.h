@@ -1,0 +1,447 @@
+/*
+ * libmasa: Matrix Atom Sharing in Attention.
+ *
+ * This header is the reference documentation of the library.
+ *
+ * MASA builds each projection P in {Q, K, V, O} of an L-layer transformer from
+ * S shared "atoms" (full matrices) and an L x S table of scalar coefficients:
+ *
+ *     W_l = sum_s c[l, s] * D_s
+ *
+ * The library offers opaque handles for dictionaries (the atoms), coefficient
+ * tables and attention layers, and runs forward and backward on buffers the
+ * caller owns.
+ *
+ * ------------------------------------------------------------------------
+ * Conventions (apply to every function below)
+ * ------------------------------------------------------------------------
+ * - Numbers are float32. Every matrix is row-major and contiguous.
+ * - A projection maps row vectors: Y = X W + b, with W of shape d_in x d_out
+ *   (note: PyTorch's nn.Linear stores the transpose, d_out x d_in).
+ * - Activations are [batch, seq, features], row-major: token t of sequence b
+ *   starts at element (b * seq + t) * features.
+ * - Every function that can fail returns a masa_status. On failure nothing the
+ *   caller passed in has been modified (unless the function says otherwise)
+ *   and masa_last_error() describes what went wrong. The library never aborts,
+ *   prints or exits.
+ * - Sizes are size_t. Buffer lengths are given in elements (floats) unless the
+ *   parameter name ends in _bytes.
+ * - Destroy functions accept NULL and do nothing.
+ *
+ * ------------------------------------------------------------------------
+ * Threads
+ * ------------------------------------------------------------------------
+ * - Error messages are kept per thread.
+ * - A context may be used from several threads at once. Its worker pool runs
+ *   one call at a time; a call that finds the pool busy runs its work on the
+ *   calling thread instead (correct, just not parallel).
+ * - masa_layer_forward() and masa_layer_backward() only read the layer and
+ *   its parameters: any number of threads may run them on the same layer at
+ *   once, as long as each call has its own workspace, reserve and output
+ *   buffers, and no thread modifies the parameters meanwhile.
+ * - Everything that modifies an object (set_*, init_*, destroy) needs
+ *   exclusive access to that object. Backward calls that write to the same
+ *   gradient buffer (e.g. layers sharing a dictionary) must not run at once.
+ *
+ * ------------------------------------------------------------------------
+ * BLIS kernels
+ * ------------------------------------------------------------------------
+ * Matrix products run on BLIS. BLIS picks its kernels once, when it
+ * initialises, from its own CPU table; some BLIS releases do not know recent
+ * CPUs and fall back to slow "generic" kernels. The first time a context is
+ * created, if BLIS has not been initialised yet, BLIS_ARCH_TYPE is not set and
+ * the CPU supports AVX-512 (F, DQ, BW, VL, with OS support), libmasa sets
+ * BLIS_ARCH_TYPE to BLIS's skx index while BLIS initialises and then restores
+ * the environment as it was. A user's own BLIS_ARCH_TYPE is never overridden.
+ * Set the environment variable MASA_BLIS_ARCH=off to disable this.
+ * masa_blis_arch() tells which kernels are in use.
+ */
+#ifndef MASA_MASA_H
+#define MASA_MASA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* MASA_API marks every exported function. The library is built with
+ * -fvisibility=hidden; nothing else leaves the shared object. */
+#if defined(MASA_BUILDING_LIBRARY) && defined(__GNUC__)
+#define MASA_API __attribute__((visibility("default")))
+#else
+#define MASA_API
+#endif
+
+/* ======================================================================
+ * Version
+ * ====================================================================== */
+
+#define MASA_VERSION_MAJOR 0
+#define MASA_VERSION_MINOR 1
+#define MASA_VERSION_PATCH 0
+/* MAJOR * 10000 + MINOR * 100 + PATCH */
+#define MASA_VERSION_NUMBER \
+    (MASA_VERSION_MAJOR * 10000 + MASA_VERSION_MINOR * 100 + MASA_VERSION_PATCH)
+#define MASA_VERSION_STRING "0.1.0"
+
+/* Version of the library actually loaded (compare with MASA_VERSION_NUMBER). */
+MASA_API unsigned masa_version_number(void);
+/* "MAJOR.MINOR.PATCH" of the library actually loaded; static storage. */
+MASA_API const char *masa_version_string(void);
+
+/* ======================================================================
+ * Errors
+ * ====================================================================== */
+
+typedef enum masa_status {
+    MASA_OK = 0,
+    MASA_ERROR_NULL_ARGUMENT = 1,    /* a required pointer was NULL */
+    MASA_ERROR_INVALID_ARGUMENT = 2, /* a value out of its domain (flag, scale, ...) */
+    MASA_ERROR_BAD_SHAPE = 3,        /* zero or inconsistent sizes */
+    MASA_ERROR_OUT_OF_RANGE = 4,     /* an index (layer, projection) out of range */
+    MASA_ERROR_BUFFER_TOO_SMALL = 5, /* a caller buffer is smaller than required */
+    MASA_ERROR_OVERFLOW = 6,         /* a size computation overflows size_t */
+    MASA_ERROR_OUT_OF_MEMORY = 7,    /* an allocation failed */
+    MASA_ERROR_BAD_STRUCT_SIZE = 8,  /* an options struct has an unknown size */
+    MASA_ERROR_NOT_READY = 9,        /* a layer lacks a projection it needs */
+    MASA_ERROR_THREAD = 10,          /* a thread could not be created */
+    MASA_ERROR_INTERNAL = 11         /* a bug in libmasa; please report it */
+} masa_status;
+
+/* A short constant description of a status ("invalid argument"); never NULL.
+ * Unknown values give "unknown status". */
+MASA_API const char *masa_status_string(masa_status status);
+
+/* The message of the last failure on the calling thread, e.g.
+ * "masa_layer_create: n_heads (6) is not a multiple of n_kv_heads (4)".
+ * Empty string when no call has failed on this thread. The pointer stays valid
+ * until the next libmasa call on the same thread. Never NULL. */
+MASA_API const char *masa_last_error(void);
+
+/* ======================================================================
+ * Context: threads, allocator, BLIS settings
+ * ====================================================================== */
+
+typedef struct masa_context masa_context;
+
+/* Allocator hook. malloc_fn returns memory aligned for any type (as malloc)
+ * or NULL; free_fn accepts NULL. Both receive alloc_user. */
+typedef void *(*masa_malloc_fn)(size_t size, void *user);
+typedef void (*masa_free_fn)(void *ptr, void *user);
+
+/* Options for masa_context_create(). Initialise with
+ * masa_context_options_init() and then change fields: the size field lets
+ * newer libraries accept structs from older programs. A struct larger than the
+ * library knows is accepted only if the unknown tail is all zero bytes. */
+typedef struct masa_context_options {
+    size_t size;           /* sizeof(masa_context_options), set by _init */
+    size_t n_threads;      /* threads for the library's work; 0 = online CPUs */
+    masa_malloc_fn malloc_fn; /* NULL = malloc (both or neither must be set) */
+    masa_free_fn free_fn;     /* NULL = free */
+    void *alloc_user;         /* passed to malloc_fn / free_fn */
+} masa_context_options;
+
+/* Fills *options with the defaults and sets options->size. */
+MASA_API void masa_context_options_init(masa_context_options *options);
+
+/* Creates a context. options may be NULL for the defaults. The context owns a
+ * pool of n_threads - 1 worker threads (the calling thread is the n-th).
+ * *out is set to NULL on failure. */
+MASA_API masa_status masa_context_create(const masa_context_options *options,
+                                         masa_context **out);
+
+/* Destroys the context. Every dictionary, coefficient table and layer created
+ * from it must be destroyed first. */
+MASA_API void masa_context_destroy(masa_context *ctx);
+
+/* Number of threads the context uses (>= 1). */
+MASA_API size_t masa_context_threads(const masa_context *ctx);
+
+/* Name of the BLIS kernel set in use ("skx", "zen3", "haswell", "generic",
+ * ...); static storage, never NULL. Initialises BLIS if needed (see "BLIS
+ * kernels" at the top of this file). */
+MASA_API const char *masa_blis_arch(void);
+
+/* ======================================================================
+ * Dictionaries: S atoms of shape rows x cols
+ * ====================================================================== */
+
+typedef struct masa_dictionary masa_dictionary;
+
+/* Layout of the atom storage: n_atoms * rows * cols floats, atom s first,
+ * each atom row-major: element (s, i, j) is at s * rows * cols + i * cols + j.
+ */
+
+/* A dictionary whose storage the library owns, zero-initialised. */
+MASA_API masa_status masa_dictionary_create(masa_context *ctx, size_t n_atoms,
+                                            size_t rows, size_t cols,
+                                            masa_dictionary **out);
+
+/* A dictionary over caller memory (zero-copy): atoms must hold
+ * n_atoms * rows * cols floats and stay valid until the dictionary is
+ * destroyed. The library reads it during forward and backward and writes it
+ * only in masa_dictionary_init_*(). */
+MASA_API masa_status masa_dictionary_wrap(masa_context *ctx, size_t n_atoms,
+                                          size_t rows, size_t cols,
+                                          float *atoms, masa_dictionary **out);
+
+MASA_API void masa_dictionary_destroy(masa_dictionary *dict);
+
+/* Any output pointer may be NULL. */
+MASA_API masa_status masa_dictionary_shape(const masa_dictionary *dict,
+                                           size_t *n_atoms, size_t *rows,
+                                           size_t *cols);
+
+/* The atom storage (owned or wrapped), in the layout above. */
+MASA_API float *masa_dictionary_data(masa_dictionary *dict);
+
+/* Fills every atom with independent uniform values in [-bound, bound] from a
+ * seeded generator: the same seed gives the same atoms on every platform.
+ * bound = 0 selects 1/sqrt(rows), the scale of a linear layer's default
+ * initialisation with fan-in rows. bound must be finite and >= 0. */
+MASA_API masa_status masa_dictionary_init_uniform(masa_dictionary *dict,
+                                                  float bound, uint64_t seed);
+
+/* ======================================================================
+ * Coefficient tables: L x S
+ * ====================================================================== */
+
+typedef struct masa_coefficients masa_coefficients;
+
+/* Layout: n_layers * n_atoms floats, row-major: c[l, s] at l * n_atoms + s. */
+
+/* A table the library owns, zero-initialised. */
+MASA_API masa_status masa_coefficients_create(masa_context *ctx,
+                                              size_t n_layers, size_t n_atoms,
+                                              masa_coefficients **out);
+
+/* A table over caller memory (zero-copy), n_layers * n_atoms floats, valid
+ * until the table is destroyed. */
+MASA_API masa_status masa_coefficients_wrap(masa_context *ctx, size_t n_layers,
+                                            size_t n_atoms, float *data,
+                                            masa_coefficients **out);
+
+MASA_API void masa_coefficients_destroy(masa_coefficients *coef);
+
+/* Any output pointer may be NULL. */
+MASA_API masa_status masa_coefficients_shape(const masa_coefficients *coef,
+                                             size_t *n_layers,
+                                             size_t *n_atoms);
+
+MASA_API float *masa_coefficients_data(masa_coefficients *coef);
+
+/* c[l, s] = 1 if s == l mod S else 0: layer l starts as atom l mod S
+ * (the "repeat-all-over" sharing pattern). */
+MASA_API masa_status masa_coefficients_init_cyclic(masa_coefficients *coef);
+
+/* c[l, s] = 1 if s == floor(l * S / L) else 0: consecutive blocks of layers
+ * share one atom (the "sequential" sharing pattern). */
+MASA_API masa_status masa_coefficients_init_blocks(masa_coefficients *coef);
+
+/* Adds independent uniform noise in [-bound, bound] from a seeded generator
+ * to every coefficient (call after zeroing or a one-hot init). bound must be
+ * finite and >= 0. */
+MASA_API masa_status masa_coefficients_add_uniform(masa_coefficients *coef,
+                                                   float bound, uint64_t seed);
+
+/* ======================================================================
+ * Composition
+ * ====================================================================== */
+
+/* Writes W_l = sum_s c[layer, s] * D_s into w (rows * cols floats,
+ * row-major). The table's n_atoms must equal the dictionary's.
+ * w_len is the capacity of w in floats. */
+MASA_API masa_status masa_compose(const masa_dictionary *dict,
+                                  const masa_coefficients *coef, size_t layer,
+                                  float *w, size_t w_len);
+
+/* ======================================================================
+ * Attention layers
+ * ====================================================================== */
+
+typedef struct masa_layer masa_layer;
+
+/* The four projections of an attention layer. With dq = n_heads * head_dim and
+ * dkv = n_kv_heads * head_dim, their weights are (d_in x d_out):
+ *   Q: d_model x dq,  K: d_model x dkv,  V: d_model x dkv,  O: dq x d_model
+ * and their biases have d_out elements. */
+typedef enum masa_projection {
+    MASA_PROJ_Q = 0,
+    MASA_PROJ_K = 1,
+    MASA_PROJ_V = 2,
+    MASA_PROJ_O = 3
+} masa_projection;
+#define MASA_NUM_PROJECTIONS 4
+
+/* Options for masa_layer_create(); initialise with masa_layer_options_init()
+ * (same size rule as masa_context_options). */
+typedef struct masa_layer_options {
+    size_t size;        /* sizeof(masa_layer_options), set by _init */
+    size_t d_model;     /* model width (required) */
+    size_t n_heads;     /* query heads (required) */
+    size_t n_kv_heads;  /* key/value heads; 0 = n_heads; must divide n_heads */
+    size_t head_dim;    /* 0 = d_model / n_heads (must divide exactly) */
+    int causal;         /* nonzero: token t attends to keys 0..t only */
+    int rope;           /* nonzero: rotary position embedding on Q and K */
+    float rope_theta;   /* RoPE base; default 10000 */
+    float softmax_scale; /* 0 = 1/sqrt(head_dim) */
+} masa_layer_options;
+
+MASA_API void masa_layer_options_init(masa_layer_options *options);
+
+/* Rotary position embedding, when enabled: for head dimension pairs
+ * (i, i + head_dim/2), i < head_dim/2, of every query and key head at
+ * position p (= pos_offset + t), with f_i = rope_theta^(-2i/head_dim):
+ *   x'_i          = x_i cos(p f_i) - x_{i+h/2} sin(p f_i)
+ *   x'_{i+h/2}    = x_{i+h/2} cos(p f_i) + x_i sin(p f_i)
+ * (the "rotate half" layout of Llama-style checkpoints). head_dim must be even.
+ *
+ * The layer computes, for x of shape [B, T, d_model]:
+ *   Q = x Wq + bq, K = x Wk + bk, V = x Wv + bv  (RoPE applied to Q and K)
+ *   head h uses key/value head h / (n_heads / n_kv_heads)
+ *   A_h = softmax(scale * Q_h K_g^T [+ causal mask]) V_g
+ *   y = concat_h(A_h) Wo + bo
+ */
+
+/* Creates a layer with no projections set. Every projection must be set with
+ * masa_layer_set_masa() or masa_layer_set_dense() before forward. */
+MASA_API masa_status masa_layer_create(masa_context *ctx,
+                                       const masa_layer_options *options,
+                                       masa_layer **out);
+
+/* Destroys the layer and the weights and biases it owns. Dictionaries and
+ * coefficient tables it uses are not destroyed. */
+MASA_API void masa_layer_destroy(masa_layer *layer);
+
+/* Makes projection `which` a MASA projection: W = sum_s coef[layer_index, s]
+ * * D_s. The dictionary's atoms must have the projection's shape, the table's
+ * n_atoms must match the dictionary's and layer_index < the table's n_layers.
+ * The layer keeps pointers to dict and coef (not copies): they must outlive
+ * the layer (or be replaced first) and may be shared by many layers. */
+MASA_API masa_status masa_layer_set_masa(masa_layer *layer,
+                                         masa_projection which,
+                                         masa_dictionary *dict,
+                                         masa_coefficients *coef,
+                                         size_t layer_index);
+
+/* Makes projection `which` dense with weight d_in x d_out. weight NULL: the
+ * layer allocates and owns a zero-initialised weight (see
+ * masa_layer_weight()); otherwise the layer wraps caller memory, which must
+ * stay valid while the layer uses it. */
+MASA_API masa_status masa_layer_set_dense(masa_layer *layer,
+                                          masa_projection which,
+                                          float *weight);
+
+/* Gives projection `which` a bias of d_out floats. bias NULL: the layer
+ * allocates and owns a zero-initialised bias; otherwise it wraps caller
+ * memory. */
+MASA_API masa_status masa_layer_set_bias(masa_layer *layer,
+                                         masa_projection which, float *bias);
+
+/* Removes the bias of projection `which` (no-op without one). */
+MASA_API masa_status masa_layer_remove_bias(masa_layer *layer,
+                                            masa_projection which);
+
+/* The dense weight of projection `which` (NULL if it is not dense or on
+ * error). */
+MASA_API float *masa_layer_weight(masa_layer *layer, masa_projection which);
+
+/* The bias of projection `which` (NULL if it has none or on error). */
+MASA_API float *masa_layer_bias(masa_layer *layer, masa_projection which);
+
+/* Shape (d_in x d_out) of projection `which`'s weight. */
+MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
+                                                 masa_projection which,
+                                                 size_t *d_in, size_t *d_out);
+
+/* Bytes of workspace (scratch, any contents, not kept between calls) that
+ * forward and backward need for `batch` sequences of `seq` tokens. forward
+ * and backward accept any workspace at least this large. */
+MASA_API masa_status masa_layer_workspace_size(const masa_layer *layer,
+                                               size_t batch, size_t seq,
+                                               size_t *bytes);
+
+/* Bytes of reserve: what forward saves for backward (the projected and
+ * rotated Q, K, V, the attention output and the softmax log-sum-exp). */
+MASA_API masa_status masa_layer_reserve_size(const masa_layer *layer,
+                                             size_t batch, size_t seq,
+                                             size_t *bytes);
+
+/* Forward pass.
+ *   x          [batch, seq, d_model], read
+ *   y          [batch, seq, d_model], overwritten (must not overlap x)
+ *   pos_offset position of token 0 for RoPE (e.g. tokens already decoded)
+ *   workspace  at least masa_layer_workspace_size() bytes, aligned for float
+ *   reserve    NULL for inference; for training at least
+ *              masa_layer_reserve_size() bytes, aligned for float, handed
+ *              unchanged to masa_layer_backward().
+ * Pass the buffer sizes so the library can check them. */
+MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
+                                        size_t seq, size_t pos_offset,
+                                        const float *x, float *y,
+                                        void *workspace, size_t workspace_bytes,
+                                        void *reserve, size_t reserve_bytes);
+
+/* How backward writes parameter gradients. */
+typedef enum masa_grad_mode {
+    MASA_GRAD_SET = 0, /* overwrite: g = this call's gradient */
+    MASA_GRAD_ADD = 1  /* accumulate: g += this call's gradient */
+} masa_grad_mode;
+
+/* Where backward writes gradients; initialise with masa_layer_grads_init(),
+ * which sets size, mode = MASA_GRAD_ADD and every pointer to NULL. A NULL
+ * pointer means "not wanted" and that gradient is skipped.
+ *
+ * For projection p:
+ *   d_atoms[p]         MASA: n_atoms * rows * cols floats, same layout as the
+ *                      dictionary. Every atom of the dictionary is written
+ *                      (SET) or added to (ADD): dD_s (+)= c[l, s] dW_l.
+ *   d_coefficients[p]  MASA: n_layers * n_atoms floats, same layout as the
+ *                      table. Only row layer_index is written or added to:
+ *                      dc[l, s] (+)= <D_s, dW_l>_F; other rows are untouched.
+ *   d_weight[p]        dense: d_in * d_out floats, dW = X^T dY.
+ *   d_bias[p]          d_out floats, column sums of dY (projection must have
+ *                      a bias).
+ * Gradients that do not apply to a projection (d_atoms of a dense one, ...)
+ * must be NULL.
+ *
+ * Shared atoms: layers that share a dictionary each contribute to its atom
+ * gradient. Use MASA_GRAD_ADD with one zeroed buffer for all layers (the
+ * usual case), or MASA_GRAD_SET with one buffer per layer and sum them. */
+typedef struct masa_layer_grads {
+    size_t size;             /* sizeof(masa_layer_grads), set by _init */
+    masa_grad_mode mode;     /* SET or ADD, for every parameter gradient */
+    float *d_atoms[MASA_NUM_PROJECTIONS];
+    float *d_coefficients[MASA_NUM_PROJECTIONS];
+    float *d_weight[MASA_NUM_PROJECTIONS];
+    float *d_bias[MASA_NUM_PROJECTIONS];
+} masa_layer_grads;
+
+MASA_API void masa_layer_grads_init(masa_layer_grads *grads);
+
+/* Backward pass.
+ *   x, batch, seq, pos_offset  exactly as given to the forward call that
+ *                              filled `reserve`
+ *   reserve    as filled by that forward call, read only
+ *   dy         [batch, seq, d_model], gradient of the loss w.r.t. y, read
+ *   dx         [batch, seq, d_model], overwritten (always SET), or NULL
+ *   grads      where parameter gradients go (NULL: none)
+ *   workspace  at least masa_layer_workspace_size() bytes
+ * Gradient buffers must not overlap each other or the inputs. */
+MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
+                                         size_t seq, size_t pos_offset,
+                                         const float *x, const float *dy,
+                                         float *dx,
+                                         const masa_layer_grads *grads,
+                                         void *workspace,
+                                         size_t workspace_bytes,
+                                         const void *reserve,
+                                         size_t reserve_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MASA_MASA_H */

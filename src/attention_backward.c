@@ -1,0 +1,90 @@
+/* Attention core, backward. One task per (sequence, key/value head): the
+ * task owns that head's slice of dK and dV, so the query heads sharing it
+ * (GQA) and all query tiles accumulate without races. P is rebuilt from the
+ * saved log-sum-exp instead of being stored (memory stays linear in seq). */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
+                               size_t i0, float *scratch)
+{
+    const masa_layer *L = a->layer;
+    size_t T = a->seq, hd = L->head_dim;
+    size_t g = h / (L->n_heads / L->n_kv_heads);
+    size_t m = T - i0 < MASA_ATTN_TILE ? T - i0 : MASA_ATTN_TILE;
+    size_t kend = L->causal ? i0 + m : T;
+
+    const float *q = a->q + (b * T + i0) * L->dq + h * hd;
+    const float *k = a->k + b * T * L->dkv + g * hd;
+    const float *v = a->v + b * T * L->dkv + g * hd;
+    const float *o = a->attn + (b * T + i0) * L->dq + h * hd;
+    const float *d_o = a->d_attn + (b * T + i0) * L->dq + h * hd;
+    const float *lse = a->lse + (b * L->n_heads + h) * T + i0;
+    float *dq = a->dq + (b * T + i0) * L->dq + h * hd;
+    float *dk = a->dk + b * T * L->dkv + g * hd;
+    float *dv = a->dv + b * T * L->dkv + g * hd;
+
+    float *p = scratch;                              /* m x kend */
+    float *dp = scratch + MASA_ATTN_TILE * T;        /* m x kend */
+    float *delta = scratch + 2 * MASA_ATTN_TILE * T; /* m */
+
+    /* P = exp(scale * Q K^T - lse), zero where masked */
+    masa__gemm(m, kend, hd, L->scale, q, L->dq, 1, k, 1, L->dkv, 0.0f, p,
+               kend, 1, 1);
+    for (size_t r = 0; r < m; r++) {
+        size_t valid = L->causal ? i0 + r + 1 : T;
+        float *row = p + r * kend;
+        for (size_t j = 0; j < valid; j++)
+            row[j] = expf(row[j] - lse[r]);
+        for (size_t j = valid; j < kend; j++)
+            row[j] = 0.0f;
+        /* delta_r = <dO_r, O_r> = sum_j P_rj dP_rj */
+        float d = 0.0f;
+        for (size_t c = 0; c < hd; c++)
+            d += d_o[r * L->dq + c] * o[r * L->dq + c];
+        delta[r] = d;
+    }
+    /* dP = dO V^T */
+    masa__gemm(m, kend, hd, 1.0f, d_o, L->dq, 1, v, 1, L->dkv, 0.0f, dp, kend,
+               1, 1);
+    /* dV += P^T dO */
+    masa__gemm(kend, hd, m, 1.0f, p, 1, kend, d_o, L->dq, 1, 1.0f, dv, L->dkv,
+               1, 1);
+    /* dS = P * (dP - delta), into dp */
+    for (size_t r = 0; r < m; r++)
+        for (size_t j = 0; j < kend; j++)
+            dp[r * kend + j] = p[r * kend + j] * (dp[r * kend + j] - delta[r]);
+    /* dQ = scale * dS K ; dK += scale * dS^T Q */
+    masa__gemm(m, hd, kend, L->scale, dp, kend, 1, k, L->dkv, 1, 0.0f, dq,
+               L->dq, 1, 1);
+    masa__gemm(kend, hd, m, L->scale, dp, 1, kend, q, L->dq, 1, 1.0f, dk,
+               L->dkv, 1, 1);
+}
+
+static void backward_task(void *p, size_t task, size_t thread)
+{
+    masa_attn_args *a = p;
+    const masa_layer *L = a->layer;
+    size_t T = a->seq, hd = L->head_dim;
+    size_t g = task % L->n_kv_heads;
+    size_t b = task / L->n_kv_heads;
+    float *scratch = a->tiles + thread * a->tile_floats;
+
+    for (size_t t = 0; t < T; t++) {
+        memset(a->dk + (b * T + t) * L->dkv + g * hd, 0, hd * sizeof(float));
+        memset(a->dv + (b * T + t) * L->dkv + g * hd, 0, hd * sizeof(float));
+    }
+    size_t rep = L->n_heads / L->n_kv_heads;
+    for (size_t h = g * rep; h < (g + 1) * rep; h++)
+        for (size_t i0 = 0; i0 < T; i0 += MASA_ATTN_TILE)
+            backward_head_tile(a, b, h, i0, scratch);
+}
+
+void masa__attention_backward(masa_attn_args *args)
+{
+    const masa_layer *L = args->layer;
+    masa__pool_run(L->ctx->pool, args->batch * L->n_kv_heads, backward_task,
+                   args);
+}

@@ -1,0 +1,121 @@
+/* Everything that talks to BLIS: one-time initialisation with the choice of
+ * kernels, and thin wrappers over BLIS's typed expert API so each call
+ * carries its own thread count (rntm_t) and no global BLIS state is changed.
+ * Callers validate all arguments first: BLIS aborts on bad ones. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <blis.h>
+
+#include "internal.h"
+
+int masa__blis_arch_choice(const char *user_arch_type, const char *masa_opt,
+                           bool cpu_has_avx512)
+{
+    if (user_arch_type != NULL)
+        return -1; /* the user chose; never override */
+    if (masa_opt != NULL && (strcmp(masa_opt, "off") == 0 ||
+                             strcmp(masa_opt, "0") == 0 ||
+                             strcmp(masa_opt, "no") == 0))
+        return -1;
+#if defined(BLIS_FAMILY_X86_64) && defined(BLIS_CONFIG_SKX)
+    /* BLIS 0.9.0 classifies CPUs by vendor and family, so AVX-512 CPUs it
+     * does not know (e.g. AMD family 0x1A) get the generic kernels, 5x
+     * slower than skx. On CPUs it does know, skx is its own choice or a
+     * better one than its AVX2 kernels. */
+    if (cpu_has_avx512)
+        return (int)BLIS_ARCH_SKX;
+#else
+    (void)cpu_has_avx512;
+#endif
+    return -1;
+}
+
+static bool cpu_has_avx512(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    /* GCC's checks include the OS saving the AVX-512 state (XCR0). */
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#else
+    return false;
+#endif
+}
+
+static void blis_init_once(void)
+{
+    int arch = masa__blis_arch_choice(getenv("BLIS_ARCH_TYPE"),
+                                      getenv("MASA_BLIS_ARCH"),
+                                      cpu_has_avx512());
+    if (arch < 0) {
+        bli_init();
+        return;
+    }
+    /* BLIS reads BLIS_ARCH_TYPE (a number) once, while it initialises; put it
+     * there for that moment only and leave the environment as it was. If a
+     * host already initialised BLIS, this has no effect and masa_blis_arch()
+     * reports the kernels BLIS chose. */
+    char value[16];
+    snprintf(value, sizeof value, "%d", arch);
+    setenv("BLIS_ARCH_TYPE", value, 0);
+    bli_init();
+    unsetenv("BLIS_ARCH_TYPE");
+}
+
+void masa__blis_init(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, blis_init_once);
+}
+
+MASA_API const char *masa_blis_arch(void)
+{
+    masa__blis_init();
+    const char *name = bli_arch_string(bli_arch_query_id());
+    return name ? name : "unknown";
+}
+
+static void rntm_threads(rntm_t *rntm, size_t n_threads)
+{
+    bli_rntm_set_num_threads((dim_t)(n_threads ? n_threads : 1), rntm);
+}
+
+void masa__gemm(size_t m, size_t n, size_t k, float alpha,
+                const float *a, size_t rsa, size_t csa,
+                const float *b, size_t rsb, size_t csb, float beta,
+                float *c, size_t rsc, size_t csc, size_t n_threads)
+{
+    rntm_t rntm = BLIS_RNTM_INITIALIZER;
+    rntm_threads(&rntm, n_threads);
+    bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, (dim_t)m, (dim_t)n,
+                 (dim_t)k, &alpha, (float *)a, (inc_t)rsa, (inc_t)csa,
+                 (float *)b, (inc_t)rsb, (inc_t)csb, &beta, c, (inc_t)rsc,
+                 (inc_t)csc, NULL, &rntm);
+}
+
+void masa__gemv(size_t m, size_t n, float alpha, const float *a, size_t rsa,
+                size_t csa, const float *x, float beta, float *y,
+                size_t n_threads)
+{
+    rntm_t rntm = BLIS_RNTM_INITIALIZER;
+    rntm_threads(&rntm, n_threads);
+    bli_sgemv_ex(BLIS_NO_TRANSPOSE, BLIS_NO_CONJUGATE, (dim_t)m, (dim_t)n,
+                 &alpha, (float *)a, (inc_t)rsa, (inc_t)csa, (float *)x, 1,
+                 &beta, y, 1, NULL, &rntm);
+}
+
+void masa__ger(size_t m, size_t n, float alpha, const float *x,
+               const float *y, float *a, size_t rsa, size_t csa,
+               size_t n_threads)
+{
+    rntm_t rntm = BLIS_RNTM_INITIALIZER;
+    rntm_threads(&rntm, n_threads);
+    bli_sger_ex(BLIS_NO_CONJUGATE, BLIS_NO_CONJUGATE, (dim_t)m, (dim_t)n,
+                &alpha, (float *)x, 1, (float *)y, 1, a, (inc_t)rsa,
+                (inc_t)csa, NULL, &rntm);
+}

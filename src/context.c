@@ -1,0 +1,106 @@
+/* Contexts: thread count, allocator hook and the worker pool. */
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+masa_status masa__check_struct_size(const char *fn, const void *opts,
+                                    size_t given, size_t known_size)
+{
+    /* The first field, size, is the minimum any version can have. */
+    if (given < sizeof(size_t) * 2)
+        return masa__fail(MASA_ERROR_BAD_STRUCT_SIZE,
+                          "%s: options size %zu is too small (initialise the "
+                          "struct with its _init function)", fn, given);
+    if (given > known_size) {
+        /* A newer program's struct: accepted only if the fields this
+         * library does not know are left at zero. */
+        const unsigned char *tail = (const unsigned char *)opts + known_size;
+        for (size_t i = 0; i < given - known_size; i++)
+            if (tail[i] != 0)
+                return masa__fail(MASA_ERROR_BAD_STRUCT_SIZE,
+                                  "%s: options size %zu is larger than this "
+                                  "library's %zu and the unknown fields are "
+                                  "not zero", fn, given, known_size);
+    }
+    return MASA_OK;
+}
+
+MASA_API void masa_context_options_init(masa_context_options *options)
+{
+    if (!options)
+        return;
+    memset(options, 0, sizeof *options);
+    options->size = sizeof *options;
+}
+
+static size_t online_cpus(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (size_t)n : 1;
+}
+
+/* No machine has this many cores; a larger value is a caller's mistake. */
+#define MASA_MAX_THREADS 1024
+
+MASA_API masa_status masa_context_create(const masa_context_options *options,
+                                         masa_context **out)
+{
+    static const char fn[] = "masa_context_create";
+    if (!out)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: out is NULL", fn);
+    *out = NULL;
+
+    masa_context_options opts;
+    masa_context_options_init(&opts);
+    if (options) {
+        masa_status st = masa__check_struct_size(fn, options, options->size,
+                                                 sizeof opts);
+        if (st != MASA_OK)
+            return st;
+        memcpy(&opts, options,
+               options->size < sizeof opts ? options->size : sizeof opts);
+    }
+    if ((opts.malloc_fn == NULL) != (opts.free_fn == NULL))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: malloc_fn and free_fn must be set together", fn);
+    if (opts.n_threads > MASA_MAX_THREADS)
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: n_threads %zu exceeds the limit %d", fn,
+                          opts.n_threads, MASA_MAX_THREADS);
+
+    masa__blis_init();
+
+    masa_context tmp = {
+        .n_threads = opts.n_threads ? opts.n_threads : online_cpus(),
+        .malloc_fn = opts.malloc_fn,
+        .free_fn = opts.free_fn,
+        .alloc_user = opts.alloc_user,
+    };
+    masa_context *ctx = masa__alloc(&tmp, sizeof *ctx);
+    if (!ctx)
+        return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
+                          "%s: cannot allocate the context", fn);
+    *ctx = tmp;
+    masa_status st = masa__pool_create(ctx, ctx->n_threads, &ctx->pool);
+    if (st != MASA_OK) {
+        masa__free(&tmp, ctx);
+        return st;
+    }
+    *out = ctx;
+    return MASA_OK;
+}
+
+MASA_API void masa_context_destroy(masa_context *ctx)
+{
+    if (!ctx)
+        return;
+    masa__pool_destroy(ctx, ctx->pool);
+    masa_context tmp = *ctx;
+    masa__free(&tmp, ctx);
+}
+
+MASA_API size_t masa_context_threads(const masa_context *ctx)
+{
+    return ctx ? ctx->n_threads : 0;
+}

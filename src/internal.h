@@ -1,0 +1,209 @@
+/* Internal declarations shared by the library's source files. */
+#ifndef MASA_INTERNAL_H
+#define MASA_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "masa/masa.h"
+
+/* ---- errors (error.c) ---- */
+
+/* Records a message for masa_last_error() and returns status. */
+masa_status masa__fail(masa_status status, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Clears the calling thread's message (start of every public call). */
+void masa__clear_error(void);
+
+/* ---- checked size arithmetic (alloc.c) ---- */
+
+/* *out = a * b; false on overflow. */
+bool masa__mul(size_t a, size_t b, size_t *out);
+/* *out = a * b * c; false on overflow. */
+bool masa__mul3(size_t a, size_t b, size_t c, size_t *out);
+/* *acc += a; false on overflow. */
+bool masa__add(size_t *acc, size_t a);
+
+/* ---- allocation through the context's hook (alloc.c) ---- */
+
+void *masa__alloc(const masa_context *ctx, size_t bytes);
+void *masa__calloc(const masa_context *ctx, size_t count, size_t elem);
+void masa__free(const masa_context *ctx, void *ptr);
+
+/* ---- worker pool (pool.c) ---- */
+
+typedef struct masa_pool masa_pool;
+/* task(arg, task_index, thread_index): thread_index < n_threads of the pool */
+typedef void (*masa_task_fn)(void *arg, size_t task, size_t thread);
+
+masa_status masa__pool_create(const masa_context *ctx, size_t n_threads,
+                              masa_pool **out);
+void masa__pool_destroy(const masa_context *ctx, masa_pool *pool);
+/* Runs task(arg, i, thread) for i in [0, n_tasks). If the pool is busy with
+ * another call, everything runs on the calling thread as thread 0. */
+void masa__pool_run(masa_pool *pool, size_t n_tasks, masa_task_fn task,
+                    void *arg);
+
+/* ---- context (context.c) ---- */
+
+struct masa_context {
+    size_t n_threads;
+    masa_malloc_fn malloc_fn;
+    masa_free_fn free_fn;
+    void *alloc_user;
+    masa_pool *pool;
+};
+
+/* Validates a size-prefixed options struct: size must be at least
+ * known_min, and bytes past known_size must be zero. */
+masa_status masa__check_struct_size(const char *fn, const void *opts,
+                                    size_t given, size_t known_size);
+
+/* ---- random numbers (random.c) ---- */
+
+/* Uniform in [-bound, bound], deterministic per (seed, index). */
+void masa__fill_uniform(float *dst, size_t n, float bound, uint64_t seed);
+void masa__add_uniform(float *dst, size_t n, float bound, uint64_t seed);
+
+/* ---- BLIS glue (blis_glue.c) ---- */
+
+/* Initialises BLIS once (choosing kernels, see masa.h). */
+void masa__blis_init(void);
+/* Chooses a BLIS_ARCH_TYPE value for the given situation, or -1 for "leave
+ * BLIS alone". Pure function, exposed for tests. */
+int masa__blis_arch_choice(const char *user_arch_type, const char *masa_opt,
+                           bool cpu_has_avx512);
+
+/* C = alpha * op(A) op(B) + beta * C with explicit strides (row stride,
+ * column stride) for each matrix; m x k times k x n. n_threads BLIS threads. */
+void masa__gemm(size_t m, size_t n, size_t k, float alpha,
+                const float *a, size_t rsa, size_t csa,
+                const float *b, size_t rsb, size_t csb, float beta,
+                float *c, size_t rsc, size_t csc, size_t n_threads);
+/* y = alpha * A x + beta * y, A m x n with strides. */
+void masa__gemv(size_t m, size_t n, float alpha, const float *a, size_t rsa,
+                size_t csa, const float *x, float beta, float *y,
+                size_t n_threads);
+/* A += alpha * x y^T, A m x n with strides. */
+void masa__ger(size_t m, size_t n, float alpha, const float *x,
+               const float *y, float *a, size_t rsa, size_t csa,
+               size_t n_threads);
+
+/* ---- dictionaries and coefficient tables ---- */
+
+struct masa_dictionary {
+    masa_context *ctx;
+    size_t n_atoms, rows, cols;
+    float *atoms;
+    bool owned;
+};
+
+struct masa_coefficients {
+    masa_context *ctx;
+    size_t n_layers, n_atoms;
+    float *data;
+    bool owned;
+};
+
+/* W = sum_s c[layer, s] D_s, no argument checks. */
+void masa__compose(const masa_dictionary *dict, const masa_coefficients *coef,
+                   size_t layer, float *w, size_t n_threads);
+
+/* ---- layers ---- */
+
+typedef struct masa_proj_state {
+    bool set;               /* a weight source has been chosen */
+    bool is_masa;
+    masa_dictionary *dict;  /* MASA */
+    masa_coefficients *coef;
+    size_t layer_index;
+    float *weight;          /* dense */
+    bool weight_owned;
+    float *bias;            /* NULL = no bias */
+    bool bias_owned;
+    size_t d_in, d_out;
+} masa_proj_state;
+
+struct masa_layer {
+    masa_context *ctx;
+    size_t d_model, n_heads, n_kv_heads, head_dim;
+    size_t dq, dkv;         /* n_heads * head_dim, n_kv_heads * head_dim */
+    bool causal, rope;
+    float rope_theta, scale;
+    masa_proj_state proj[MASA_NUM_PROJECTIONS];
+};
+
+/* Query tile height of the attention core. */
+#define MASA_ATTN_TILE 64
+
+/* Byte offsets of the reserve's parts (all float arrays). */
+typedef struct masa_reserve_layout {
+    size_t q, k, v, attn, lse, total; /* offsets in floats, total in floats */
+} masa_reserve_layout;
+
+/* Layout of forward's and backward's workspace (offsets in floats). */
+typedef struct masa_workspace_layout {
+    size_t fwd_qkv;   /* Q, K, V, A when no reserve is given */
+    size_t weight;    /* composed weight (largest projection) */
+    size_t dweight;   /* dW for MASA projections (backward) */
+    size_t grad_a;    /* dA, dQ, dK, dV (backward) */
+    size_t tiles;     /* per-thread attention tiles */
+    size_t tile_floats; /* floats per thread */
+    size_t total;     /* floats */
+} masa_workspace_layout;
+
+/* fn names the public function in error messages. */
+masa_status masa__reserve_layout(const char *fn, const masa_layer *layer,
+                                 size_t batch, size_t seq,
+                                 masa_reserve_layout *out);
+masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
+                                   size_t batch, size_t seq,
+                                   masa_workspace_layout *out);
+
+/* Pointer to the weight of a projection: the dense weight, or W_l composed
+ * into scratch. */
+const float *masa__projection_weight(const masa_layer *layer, int p,
+                                     float *scratch);
+
+/* ---- RoPE (rope.c) ---- */
+
+/* Rotates n_heads heads of every token of x ([rows, row_stride]) in place.
+ * direction +1 applies the rotation, -1 its inverse (for gradients). */
+void masa__rope(float *x, size_t batch, size_t seq, size_t row_stride,
+                size_t n_heads, size_t head_dim, size_t pos_offset,
+                float theta, int direction);
+
+/* ---- attention core ---- */
+
+typedef struct masa_attn_args {
+    const masa_layer *layer;
+    size_t batch, seq;
+    const float *q, *k, *v; /* [B*T, dq], [B*T, dkv], [B*T, dkv] */
+    float *attn;            /* [B*T, dq] output */
+    float *lse;             /* [B, H, T] log-sum-exp of scaled scores */
+    const float *d_attn;    /* backward: dA */
+    float *dq, *dk, *dv;    /* backward outputs */
+    float *tiles;           /* per-thread scratch */
+    size_t tile_floats;
+} masa_attn_args;
+
+void masa__attention_forward(masa_attn_args *args);
+void masa__attention_backward(masa_attn_args *args);
+/* Floats of per-thread scratch the attention core needs; SIZE_MAX when that
+ * overflows size_t. */
+size_t masa__attention_tile_floats(size_t seq, size_t head_dim);
+
+/* ---- layer forward/backward helpers (layer_forward.c) ---- */
+
+bool masa__overlaps(const void *a, size_t a_bytes, const void *b,
+                    size_t b_bytes);
+bool masa__float_aligned(const void *p);
+/* out[rows x d_out] = in[rows x d_in] W_p (+ bias_p) */
+void masa__project(const masa_layer *layer, int p, const float *in,
+                   size_t rows, float *out, float *weight_scratch);
+
+/* MASA_ERROR_NOT_READY unless every projection has a weight. */
+masa_status masa__check_ready(const char *fn, const masa_layer *layer);
+
+#endif

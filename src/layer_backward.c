@@ -1,0 +1,179 @@
+/* Layer backward: output projection, attention core, inverse RoPE, input
+ * projections, and the parameter gradients with the SET/ADD rule of
+ * masa_layer_grads. For a MASA projection G = X^T dY is formed once and both
+ * dc[l, :] = D G (one GEMV over the atoms) and dD += c[l, :] (x) G (one rank-1
+ * update) come from it. */
+#include <string.h>
+
+#include "internal.h"
+
+static const char *const names[4] = {"Q", "K", "V", "O"};
+
+static masa_status check_grads(const char *fn, const masa_layer *layer,
+                               const masa_layer_grads *g)
+{
+    masa_status st = masa__check_struct_size(fn, g, g->size, sizeof *g);
+    if (st != MASA_OK)
+        return st;
+    if (g->mode != MASA_GRAD_SET && g->mode != MASA_GRAD_ADD)
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: grads->mode %d is neither MASA_GRAD_SET nor "
+                          "MASA_GRAD_ADD", fn, (int)g->mode);
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
+        const masa_proj_state *ps = &layer->proj[p];
+        if (!ps->is_masa && (g->d_atoms[p] || g->d_coefficients[p]))
+            return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                              "%s: d_atoms/d_coefficients given for %s, which "
+                              "is not a MASA projection", fn, names[p]);
+        if (ps->is_masa && g->d_weight[p])
+            return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                              "%s: d_weight given for %s, which is a MASA "
+                              "projection", fn, names[p]);
+        if (!ps->bias && g->d_bias[p])
+            return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                              "%s: d_bias given for %s, which has no bias", fn,
+                              names[p]);
+    }
+    return MASA_OK;
+}
+
+/* Parameter gradients of projection p, given its input X (rows x d_in) and
+ * output gradient dY (rows x d_out). */
+static void param_grads(const masa_layer *layer, int p, const float *in,
+                        const float *dy, size_t rows,
+                        const masa_layer_grads *g, float *g_scratch)
+{
+    const masa_proj_state *ps = &layer->proj[p];
+    size_t nt = layer->ctx->n_threads;
+    bool add = g->mode == MASA_GRAD_ADD;
+
+    if (g->d_bias[p]) {
+        float *db = g->d_bias[p];
+        if (!add)
+            memset(db, 0, ps->d_out * sizeof(float));
+        for (size_t r = 0; r < rows; r++)
+            for (size_t c = 0; c < ps->d_out; c++)
+                db[c] += dy[r * ps->d_out + c];
+    }
+    if (!ps->is_masa) {
+        if (g->d_weight[p]) /* dW (+)= X^T dY */
+            masa__gemm(ps->d_in, ps->d_out, rows, 1.0f, in, 1, ps->d_in, dy,
+                       ps->d_out, 1, add ? 1.0f : 0.0f, g->d_weight[p],
+                       ps->d_out, 1, nt);
+        return;
+    }
+    if (!g->d_atoms[p] && !g->d_coefficients[p])
+        return;
+    const masa_dictionary *d = ps->dict;
+    size_t n = d->rows * d->cols;
+    const float *c_l = ps->coef->data + ps->layer_index * ps->coef->n_atoms;
+    masa__gemm(ps->d_in, ps->d_out, rows, 1.0f, in, 1, ps->d_in, dy,
+               ps->d_out, 1, 0.0f, g_scratch, ps->d_out, 1, nt);
+    if (g->d_coefficients[p]) /* dc[l, s] (+)= <D_s, G> */
+        masa__gemv(d->n_atoms, n, 1.0f, d->atoms, n, 1, g_scratch,
+                   add ? 1.0f : 0.0f,
+                   g->d_coefficients[p] + ps->layer_index * ps->coef->n_atoms,
+                   nt);
+    if (g->d_atoms[p]) { /* dD_s (+)= c[l, s] G */
+        if (!add)
+            memset(g->d_atoms[p], 0, d->n_atoms * n * sizeof(float));
+        masa__ger(d->n_atoms, n, 1.0f, c_l, g_scratch, g->d_atoms[p], n, 1,
+                  nt);
+    }
+}
+
+/* dx (+)= dY W_p^T */
+static void input_grad(const masa_layer *layer, int p, const float *dy,
+                       size_t rows, float *dx, float beta, float *w_scratch)
+{
+    const masa_proj_state *ps = &layer->proj[p];
+    const float *w = masa__projection_weight(layer, p, w_scratch);
+    masa__gemm(rows, ps->d_in, ps->d_out, 1.0f, dy, ps->d_out, 1, w, 1,
+               ps->d_out, beta, dx, ps->d_in, 1, layer->ctx->n_threads);
+}
+
+MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
+                                         size_t seq, size_t pos_offset,
+                                         const float *x, const float *dy,
+                                         float *dx,
+                                         const masa_layer_grads *grads,
+                                         void *workspace,
+                                         size_t workspace_bytes,
+                                         const void *reserve,
+                                         size_t reserve_bytes)
+{
+    static const char fn[] = "masa_layer_backward";
+    if (!layer || !x || !dy || !workspace || !reserve)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: %s is NULL", fn,
+                          !layer ? "layer" : !x ? "x" : !dy ? "dy"
+                          : !workspace ? "workspace" : "reserve");
+    masa_status st = masa__check_ready(fn, layer);
+    if (st != MASA_OK)
+        return st;
+    masa_layer_grads none;
+    masa_layer_grads_init(&none);
+    if (!grads)
+        grads = &none;
+    if ((st = check_grads(fn, layer, grads)) != MASA_OK)
+        return st;
+    masa_workspace_layout wl;
+    masa_reserve_layout rl;
+    if ((st = masa__workspace_layout(fn, layer, batch, seq, &wl)) != MASA_OK ||
+        (st = masa__reserve_layout(fn, layer, batch, seq, &rl)) != MASA_OK)
+        return st;
+    if (workspace_bytes < wl.total * sizeof(float))
+        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
+                          "%s: workspace has %zu bytes, needs %zu", fn,
+                          workspace_bytes, wl.total * sizeof(float));
+    if (reserve_bytes < rl.total * sizeof(float))
+        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
+                          "%s: reserve has %zu bytes, needs %zu", fn,
+                          reserve_bytes, rl.total * sizeof(float));
+    if (!masa__float_aligned(workspace) || !masa__float_aligned(reserve))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: workspace and reserve must be aligned for "
+                          "float", fn);
+    size_t bt = batch * seq;
+    size_t act_bytes = bt * layer->d_model * sizeof(float);
+    if (dx && (masa__overlaps(dx, act_bytes, x, act_bytes) ||
+               masa__overlaps(dx, act_bytes, dy, act_bytes)))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: dx overlaps x or dy", fn);
+
+    const float *base = reserve;
+    float *ws = workspace;
+    float *d_attn = ws + wl.grad_a;
+    float *dq = d_attn + bt * layer->dq;
+    float *dk = dq + bt * layer->dq;
+    float *dv = dk + bt * layer->dkv;
+    float *wscratch = ws + wl.weight, *gscratch = ws + wl.dweight;
+    const float *attn = base + rl.attn;
+
+    /* output projection */
+    input_grad(layer, MASA_PROJ_O, dy, bt, d_attn, 0.0f, wscratch);
+    param_grads(layer, MASA_PROJ_O, attn, dy, bt, grads, gscratch);
+
+    masa_attn_args args = {
+        .layer = layer, .batch = batch, .seq = seq, .q = base + rl.q,
+        .k = base + rl.k, .v = base + rl.v, .attn = (float *)attn,
+        .lse = (float *)(base + rl.lse), .d_attn = d_attn, .dq = dq,
+        .dk = dk, .dv = dv, .tiles = ws + wl.tiles,
+        .tile_floats = wl.tile_floats,
+    };
+    masa__attention_backward(&args);
+    if (layer->rope) {
+        masa__rope(dq, batch, seq, layer->dq, layer->n_heads, layer->head_dim,
+                   pos_offset, layer->rope_theta, -1);
+        masa__rope(dk, batch, seq, layer->dkv, layer->n_kv_heads,
+                   layer->head_dim, pos_offset, layer->rope_theta, -1);
+    }
+
+    const float *d_proj[3] = {dq, dk, dv};
+    for (int p = MASA_PROJ_Q; p <= MASA_PROJ_V; p++) {
+        if (dx)
+            input_grad(layer, p, d_proj[p], bt, dx, p == 0 ? 0.0f : 1.0f,
+                       wscratch);
+        param_grads(layer, p, x, d_proj[p], bt, grads, gscratch);
+    }
+    return MASA_OK;
+}

@@ -1,0 +1,97 @@
+/* Layer forward: projections (BLIS GEMMs on composed or dense weights),
+ * RoPE, the attention core and the output projection. */
+#include <stdint.h>
+#include <string.h>
+
+#include "internal.h"
+
+bool masa__overlaps(const void *a, size_t a_bytes, const void *b,
+                    size_t b_bytes)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    return pa < pb + b_bytes && pb < pa + a_bytes;
+}
+
+bool masa__float_aligned(const void *p)
+{
+    return (uintptr_t)p % _Alignof(float) == 0;
+}
+
+/* out[rows x d_out] = in[rows x d_in] W (+ bias) */
+void masa__project(const masa_layer *layer, int p, const float *in,
+                   size_t rows, float *out, float *weight_scratch)
+{
+    const masa_proj_state *ps = &layer->proj[p];
+    const float *w = masa__projection_weight(layer, p, weight_scratch);
+    float beta = 0.0f;
+    if (ps->bias) {
+        for (size_t r = 0; r < rows; r++)
+            memcpy(out + r * ps->d_out, ps->bias, ps->d_out * sizeof(float));
+        beta = 1.0f;
+    }
+    masa__gemm(rows, ps->d_out, ps->d_in, 1.0f, in, ps->d_in, 1, w, ps->d_out,
+               1, beta, out, ps->d_out, 1, layer->ctx->n_threads);
+}
+
+MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
+                                        size_t seq, size_t pos_offset,
+                                        const float *x, float *y,
+                                        void *workspace, size_t workspace_bytes,
+                                        void *reserve, size_t reserve_bytes)
+{
+    static const char fn[] = "masa_layer_forward";
+    if (!layer || !x || !y || !workspace)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: %s is NULL", fn,
+                          !layer ? "layer" : !x ? "x" : !y ? "y"
+                                                           : "workspace");
+    masa_status st = masa__check_ready(fn, layer);
+    if (st != MASA_OK)
+        return st;
+    masa_workspace_layout wl;
+    masa_reserve_layout rl;
+    if ((st = masa__workspace_layout(fn, layer, batch, seq, &wl)) != MASA_OK ||
+        (st = masa__reserve_layout(fn, layer, batch, seq, &rl)) != MASA_OK)
+        return st;
+    if (workspace_bytes < wl.total * sizeof(float))
+        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
+                          "%s: workspace has %zu bytes, needs %zu", fn,
+                          workspace_bytes, wl.total * sizeof(float));
+    if (reserve && reserve_bytes < rl.total * sizeof(float))
+        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
+                          "%s: reserve has %zu bytes, needs %zu", fn,
+                          reserve_bytes, rl.total * sizeof(float));
+    if (!masa__float_aligned(workspace) ||
+        (reserve && !masa__float_aligned(reserve)))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: workspace and reserve must be aligned for "
+                          "float", fn);
+    size_t bt = batch * seq;
+    size_t act_bytes = bt * layer->d_model * sizeof(float);
+    if (masa__overlaps(x, act_bytes, y, act_bytes))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: x and y overlap", fn);
+
+    float *ws = workspace;
+    float *base = reserve ? (float *)reserve : ws + wl.fwd_qkv;
+    float *q = base + rl.q, *k = base + rl.k, *v = base + rl.v;
+    float *attn = base + rl.attn, *lse = base + rl.lse;
+    float *wscratch = ws + wl.weight;
+
+    masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch);
+    masa__project(layer, MASA_PROJ_K, x, bt, k, wscratch);
+    masa__project(layer, MASA_PROJ_V, x, bt, v, wscratch);
+    if (layer->rope) {
+        masa__rope(q, batch, seq, layer->dq, layer->n_heads, layer->head_dim,
+                   pos_offset, layer->rope_theta, +1);
+        masa__rope(k, batch, seq, layer->dkv, layer->n_kv_heads,
+                   layer->head_dim, pos_offset, layer->rope_theta, +1);
+    }
+    masa_attn_args args = {
+        .layer = layer, .batch = batch, .seq = seq, .q = q, .k = k, .v = v,
+        .attn = attn, .lse = lse, .tiles = ws + wl.tiles,
+        .tile_floats = wl.tile_floats,
+    };
+    masa__attention_forward(&args);
+    masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch);
+    return MASA_OK;
+}
