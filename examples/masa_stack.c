@@ -2,7 +2,8 @@
  * has one dictionary of S = 4 atoms shared by all layers. Runs forward
  * through the stack and backward through it, accumulating the shared atoms'
  * gradients, and prints parameter counts, the BLIS kernels in use and the
- * time per call. Only libmasa's public API is used.
+ * time per call. Layers are residual, h_{l+1} = h_l + attention_l(h_l), as in
+ * a transformer (the MLPs and norms are left out). Only libmasa's public API is used.
  *
  *   masa_stack [batch] [seq] [d_model] [n_heads]       (defaults 4 128 256 8)
  */
@@ -120,12 +121,14 @@ int main(int argc, char **argv)
     double t_fwd = 1e30, t_bwd = 1e30;
     for (int rep = 0; rep < reps; rep++) {
         double t0 = seconds();
-        for (int l = 0; l < N_LAYERS; l++)
-            CHECK(masa_layer_forward(layers[l], batch, seq, 0,
-                                     acts + l * n_act, acts + (l + 1) * n_act,
-                                     ws, ws_bytes,
-                                     (char *)reserve + l * rs_bytes,
+        for (int l = 0; l < N_LAYERS; l++) {
+            float *h = acts + l * n_act, *next = acts + (l + 1) * n_act;
+            CHECK(masa_layer_forward(layers[l], batch, seq, 0, h, next, ws,
+                                     ws_bytes, (char *)reserve + l * rs_bytes,
                                      rs_bytes));
+            for (size_t i = 0; i < n_act; i++) /* residual */
+                next[i] += h[i];
+        }
         double t1 = seconds();
         /* loss = 0.5 * |y|^2, so dL/dy = y */
         memcpy(grad_a, acts + N_LAYERS * n_act, n_act * sizeof(float));
@@ -135,6 +138,8 @@ int main(int argc, char **argv)
                                       &grads, ws, ws_bytes,
                                       (char *)reserve + l * rs_bytes,
                                       rs_bytes));
+            for (size_t i = 0; i < n_act; i++) /* residual path */
+                grad_b[i] += grad_a[i];
             float *t = grad_a;
             grad_a = grad_b;
             grad_b = t;
