@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Compares the dynamic symbols exported by libmasa with the functions
+declared MASA_API in the public header: none missing, none extra.
+
+usage: check_symbols.py <libmasa.so> <masa.h>
+"""
+import re
+import subprocess
+import sys
+
+
+def exported(lib):
+    out = subprocess.run(["nm", "-D", "--defined-only", lib], check=True,
+                         capture_output=True, text=True).stdout
+    names = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "TtWiV" and parts[1] != "t":
+            names.add(parts[2].split("@")[0])
+    return names
+
+
+def declared(header):
+    text = open(header, encoding="utf-8").read()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(", text))
+
+
+def main():
+    lib, header = sys.argv[1], sys.argv[2]
+    exp, dec = exported(lib), declared(header)
+    missing, extra = sorted(dec - exp), sorted(exp - dec)
+    print(f"{len(dec)} functions declared, {len(exp)} symbols exported")
+    for name in missing:
+        print(f"missing from the library: {name}")
+    for name in extra:
+        print(f"exported but not in the header: {name}")
+    if not dec:
+        print("no MASA_API declarations found in the header")
+        return 1
+    return 1 if missing or extra else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
