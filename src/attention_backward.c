@@ -49,18 +49,49 @@ static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
     /* dP = dO V^T */
     masa__gemm(m, kend, hd, 1.0f, d_o, L->dq, 1, v, 1, L->dkv, 0.0f, dp, kend,
                1, 1);
-    /* dV += P^T dO */
-    masa__gemm(kend, hd, m, 1.0f, p, 1, kend, d_o, L->dq, 1, 1.0f, dv, L->dkv,
-               1, 1);
-    /* dS = P * (dP - delta), into dp */
-    for (size_t r = 0; r < m; r++)
-        for (size_t j = 0; j < kend; j++)
-            dp[r * kend + j] = p[r * kend + j] * (dp[r * kend + j] - delta[r]);
-    /* dQ = scale * dS K ; dK += scale * dS^T Q */
-    masa__gemm(m, hd, kend, L->scale, dp, kend, 1, k, L->dkv, 1, 0.0f, dq,
-               L->dq, 1, 1);
-    masa__gemm(kend, hd, m, L->scale, dp, 1, kend, q, L->dq, 1, 1.0f, dk,
-               L->dkv, 1, 1);
+    /* dS = P * (dP - delta), into dp; masked entries are set to 0, not
+     * multiplied (dP there may hold a future token's NaN). */
+    for (size_t r = 0; r < m; r++) {
+        size_t valid = L->causal ? i0 + r + 1 : T;
+        float *ds = dp + r * kend;
+        const float *pr = p + r * kend;
+        for (size_t j = 0; j < valid; j++)
+            ds[j] = pr[j] * (ds[j] - delta[r]);
+        for (size_t j = valid; j < kend; j++)
+            ds[j] = 0.0f;
+    }
+    /* Keys every row of the tile sees: [0, full); with causal masking the
+     * diagonal block [i0, kend) is done by hand over visible pairs only, so
+     * that a NaN in one token never reaches tokens that cannot see it. */
+    size_t full = L->causal ? i0 : kend;
+    if (full > 0) {
+        /* dV += P^T dO ; dK += scale dS^T Q ; dQ = scale dS K */
+        masa__gemm(full, hd, m, 1.0f, p, 1, kend, d_o, L->dq, 1, 1.0f, dv,
+                   L->dkv, 1, 1);
+        masa__gemm(full, hd, m, L->scale, dp, 1, kend, q, L->dq, 1, 1.0f, dk,
+                   L->dkv, 1, 1);
+        masa__gemm(m, hd, full, L->scale, dp, kend, 1, k, L->dkv, 1, 0.0f, dq,
+                   L->dq, 1, 1);
+    } else {
+        for (size_t r = 0; r < m; r++)
+            memset(dq + r * L->dq, 0, hd * sizeof(float));
+    }
+    if (!L->causal)
+        return;
+    for (size_t r = 0; r < m; r++) {
+        const float *qr = q + r * L->dq, *dor = d_o + r * L->dq;
+        float *dqr = dq + r * L->dq;
+        for (size_t j = i0; j <= i0 + r; j++) {
+            float pj = p[r * kend + j], dsj = L->scale * dp[r * kend + j];
+            const float *kj = k + j * L->dkv;
+            float *dvj = dv + j * L->dkv, *dkj = dk + j * L->dkv;
+            for (size_t c = 0; c < hd; c++) {
+                dvj[c] += pj * dor[c];
+                dkj[c] += dsj * qr[c];
+                dqr[c] += dsj * kj[c];
+            }
+        }
+    }
 }
 
 static void backward_task(void *p, size_t task, size_t thread)

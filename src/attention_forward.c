@@ -3,6 +3,7 @@
  * Scratch is one tile x seq block per thread, so memory grows linearly with
  * seq. The log-sum-exp of each row is saved so backward can rebuild P. */
 #include <math.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -78,9 +79,31 @@ static void forward_task(void *p, size_t task, size_t thread)
         size_t valid = L->causal ? i0 + r + 1 : T;
         lse[r] = softmax_row(s + r * kend, valid, kend);
     }
-    /* A_tile = P V */
-    masa__gemm(m, hd, kend, 1.0f, s, kend, 1, v, L->dkv, 1, 0.0f, out, L->dq,
-               1, 1);
+    if (!L->causal) {
+        /* A_tile = P V */
+        masa__gemm(m, hd, kend, 1.0f, s, kend, 1, v, L->dkv, 1, 0.0f, out,
+                   L->dq, 1, 1);
+        return;
+    }
+    /* Causal: keys before the tile are seen by every row (one GEMM); in the
+     * diagonal block row r sees keys i0..i0+r only. Multiplying a masked
+     * P = 0 by a future value would turn a NaN there into a NaN here, so the
+     * diagonal block only touches the keys each row may see. */
+    if (i0 > 0)
+        masa__gemm(m, hd, i0, 1.0f, s, kend, 1, v, L->dkv, 1, 0.0f, out,
+                   L->dq, 1, 1);
+    else
+        for (size_t r = 0; r < m; r++)
+            memset(out + r * L->dq, 0, hd * sizeof(float));
+    for (size_t r = 0; r < m; r++) {
+        float *o = out + r * L->dq;
+        for (size_t j = i0; j <= i0 + r; j++) {
+            float pj = s[r * kend + j];
+            const float *vj = v + j * L->dkv;
+            for (size_t c = 0; c < hd; c++)
+                o[c] += pj * vj[c];
+        }
+    }
 }
 
 void masa__attention_forward(masa_attn_args *args)
