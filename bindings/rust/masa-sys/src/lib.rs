@@ -1,0 +1,316 @@
+//! Raw FFI declarations for libmasa, written by hand from `include/masa/masa.h`
+//! (version 0.1.0).
+//!
+//! Everything here mirrors the C header one to one; the header is the
+//! reference documentation of every function (ownership, shapes, layouts,
+//! errors, thread-safety). Use the `masa` crate for a safe interface.
+//!
+//! Mapping of C types:
+//! - `size_t` is `usize` (identical on every platform Rust supports).
+//! - C enums (`masa_status`, `masa_projection`, `masa_grad_mode`) are plain
+//!   `c_uint` aliases with `pub const` values, as bindgen would emit for an
+//!   enum without negative values: a C function may return a value that a
+//!   Rust `enum` would not know, which would be undefined behaviour.
+//! - Opaque handles are zero-sized `#[repr(C)]` structs that are neither
+//!   `Send`, `Sync` nor `Unpin`; only pointers to them are used.
+//!
+//! Linking is handled by `build.rs` (see the crate's README): `MASA_LIB_DIR`,
+//! `MASA_STATIC`, `pkg-config`, the project's own build tree, then `-lmasa`.
+#![cfg_attr(not(test), no_std)]
+#![allow(non_camel_case_types)]
+
+use core::ffi::{c_char, c_int, c_uint, c_void};
+use core::marker::{PhantomData, PhantomPinned};
+
+// ---------------------------------------------------------------------------
+// Version
+// ---------------------------------------------------------------------------
+
+/// Major version of the header these declarations were written from.
+pub const MASA_VERSION_MAJOR: c_uint = 0;
+/// Minor version of the header these declarations were written from.
+pub const MASA_VERSION_MINOR: c_uint = 1;
+/// Patch version of the header these declarations were written from.
+pub const MASA_VERSION_PATCH: c_uint = 0;
+/// `MAJOR * 10000 + MINOR * 100 + PATCH`.
+pub const MASA_VERSION_NUMBER: c_uint =
+    MASA_VERSION_MAJOR * 10000 + MASA_VERSION_MINOR * 100 + MASA_VERSION_PATCH;
+/// `"MAJOR.MINOR.PATCH"`.
+pub const MASA_VERSION_STRING: &str = "0.1.0";
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// `enum masa_status`.
+pub type masa_status = c_uint;
+pub const MASA_OK: masa_status = 0;
+pub const MASA_ERROR_NULL_ARGUMENT: masa_status = 1;
+pub const MASA_ERROR_INVALID_ARGUMENT: masa_status = 2;
+pub const MASA_ERROR_BAD_SHAPE: masa_status = 3;
+pub const MASA_ERROR_OUT_OF_RANGE: masa_status = 4;
+pub const MASA_ERROR_BUFFER_TOO_SMALL: masa_status = 5;
+pub const MASA_ERROR_OVERFLOW: masa_status = 6;
+pub const MASA_ERROR_OUT_OF_MEMORY: masa_status = 7;
+pub const MASA_ERROR_BAD_STRUCT_SIZE: masa_status = 8;
+pub const MASA_ERROR_NOT_READY: masa_status = 9;
+pub const MASA_ERROR_THREAD: masa_status = 10;
+pub const MASA_ERROR_INTERNAL: masa_status = 11;
+
+// ---------------------------------------------------------------------------
+// Opaque handles
+// ---------------------------------------------------------------------------
+
+macro_rules! opaque {
+    ($($(#[$m:meta])* $name:ident;)*) => {$(
+        $(#[$m])*
+        #[repr(C)]
+        pub struct $name {
+            _data: [u8; 0],
+            _marker: PhantomData<(*mut u8, PhantomPinned)>,
+        }
+    )*};
+}
+
+opaque! {
+    /// `struct masa_context` (opaque).
+    masa_context;
+    /// `struct masa_dictionary` (opaque).
+    masa_dictionary;
+    /// `struct masa_coefficients` (opaque).
+    masa_coefficients;
+    /// `struct masa_layer` (opaque).
+    masa_layer;
+}
+
+// ---------------------------------------------------------------------------
+// Context
+// ---------------------------------------------------------------------------
+
+/// `masa_malloc_fn`: returns memory aligned for any type, or NULL.
+pub type masa_malloc_fn = Option<unsafe extern "C" fn(size: usize, user: *mut c_void) -> *mut c_void>;
+/// `masa_free_fn`: accepts NULL.
+pub type masa_free_fn = Option<unsafe extern "C" fn(ptr: *mut c_void, user: *mut c_void)>;
+
+/// `struct masa_context_options`; initialise with [`masa_context_options_init`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct masa_context_options {
+    pub size: usize,
+    pub n_threads: usize,
+    pub malloc_fn: masa_malloc_fn,
+    pub free_fn: masa_free_fn,
+    pub alloc_user: *mut c_void,
+}
+
+// ---------------------------------------------------------------------------
+// Layers
+// ---------------------------------------------------------------------------
+
+/// `enum masa_projection`.
+pub type masa_projection = c_uint;
+pub const MASA_PROJ_Q: masa_projection = 0;
+pub const MASA_PROJ_K: masa_projection = 1;
+pub const MASA_PROJ_V: masa_projection = 2;
+pub const MASA_PROJ_O: masa_projection = 3;
+pub const MASA_NUM_PROJECTIONS: usize = 4;
+
+/// `struct masa_layer_options`; initialise with [`masa_layer_options_init`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct masa_layer_options {
+    pub size: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: c_int,
+    pub rope: c_int,
+    pub rope_theta: f32,
+    pub softmax_scale: f32,
+}
+
+/// `enum masa_grad_mode`.
+pub type masa_grad_mode = c_uint;
+pub const MASA_GRAD_SET: masa_grad_mode = 0;
+pub const MASA_GRAD_ADD: masa_grad_mode = 1;
+
+/// `struct masa_layer_grads`; initialise with [`masa_layer_grads_init`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct masa_layer_grads {
+    pub size: usize,
+    pub mode: masa_grad_mode,
+    pub d_atoms: [*mut f32; MASA_NUM_PROJECTIONS],
+    pub d_coefficients: [*mut f32; MASA_NUM_PROJECTIONS],
+    pub d_weight: [*mut f32; MASA_NUM_PROJECTIONS],
+    pub d_bias: [*mut f32; MASA_NUM_PROJECTIONS],
+}
+
+extern "C" {
+    // Version
+    pub fn masa_version_number() -> c_uint;
+    pub fn masa_version_string() -> *const c_char;
+
+    // Errors
+    pub fn masa_status_string(status: masa_status) -> *const c_char;
+    pub fn masa_last_error() -> *const c_char;
+
+    // Context
+    pub fn masa_context_options_init(options: *mut masa_context_options);
+    pub fn masa_context_create(
+        options: *const masa_context_options,
+        out: *mut *mut masa_context,
+    ) -> masa_status;
+    pub fn masa_context_destroy(ctx: *mut masa_context);
+    pub fn masa_context_threads(ctx: *const masa_context) -> usize;
+    pub fn masa_blis_arch() -> *const c_char;
+
+    // Dictionaries
+    pub fn masa_dictionary_create(
+        ctx: *mut masa_context,
+        n_atoms: usize,
+        rows: usize,
+        cols: usize,
+        out: *mut *mut masa_dictionary,
+    ) -> masa_status;
+    pub fn masa_dictionary_wrap(
+        ctx: *mut masa_context,
+        n_atoms: usize,
+        rows: usize,
+        cols: usize,
+        atoms: *mut f32,
+        out: *mut *mut masa_dictionary,
+    ) -> masa_status;
+    pub fn masa_dictionary_destroy(dict: *mut masa_dictionary);
+    pub fn masa_dictionary_shape(
+        dict: *const masa_dictionary,
+        n_atoms: *mut usize,
+        rows: *mut usize,
+        cols: *mut usize,
+    ) -> masa_status;
+    pub fn masa_dictionary_data(dict: *mut masa_dictionary) -> *mut f32;
+    pub fn masa_dictionary_init_uniform(dict: *mut masa_dictionary, bound: f32, seed: u64) -> masa_status;
+
+    // Coefficient tables
+    pub fn masa_coefficients_create(
+        ctx: *mut masa_context,
+        n_layers: usize,
+        n_atoms: usize,
+        out: *mut *mut masa_coefficients,
+    ) -> masa_status;
+    pub fn masa_coefficients_wrap(
+        ctx: *mut masa_context,
+        n_layers: usize,
+        n_atoms: usize,
+        data: *mut f32,
+        out: *mut *mut masa_coefficients,
+    ) -> masa_status;
+    pub fn masa_coefficients_destroy(coef: *mut masa_coefficients);
+    pub fn masa_coefficients_shape(
+        coef: *const masa_coefficients,
+        n_layers: *mut usize,
+        n_atoms: *mut usize,
+    ) -> masa_status;
+    pub fn masa_coefficients_data(coef: *mut masa_coefficients) -> *mut f32;
+    pub fn masa_coefficients_init_cyclic(coef: *mut masa_coefficients) -> masa_status;
+    pub fn masa_coefficients_init_blocks(coef: *mut masa_coefficients) -> masa_status;
+    pub fn masa_coefficients_add_uniform(coef: *mut masa_coefficients, bound: f32, seed: u64) -> masa_status;
+
+    // Composition
+    pub fn masa_compose(
+        dict: *const masa_dictionary,
+        coef: *const masa_coefficients,
+        layer: usize,
+        w: *mut f32,
+        w_len: usize,
+    ) -> masa_status;
+
+    // Layers
+    pub fn masa_layer_options_init(options: *mut masa_layer_options);
+    pub fn masa_layer_create(
+        ctx: *mut masa_context,
+        options: *const masa_layer_options,
+        out: *mut *mut masa_layer,
+    ) -> masa_status;
+    pub fn masa_layer_destroy(layer: *mut masa_layer);
+    pub fn masa_layer_set_masa(
+        layer: *mut masa_layer,
+        which: masa_projection,
+        dict: *mut masa_dictionary,
+        coef: *mut masa_coefficients,
+        layer_index: usize,
+    ) -> masa_status;
+    pub fn masa_layer_set_dense(
+        layer: *mut masa_layer,
+        which: masa_projection,
+        weight: *mut f32,
+    ) -> masa_status;
+    pub fn masa_layer_set_bias(layer: *mut masa_layer, which: masa_projection, bias: *mut f32)
+        -> masa_status;
+    pub fn masa_layer_remove_bias(layer: *mut masa_layer, which: masa_projection) -> masa_status;
+    pub fn masa_layer_weight(layer: *mut masa_layer, which: masa_projection) -> *mut f32;
+    pub fn masa_layer_bias(layer: *mut masa_layer, which: masa_projection) -> *mut f32;
+    pub fn masa_layer_projection_shape(
+        layer: *const masa_layer,
+        which: masa_projection,
+        d_in: *mut usize,
+        d_out: *mut usize,
+    ) -> masa_status;
+    pub fn masa_layer_workspace_size(
+        layer: *const masa_layer,
+        batch: usize,
+        seq: usize,
+        bytes: *mut usize,
+    ) -> masa_status;
+    pub fn masa_layer_reserve_size(
+        layer: *const masa_layer,
+        batch: usize,
+        seq: usize,
+        bytes: *mut usize,
+    ) -> masa_status;
+    pub fn masa_layer_forward(
+        layer: *const masa_layer,
+        batch: usize,
+        seq: usize,
+        pos_offset: usize,
+        x: *const f32,
+        y: *mut f32,
+        workspace: *mut c_void,
+        workspace_bytes: usize,
+        reserve: *mut c_void,
+        reserve_bytes: usize,
+    ) -> masa_status;
+    pub fn masa_layer_grads_init(grads: *mut masa_layer_grads);
+    pub fn masa_layer_backward(
+        layer: *const masa_layer,
+        batch: usize,
+        seq: usize,
+        pos_offset: usize,
+        x: *const f32,
+        dy: *const f32,
+        dx: *mut f32,
+        grads: *const masa_layer_grads,
+        workspace: *mut c_void,
+        workspace_bytes: usize,
+        reserve: *const c_void,
+        reserve_bytes: usize,
+    ) -> masa_status;
+}
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    // Sizes and alignments the C compiler gives these structs on LP64
+    // targets (x86-64, aarch64): checked so a transcription error shows up.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn struct_layouts_match_lp64() {
+        assert_eq!(size_of::<masa_context_options>(), 40);
+        assert_eq!(size_of::<masa_layer_options>(), 56);
+        assert_eq!(size_of::<masa_layer_grads>(), 16 + 16 * 8);
+        assert_eq!(align_of::<masa_layer_grads>(), 8);
+    }
+}
