@@ -7,11 +7,13 @@
 masa_status masa__check_struct_size(const char *fn, const void *opts,
                                     size_t given, size_t known_size)
 {
-    /* The first field, size, is the minimum any version can have. */
-    if (given < sizeof(size_t) * 2)
+    /* Every struct is complete since version 0.1; later versions that grow
+     * a struct will accept each older, smaller size explicitly. */
+    if (given < known_size)
         return masa__fail(MASA_ERROR_BAD_STRUCT_SIZE,
-                          "%s: options size %zu is too small (initialise the "
-                          "struct with its _init function)", fn, given);
+                          "%s: struct size %zu is smaller than %zu (initialise "
+                          "the struct with its _init function)", fn, given,
+                          known_size);
     if (given > known_size) {
         /* A newer program's struct: accepted only if the fields this
          * library does not know are left at zero. */

@@ -55,8 +55,8 @@ struct masa_context {
     masa_pool *pool;
 };
 
-/* Validates a size-prefixed options struct: size must be at least
- * known_min, and bytes past known_size must be zero. */
+/* Validates a size-prefixed struct: size must be at least this library's
+ * size, and bytes past known_size (a newer program's fields) must be zero. */
 masa_status masa__check_struct_size(const char *fn, const void *opts,
                                     size_t given, size_t known_size);
 
@@ -141,6 +141,17 @@ struct masa_layer {
 typedef struct masa_reserve_layout {
     size_t q, k, v, attn, lse, total; /* offsets in floats, total in floats */
 } masa_reserve_layout;
+
+/* The reserve starts with a stamp of the forward call that filled it, so
+ * backward can refuse a reserve from another layer or shape. */
+typedef struct masa_reserve_stamp {
+    uint64_t magic;
+    const void *layer;
+    uint64_t batch, seq, pos_offset;
+} masa_reserve_stamp;
+#define MASA_RESERVE_MAGIC 0x6d61736172737631ull /* "masarsv1" */
+/* Floats set aside for the stamp (keeps the arrays 64-byte aligned). */
+#define MASA_RESERVE_STAMP_FLOATS 16
 
 /* Layout of forward's and backward's workspace (offsets in floats). */
 typedef struct masa_workspace_layout {

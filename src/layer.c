@@ -336,7 +336,7 @@ masa_status masa__reserve_layout(const char *fn, const masa_layer *layer,
         !masa__mul3(bt, layer->d_model, sizeof(float), &nx))
         return OVERFLOW_FAIL(fn);
     masa_reserve_layout r = {0};
-    size_t at = 0;
+    size_t at = MASA_RESERVE_STAMP_FLOATS;
     r.q = at;
     bool ok = masa__add(&at, nq);
     r.k = at;

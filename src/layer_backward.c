@@ -37,6 +37,54 @@ static masa_status check_grads(const char *fn, const masa_layer *layer,
     return MASA_OK;
 }
 
+/* Gradient buffers must not overlap each other or dx (one dictionary used
+ * by two projections of a layer needs two buffers). */
+static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
+                                       const masa_layer_grads *g,
+                                       const float *dx, size_t dx_bytes)
+{
+    const void *ptr[4 * MASA_NUM_PROJECTIONS + 1];
+    size_t len[4 * MASA_NUM_PROJECTIONS + 1];
+    const char *what[4 * MASA_NUM_PROJECTIONS + 1];
+    size_t n = 0;
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
+        const masa_proj_state *ps = &layer->proj[p];
+        size_t w = ps->d_in * ps->d_out * sizeof(float);
+        if (g->d_atoms[p]) {
+            ptr[n] = g->d_atoms[p];
+            len[n] = w * ps->dict->n_atoms;
+            what[n++] = "d_atoms";
+        }
+        if (g->d_coefficients[p]) {
+            ptr[n] = g->d_coefficients[p];
+            len[n] = ps->coef->n_layers * ps->coef->n_atoms * sizeof(float);
+            what[n++] = "d_coefficients";
+        }
+        if (g->d_weight[p]) {
+            ptr[n] = g->d_weight[p];
+            len[n] = w;
+            what[n++] = "d_weight";
+        }
+        if (g->d_bias[p]) {
+            ptr[n] = g->d_bias[p];
+            len[n] = ps->d_out * sizeof(float);
+            what[n++] = "d_bias";
+        }
+    }
+    if (dx) {
+        ptr[n] = dx;
+        len[n] = dx_bytes;
+        what[n++] = "dx";
+    }
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = i + 1; j < n; j++)
+            if (masa__overlaps(ptr[i], len[i], ptr[j], len[j]))
+                return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                                  "%s: gradient buffers overlap (%s and %s)",
+                                  fn, what[i], what[j]);
+    return MASA_OK;
+}
+
 /* Parameter gradients of projection p, given its input X (rows x d_in) and
  * output gradient dY (rows x d_out). */
 static void param_grads(const masa_layer *layer, int p, const float *in,
@@ -133,8 +181,19 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: workspace and reserve must be aligned for "
                           "float", fn);
+    masa_reserve_stamp stamp;
+    memcpy(&stamp, reserve, sizeof stamp);
+    if (stamp.magic != MASA_RESERVE_MAGIC || stamp.layer != layer ||
+        stamp.batch != batch || stamp.seq != seq ||
+        stamp.pos_offset != pos_offset)
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: the reserve was not filled by a forward call "
+                          "of this layer with batch %zu, seq %zu, pos_offset "
+                          "%zu", fn, batch, seq, pos_offset);
     size_t bt = batch * seq;
     size_t act_bytes = bt * layer->d_model * sizeof(float);
+    if ((st = check_grad_overlaps(fn, layer, grads, dx, act_bytes)) != MASA_OK)
+        return st;
     if (dx && (masa__overlaps(dx, act_bytes, x, act_bytes) ||
                masa__overlaps(dx, act_bytes, dy, act_bytes)))
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,

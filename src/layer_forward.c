@@ -92,6 +92,11 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
         .tile_floats = wl.tile_floats,
     };
     masa__attention_forward(&args);
+    if (reserve) {
+        masa_reserve_stamp stamp = {MASA_RESERVE_MAGIC, layer, batch, seq,
+                                    pos_offset};
+        memcpy(reserve, &stamp, sizeof stamp);
+    }
     masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch);
     return MASA_OK;
 }

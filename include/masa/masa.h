@@ -133,8 +133,10 @@ typedef void (*masa_free_fn)(void *ptr, void *user);
 
 /* Options for masa_context_create(). Initialise with
  * masa_context_options_init() and then change fields: the size field lets
- * newer libraries accept structs from older programs. A struct larger than the
- * library knows is accepted only if the unknown tail is all zero bytes. */
+ * newer libraries accept structs from older programs. A size smaller than
+ * any version's struct is refused (MASA_ERROR_BAD_STRUCT_SIZE); a struct
+ * larger than the library knows is accepted only if the unknown tail is all
+ * zero bytes (a newer program that left the new fields at their defaults). */
 typedef struct masa_context_options {
     size_t size;           /* sizeof(masa_context_options), set by _init */
     size_t n_threads;      /* threads for the library's work; 0 = online CPUs */
@@ -285,8 +287,8 @@ typedef struct masa_layer_options {
     size_t head_dim;    /* 0 = d_model / n_heads (must divide exactly) */
     int causal;         /* nonzero: token t attends to keys 0..t only */
     int rope;           /* nonzero: rotary position embedding on Q and K */
-    float rope_theta;   /* RoPE base; default 10000 */
-    float softmax_scale; /* 0 = 1/sqrt(head_dim) */
+    float rope_theta;   /* RoPE base, finite and > 1; default 10000 */
+    float softmax_scale; /* finite, >= 0; 0 = 1/sqrt(head_dim) */
 } masa_layer_options;
 
 MASA_API void masa_layer_options_init(masa_layer_options *options);
@@ -364,7 +366,8 @@ MASA_API masa_status masa_layer_workspace_size(const masa_layer *layer,
                                                size_t *bytes);
 
 /* Bytes of reserve: what forward saves for backward (the projected and
- * rotated Q, K, V, the attention output and the softmax log-sum-exp). */
+ * rotated Q, K, V, the attention output and the softmax log-sum-exp, after a
+ * small stamp naming the forward call). */
 MASA_API masa_status masa_layer_reserve_size(const masa_layer *layer,
                                              size_t batch, size_t seq,
                                              size_t *bytes);
@@ -412,7 +415,8 @@ typedef enum masa_grad_mode {
  * usual case), or MASA_GRAD_SET with one buffer per layer and sum them. */
 typedef struct masa_layer_grads {
     size_t size;             /* sizeof(masa_layer_grads), set by _init */
-    masa_grad_mode mode;     /* SET or ADD, for every parameter gradient */
+    int mode;                /* a masa_grad_mode: SET or ADD, for every
+                                parameter gradient (int: fixed layout) */
     float *d_atoms[MASA_NUM_PROJECTIONS];
     float *d_coefficients[MASA_NUM_PROJECTIONS];
     float *d_weight[MASA_NUM_PROJECTIONS];
@@ -429,7 +433,11 @@ MASA_API void masa_layer_grads_init(masa_layer_grads *grads);
  *   dx         [batch, seq, d_model], overwritten (always SET), or NULL
  *   grads      where parameter gradients go (NULL: none)
  *   workspace  at least masa_layer_workspace_size() bytes
- * Gradient buffers must not overlap each other or the inputs. */
+ * Gradient buffers must not overlap each other, dx or the inputs (checked:
+ * MASA_ERROR_INVALID_ARGUMENT); a dictionary used by two projections of one
+ * layer therefore needs two d_atoms buffers (or two calls with ADD).
+ * A reserve that was filled by another layer, or with another batch, seq or
+ * pos_offset, is refused with MASA_ERROR_INVALID_ARGUMENT. */
 MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
                                          size_t seq, size_t pos_offset,
                                          const float *x, const float *dy,
