@@ -28,12 +28,29 @@ masa_status masa__check_struct_size(const char *fn, const void *opts,
     return MASA_OK;
 }
 
-MASA_API void masa_context_options_init(masa_context_options *options)
+void masa__struct_defaults(void *dst, size_t size, const void *full,
+                           size_t known_size)
 {
-    if (!options)
+    if (!dst || size < sizeof(size_t))
         return;
-    memset(options, 0, sizeof *options);
-    options->size = sizeof *options;
+    memset(dst, 0, size);
+    memcpy(dst, full, size < known_size ? size : known_size);
+    memcpy(dst, &size, sizeof size); /* every struct begins with its size */
+}
+
+static masa_context_options context_defaults(void)
+{
+    masa_context_options o;
+    memset(&o, 0, sizeof o);
+    o.size = sizeof o;
+    return o;
+}
+
+MASA_API void masa_context_options_default(masa_context_options *options,
+                                           size_t size)
+{
+    masa_context_options d = context_defaults();
+    masa__struct_defaults(options, size, &d, sizeof d);
 }
 
 static size_t online_cpus(void)
@@ -53,8 +70,7 @@ MASA_API masa_status masa_context_create(const masa_context_options *options,
         return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: out is NULL", fn);
     *out = NULL;
 
-    masa_context_options opts;
-    masa_context_options_init(&opts);
+    masa_context_options opts = context_defaults();
     if (options) {
         masa_status st = masa__check_struct_size(fn, options, options->size,
                                                  sizeof opts);

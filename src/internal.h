@@ -55,6 +55,11 @@ struct masa_context {
     masa_pool *pool;
 };
 
+/* Copies the defaults `full` (known_size bytes) into the caller's struct of
+ * `size` bytes: zero-fills it, copies what fits, sets the size field. */
+void masa__struct_defaults(void *dst, size_t size, const void *full,
+                           size_t known_size);
+
 /* Validates a size-prefixed struct: size must be at least this library's
  * size, and bytes past known_size (a newer program's fields) must be zero. */
 masa_status masa__check_struct_size(const char *fn, const void *opts,

@@ -5,22 +5,29 @@
 
 #include "internal.h"
 
-MASA_API void masa_layer_options_init(masa_layer_options *options)
+static masa_layer_options layer_defaults(void)
 {
-    if (!options)
-        return;
-    memset(options, 0, sizeof *options);
-    options->size = sizeof *options;
-    options->rope_theta = 10000.0f;
+    masa_layer_options o;
+    memset(&o, 0, sizeof o);
+    o.size = sizeof o;
+    o.rope_theta = 10000.0f;
+    return o;
 }
 
-MASA_API void masa_layer_grads_init(masa_layer_grads *grads)
+MASA_API void masa_layer_options_default(masa_layer_options *options,
+                                         size_t size)
 {
-    if (!grads)
-        return;
-    memset(grads, 0, sizeof *grads);
-    grads->size = sizeof *grads;
-    grads->mode = MASA_GRAD_ADD;
+    masa_layer_options d = layer_defaults();
+    masa__struct_defaults(options, size, &d, sizeof d);
+}
+
+MASA_API void masa_layer_grads_default(masa_layer_grads *grads, size_t size)
+{
+    masa_layer_grads d;
+    memset(&d, 0, sizeof d);
+    d.size = sizeof d;
+    d.mode = MASA_GRAD_ADD;
+    masa__struct_defaults(grads, size, &d, sizeof d);
 }
 
 static masa_status check_options(const char *fn, masa_layer_options *o)
@@ -77,8 +84,7 @@ MASA_API masa_status masa_layer_create(masa_context *ctx,
     if (!ctx || !options)
         return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: %s is NULL", fn,
                           !ctx ? "ctx" : "options");
-    masa_layer_options o;
-    masa_layer_options_init(&o);
+    masa_layer_options o = layer_defaults();
     masa_status st = masa__check_struct_size(fn, options, options->size,
                                              sizeof o);
     if (st != MASA_OK)

@@ -145,8 +145,14 @@ typedef struct masa_context_options {
     void *alloc_user;         /* passed to malloc_fn / free_fn */
 } masa_context_options;
 
-/* Fills *options with the defaults and sets options->size. */
-MASA_API void masa_context_options_init(masa_context_options *options);
+/* Writes the defaults into the first `size` bytes of *options and sets
+ * options->size = size (sizeof the caller's struct, so an older program's
+ * smaller struct is never overrun by a newer library). Does nothing when
+ * options is NULL or size < sizeof(size_t). C programs use the macro. */
+MASA_API void masa_context_options_default(masa_context_options *options,
+                                           size_t size);
+#define masa_context_options_init(options) \
+    masa_context_options_default((options), sizeof *(options))
 
 /* Creates a context. options may be NULL for the defaults. The context owns a
  * pool of n_threads - 1 worker threads (the calling thread is the n-th).
@@ -291,7 +297,11 @@ typedef struct masa_layer_options {
     float softmax_scale; /* finite, >= 0; 0 = 1/sqrt(head_dim) */
 } masa_layer_options;
 
-MASA_API void masa_layer_options_init(masa_layer_options *options);
+/* Defaults into the first `size` bytes, as masa_context_options_default. */
+MASA_API void masa_layer_options_default(masa_layer_options *options,
+                                         size_t size);
+#define masa_layer_options_init(options) \
+    masa_layer_options_default((options), sizeof *(options))
 
 /* Rotary position embedding, when enabled: for head dimension pairs
  * (i, i + head_dim/2), i < head_dim/2, of every query and key head at
@@ -423,7 +433,10 @@ typedef struct masa_layer_grads {
     float *d_bias[MASA_NUM_PROJECTIONS];
 } masa_layer_grads;
 
-MASA_API void masa_layer_grads_init(masa_layer_grads *grads);
+/* Defaults into the first `size` bytes, as masa_context_options_default. */
+MASA_API void masa_layer_grads_default(masa_layer_grads *grads, size_t size);
+#define masa_layer_grads_init(grads) \
+    masa_layer_grads_default((grads), sizeof *(grads))
 
 /* Backward pass.
  *   x, batch, seq, pos_offset  exactly as given to the forward call that

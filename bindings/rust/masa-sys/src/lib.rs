@@ -92,7 +92,7 @@ pub type masa_malloc_fn = Option<unsafe extern "C" fn(size: usize, user: *mut c_
 /// `masa_free_fn`: accepts NULL.
 pub type masa_free_fn = Option<unsafe extern "C" fn(ptr: *mut c_void, user: *mut c_void)>;
 
-/// `struct masa_context_options`; initialise with [`masa_context_options_init`].
+/// `struct masa_context_options`; initialise with [`masa_context_options_default`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct masa_context_options {
@@ -115,7 +115,7 @@ pub const MASA_PROJ_V: masa_projection = 2;
 pub const MASA_PROJ_O: masa_projection = 3;
 pub const MASA_NUM_PROJECTIONS: usize = 4;
 
-/// `struct masa_layer_options`; initialise with [`masa_layer_options_init`].
+/// `struct masa_layer_options`; initialise with [`masa_layer_options_default`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct masa_layer_options {
@@ -135,7 +135,7 @@ pub type masa_grad_mode = c_uint;
 pub const MASA_GRAD_SET: masa_grad_mode = 0;
 pub const MASA_GRAD_ADD: masa_grad_mode = 1;
 
-/// `struct masa_layer_grads`; initialise with [`masa_layer_grads_init`].
+/// `struct masa_layer_grads`; initialise with [`masa_layer_grads_default`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct masa_layer_grads {
@@ -157,7 +157,7 @@ extern "C" {
     pub fn masa_last_error() -> *const c_char;
 
     // Context
-    pub fn masa_context_options_init(options: *mut masa_context_options);
+    pub fn masa_context_options_default(options: *mut masa_context_options, size: usize);
     pub fn masa_context_create(
         options: *const masa_context_options,
         out: *mut *mut masa_context,
@@ -227,7 +227,7 @@ extern "C" {
     ) -> masa_status;
 
     // Layers
-    pub fn masa_layer_options_init(options: *mut masa_layer_options);
+    pub fn masa_layer_options_default(options: *mut masa_layer_options, size: usize);
     pub fn masa_layer_create(
         ctx: *mut masa_context,
         options: *const masa_layer_options,
@@ -281,7 +281,7 @@ extern "C" {
         reserve: *mut c_void,
         reserve_bytes: usize,
     ) -> masa_status;
-    pub fn masa_layer_grads_init(grads: *mut masa_layer_grads);
+    pub fn masa_layer_grads_default(grads: *mut masa_layer_grads, size: usize);
     pub fn masa_layer_backward(
         layer: *const masa_layer,
         batch: usize,

@@ -18,20 +18,20 @@ fn version_matches_header() {
 fn struct_sizes_match_c() {
     unsafe {
         let mut o = MaybeUninit::<masa_context_options>::zeroed();
-        masa_context_options_init(o.as_mut_ptr());
+        masa_context_options_default(o.as_mut_ptr(), core::mem::size_of::<masa_context_options>());
         let o = o.assume_init();
         assert_eq!(o.size, size_of::<masa_context_options>());
         assert!(o.malloc_fn.is_none() && o.free_fn.is_none() && o.alloc_user.is_null());
 
         let mut l = MaybeUninit::<masa_layer_options>::zeroed();
-        masa_layer_options_init(l.as_mut_ptr());
+        masa_layer_options_default(l.as_mut_ptr(), core::mem::size_of::<masa_layer_options>());
         let l = l.assume_init();
         assert_eq!(l.size, size_of::<masa_layer_options>());
         assert_eq!(l.rope_theta, 10000.0);
         assert_eq!(l.softmax_scale, 0.0);
 
         let mut g = MaybeUninit::<masa_layer_grads>::zeroed();
-        masa_layer_grads_init(g.as_mut_ptr());
+        masa_layer_grads_default(g.as_mut_ptr(), core::mem::size_of::<masa_layer_grads>());
         let g = g.assume_init();
         assert_eq!(g.size, size_of::<masa_layer_grads>());
         assert_eq!(g.mode, MASA_GRAD_ADD);

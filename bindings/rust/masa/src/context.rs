@@ -37,7 +37,10 @@ impl Context {
         let mut options = core::mem::MaybeUninit::<sys::masa_context_options>::zeroed();
         // SAFETY: _init fills the whole struct (it is also zeroed beforehand).
         let mut options = unsafe {
-            sys::masa_context_options_init(options.as_mut_ptr());
+            sys::masa_context_options_default(
+                options.as_mut_ptr(),
+                core::mem::size_of::<sys::masa_context_options>(),
+            );
             options.assume_init()
         };
         options.n_threads = n_threads;

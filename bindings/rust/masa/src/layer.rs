@@ -86,7 +86,7 @@ pub struct LayerOptions {
 }
 
 impl LayerOptions {
-    /// libmasa's defaults (`masa_layer_options_init`) with `d_model` and
+    /// libmasa's defaults (`masa_layer_options_default`) with `d_model` and
     /// `n_heads` set.
     pub fn new(d_model: usize, n_heads: usize) -> Self {
         let raw = raw_layer_options_default();
@@ -156,7 +156,7 @@ fn raw_layer_options_default() -> sys::masa_layer_options {
     let mut raw = core::mem::MaybeUninit::<sys::masa_layer_options>::zeroed();
     // SAFETY: _init fills the struct, which is zeroed beforehand anyway.
     unsafe {
-        sys::masa_layer_options_init(raw.as_mut_ptr());
+        sys::masa_layer_options_default(raw.as_mut_ptr(), core::mem::size_of::<sys::masa_layer_options>());
         raw.assume_init()
     }
 }
@@ -683,7 +683,7 @@ impl<'g> Grads<'g> {
         let mut raw = core::mem::MaybeUninit::<sys::masa_layer_grads>::zeroed();
         // SAFETY: _init fills the struct (zeroed beforehand anyway).
         let mut raw = unsafe {
-            sys::masa_layer_grads_init(raw.as_mut_ptr());
+            sys::masa_layer_grads_default(raw.as_mut_ptr(), core::mem::size_of::<sys::masa_layer_grads>());
             raw.assume_init()
         };
         raw.mode = match self.mode {
