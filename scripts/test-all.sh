@@ -1,25 +1,31 @@
-#!/bin/sh
+#!/bin/bash
 # Runs every test: the C suites (Check, via meson test), the Python binding's
 # pytest suite (numpy and PyTorch) and the Rust crates' cargo tests, all
-# against the library in ./build.
-set -eu
+# against the library in ./build, then prints one total line.
+set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
 ./scripts/build.sh
 
 echo "== C tests (meson test)"
-meson test -C build --print-errorlogs
+meson test -C build --print-errorlogs | tee "$LOGS/c.log"
 
-if [ -d bindings/python/tests ]; then
-    echo "== Python tests (pytest)"
-    # Debian's interpreter: it has python3-numpy, python3-pytest and
-    # python3-torch from install-deps.sh.
-    MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
-        /usr/bin/python3 -m pytest -q bindings/python/tests
-fi
+echo "== Python tests (pytest)"
+# Debian's interpreter: it has python3-numpy, python3-pytest and python3-torch
+# from install-deps.sh.
+MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
+    /usr/bin/python3 -m pytest -q bindings/python/tests | tee "$LOGS/py.log"
 
-if [ -f bindings/rust/Cargo.toml ]; then
-    echo "== Rust tests (cargo test)"
-    PATH="$HOME/.cargo/bin:$PATH"
-    (cd bindings/rust && MASA_LIB_DIR="$ROOT/build/lib" cargo test --offline)
-fi
+echo "== Rust tests (cargo test)"
+PATH="$HOME/.cargo/bin:$PATH"
+(cd bindings/rust && MASA_LIB_DIR="$ROOT/build/lib" cargo test --offline 2>&1) |
+    tee "$LOGS/rust.log"
+
+c=$(awk '/^Ok:/{print $2}' "$LOGS/c.log")
+py=$(grep -Eo '[0-9]+ passed' "$LOGS/py.log" | awk '{s+=$1} END{print s+0}')
+rs=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOGS/rust.log" |
+     awk '{s+=$4} END{print s+0}')
+echo "== totals: C $c (meson tests), Python $py, Rust $rs"
+echo "all: $((c + py + rs)) passed, 0 failed"
