@@ -27,6 +27,8 @@
  * - Sizes are size_t. Buffer lengths are given in elements (floats) unless the
  *   parameter name ends in _bytes.
  * - Destroy functions accept NULL and do nothing.
+ * - Functions that create an object set *out to NULL when they fail.
+ * - Output pointers of *_shape functions may be NULL (that value is skipped).
  *
  * ------------------------------------------------------------------------
  * Threads
@@ -116,7 +118,8 @@ MASA_API const char *masa_status_string(masa_status status);
 
 /* The message of the last failure on the calling thread, e.g.
  * "masa_layer_create: n_heads (6) is not a multiple of n_kv_heads (4)".
- * Empty string when no call has failed on this thread. The pointer stays valid
+ * Empty string when no call has failed on this thread; successful calls do
+ * not clear it. The pointer stays valid
  * until the next libmasa call on the same thread. Never NULL. */
 MASA_API const char *masa_last_error(void);
 
@@ -139,7 +142,8 @@ typedef void (*masa_free_fn)(void *ptr, void *user);
  * zero bytes (a newer program that left the new fields at their defaults). */
 typedef struct masa_context_options {
     size_t size;           /* sizeof(masa_context_options), set by _init */
-    size_t n_threads;      /* threads for the library's work; 0 = online CPUs */
+    size_t n_threads;      /* threads for the library's work; 0 = online
+                              CPUs; at most 1024 (else INVALID_ARGUMENT) */
     masa_malloc_fn malloc_fn; /* NULL = malloc (both or neither must be set) */
     masa_free_fn free_fn;     /* NULL = free */
     void *alloc_user;         /* passed to malloc_fn / free_fn */
@@ -318,7 +322,10 @@ MASA_API void masa_layer_options_default(masa_layer_options *options,
  */
 
 /* Creates a layer with no projections set. Every projection must be set with
- * masa_layer_set_masa() or masa_layer_set_dense() before forward. */
+ * masa_layer_set_masa() or masa_layer_set_dense() before forward.
+ * Errors: BAD_SHAPE (zero sizes, n_heads not a multiple of n_kv_heads,
+ * head_dim 0 with d_model not a multiple of n_heads, odd head_dim with RoPE),
+ * INVALID_ARGUMENT (rope_theta, softmax_scale), OVERFLOW, BAD_STRUCT_SIZE. */
 MASA_API masa_status masa_layer_create(masa_context *ctx,
                                        const masa_layer_options *options,
                                        masa_layer **out);
@@ -357,10 +364,12 @@ MASA_API masa_status masa_layer_remove_bias(masa_layer *layer,
                                             masa_projection which);
 
 /* The dense weight of projection `which` (NULL if it is not dense or on
- * error). */
+ * error). The pointer stays valid until the projection is set again or the
+ * layer is destroyed. */
 MASA_API float *masa_layer_weight(masa_layer *layer, masa_projection which);
 
-/* The bias of projection `which` (NULL if it has none or on error). */
+/* The bias of projection `which` (NULL if it has none or on error); valid
+ * until the bias is set again or removed, or the layer is destroyed. */
 MASA_API float *masa_layer_bias(masa_layer *layer, masa_projection which);
 
 /* Shape (d_in x d_out) of projection `which`'s weight. */
@@ -369,8 +378,9 @@ MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
                                                  size_t *d_in, size_t *d_out);
 
 /* Bytes of workspace (scratch, any contents, not kept between calls) that
- * forward and backward need for `batch` sequences of `seq` tokens. forward
- * and backward accept any workspace at least this large. */
+ * forward and backward need for `batch` sequences of `seq` tokens. It depends
+ * on the layer's shapes and its context's thread count only. forward and
+ * backward accept any workspace at least this large. */
 MASA_API masa_status masa_layer_workspace_size(const masa_layer *layer,
                                                size_t batch, size_t seq,
                                                size_t *bytes);
@@ -385,12 +395,17 @@ MASA_API masa_status masa_layer_reserve_size(const masa_layer *layer,
 /* Forward pass.
  *   x          [batch, seq, d_model], read
  *   y          [batch, seq, d_model], overwritten (must not overlap x)
- *   pos_offset position of token 0 for RoPE (e.g. tokens already decoded)
+ *   pos_offset position of token 0 for RoPE. RoPE is relative, so with no
+ *              cached keys a common offset does not change y; it is kept for
+ *              positions that continue a sequence (and checked by backward).
  *   workspace  at least masa_layer_workspace_size() bytes, aligned for float
  *   reserve    NULL for inference; for training at least
  *              masa_layer_reserve_size() bytes, aligned for float, handed
  *              unchanged to masa_layer_backward().
- * Pass the buffer sizes so the library can check them. */
+ * Pass the buffer sizes so the library can check them.
+ * Errors: MASA_ERROR_NOT_READY (a projection not set), BAD_SHAPE or OVERFLOW
+ * (batch, seq), BUFFER_TOO_SMALL (workspace, reserve), INVALID_ARGUMENT (y
+ * overlapping x, workspace or reserve not aligned for float). */
 MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                                         size_t seq, size_t pos_offset,
                                         const float *x, float *y,
