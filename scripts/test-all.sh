@@ -1,7 +1,9 @@
 #!/bin/bash
 # Runs every test: the C suites (Check, via meson test), the Python binding's
-# pytest suite (numpy and PyTorch) and the Rust crates' cargo tests, all
-# against the library in ./build, then prints one total line.
+# pytest suite (numpy and PyTorch), the Rust crates' cargo tests, all against
+# the library in ./build, and the hardening checks (ASan+UBSan suite, TSan,
+# valgrind, a bounded fuzz run; scripts/hardening.sh), then prints one total
+# line. MASA_QUICK=1 skips the hardening checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -22,6 +24,11 @@ echo "== Rust tests (cargo test)"
 PATH="$HOME/.cargo/bin:$PATH"
 (cd bindings/rust && MASA_LIB_DIR="$ROOT/build/lib" cargo test --offline 2>&1) |
     tee "$LOGS/rust.log"
+
+if [ "${MASA_QUICK:-0}" != 1 ]; then
+    echo "== Hardening (sanitizers, valgrind, fuzzing)"
+    ./scripts/hardening.sh
+fi
 
 c=$(awk '/^Ok:/{print $2}' "$LOGS/c.log")
 py=$(grep -Eo '[0-9]+ passed' "$LOGS/py.log" | awk '{s+=$1} END{print s+0}')

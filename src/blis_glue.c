@@ -92,6 +92,11 @@ void masa__gemm(size_t m, size_t n, size_t k, float alpha,
 {
     rntm_t rntm = BLIS_RNTM_INITIALIZER;
     rntm_threads(&rntm, n_threads);
+    /* BLIS 0.9.0's small-matrix ("sup") kernels read up to a row past A and
+     * a vector past a small C (found by tests/hardening/test_guard_pages.c):
+     * a crash when the caller's buffer ends at a page boundary. The
+     * conventional path reads only what it is given. */
+    bli_rntm_disable_l3_sup(&rntm);
     bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, (dim_t)m, (dim_t)n,
                  (dim_t)k, &alpha, (float *)a, (inc_t)rsa, (inc_t)csa,
                  (float *)b, (inc_t)rsb, (inc_t)csb, &beta, c, (inc_t)rsc,

@@ -39,10 +39,19 @@ static masa_status check_grads(const char *fn, const masa_layer *layer,
 
 /* Gradient buffers must not overlap each other or dx (one dictionary used
  * by two projections of a layer needs two buffers). */
+/* The buffers backward reads (x, dy, reserve) or scratches (workspace). */
+typedef struct read_buffers {
+    const void *ptr[4];
+    size_t len[4];
+} read_buffers;
+
 static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
                                        const masa_layer_grads *g,
-                                       const float *dx, size_t dx_bytes)
+                                       const float *dx, size_t dx_bytes,
+                                       const read_buffers *in)
 {
+    static const char *const in_names[4] = {"x", "dy", "the reserve",
+                                            "the workspace"};
     const void *ptr[4 * MASA_NUM_PROJECTIONS + 1];
     size_t len[4 * MASA_NUM_PROJECTIONS + 1];
     const char *what[4 * MASA_NUM_PROJECTIONS + 1];
@@ -76,12 +85,18 @@ static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
         len[n] = dx_bytes;
         what[n++] = "dx";
     }
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         for (size_t j = i + 1; j < n; j++)
             if (masa__overlaps(ptr[i], len[i], ptr[j], len[j]))
                 return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                                   "%s: gradient buffers overlap (%s and %s)",
                                   fn, what[i], what[j]);
+        for (size_t j = 0; j < 4; j++)
+            if (masa__overlaps(ptr[i], len[i], in->ptr[j], in->len[j]))
+                return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                                  "%s: %s overlaps %s", fn, what[i],
+                                  in_names[j]);
+    }
     return MASA_OK;
 }
 
@@ -192,12 +207,11 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
                           "%zu", fn, batch, seq, pos_offset);
     size_t bt = batch * seq;
     size_t act_bytes = bt * layer->d_model * sizeof(float);
-    if ((st = check_grad_overlaps(fn, layer, grads, dx, act_bytes)) != MASA_OK)
+    read_buffers in = {{x, dy, reserve, workspace},
+                       {act_bytes, act_bytes, reserve_bytes, workspace_bytes}};
+    if ((st = check_grad_overlaps(fn, layer, grads, dx, act_bytes, &in)) !=
+        MASA_OK)
         return st;
-    if (dx && (masa__overlaps(dx, act_bytes, x, act_bytes) ||
-               masa__overlaps(dx, act_bytes, dy, act_bytes)))
-        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
-                          "%s: dx overlaps x or dy", fn);
 
     const float *base = reserve;
     float *ws = workspace;
