@@ -19,7 +19,6 @@ static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
     const float *q = a->q + (b * T + i0) * L->dq + h * hd;
     const float *k = a->k + b * T * L->dkv + g * hd;
     const float *v = a->v + b * T * L->dkv + g * hd;
-    const float *o = a->attn + (b * T + i0) * L->dq + h * hd;
     const float *d_o = a->d_attn + (b * T + i0) * L->dq + h * hd;
     const float *lse = a->lse + (b * L->n_heads + h) * T + i0;
     float *dq = a->dq + (b * T + i0) * L->dq + h * hd;
@@ -40,11 +39,6 @@ static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
             row[j] = expf(row[j] - lse[r]);
         for (size_t j = valid; j < kend; j++)
             row[j] = 0.0f;
-        /* delta_r = <dO_r, O_r> = sum_j P_rj dP_rj */
-        float d = 0.0f;
-        for (size_t c = 0; c < hd; c++)
-            d += d_o[r * L->dq + c] * o[r * L->dq + c];
-        delta[r] = d;
     }
     /* dP = dO V^T */
     masa__gemm(m, kend, hd, 1.0f, d_o, L->dq, 1, v, 1, L->dkv, 0.0f, dp, kend,
@@ -55,6 +49,12 @@ static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
         size_t valid = L->causal ? i0 + r + 1 : T;
         float *ds = dp + r * kend;
         const float *pr = p + r * kend;
+        /* delta_r = sum_j P_rj dP_rj (= <dO_r, O_r>), from the same dP as
+         * dS: a row whose P is one-hot then gets dS = 0 exactly. */
+        float d = 0.0f;
+        for (size_t j = 0; j < valid; j++)
+            d += pr[j] * ds[j];
+        delta[r] = d;
         for (size_t j = 0; j < valid; j++)
             ds[j] = pr[j] * (ds[j] - delta[r]);
         for (size_t j = valid; j < kend; j++)
