@@ -27,7 +27,6 @@ static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
 
     float *p = scratch;                              /* m x kend */
     float *dp = scratch + MASA_ATTN_TILE * T;        /* m x kend */
-    float *delta = scratch + 2 * MASA_ATTN_TILE * T; /* m */
 
     /* P = exp(scale * Q K^T - lse), zero where masked */
     masa__gemm(m, kend, hd, L->scale, q, L->dq, 1, k, 1, L->dkv, 0.0f, p,
@@ -54,9 +53,8 @@ static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
         float d = 0.0f;
         for (size_t j = 0; j < valid; j++)
             d += pr[j] * ds[j];
-        delta[r] = d;
         for (size_t j = 0; j < valid; j++)
-            ds[j] = pr[j] * (ds[j] - delta[r]);
+            ds[j] = pr[j] * (ds[j] - d);
         for (size_t j = valid; j < kend; j++)
             ds[j] = 0.0f;
     }

@@ -11,9 +11,8 @@ size_t masa__attention_tile_floats(size_t seq, size_t head_dim)
 {
     (void)head_dim;
     size_t n;
-    /* scores and their gradient (backward), plus one float per row */
-    if (!masa__mul3(2, MASA_ATTN_TILE, seq, &n) ||
-        !masa__add(&n, MASA_ATTN_TILE))
+    /* scores and their gradient (backward) */
+    if (!masa__mul3(2, MASA_ATTN_TILE, seq, &n))
         return SIZE_MAX;
     return n;
 }

@@ -76,8 +76,7 @@ MASA_API masa_status masa_context_create(const masa_context_options *options,
                                                  sizeof opts);
         if (st != MASA_OK)
             return st;
-        memcpy(&opts, options,
-               options->size < sizeof opts ? options->size : sizeof opts);
+        memcpy(&opts, options, sizeof opts); /* size >= sizeof opts, checked */
     }
     if ((opts.malloc_fn == NULL) != (opts.free_fn == NULL))
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,

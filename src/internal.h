@@ -177,6 +177,16 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
                                    size_t batch, size_t seq,
                                    masa_workspace_layout *out);
 
+/* Layouts for (batch, seq), then the workspace's and (when not NULL) the
+ * reserve's size and alignment: the checks forward and backward share. */
+masa_status masa__check_call_buffers(const char *fn, const masa_layer *layer,
+                                     size_t batch, size_t seq,
+                                     const void *workspace,
+                                     size_t workspace_bytes,
+                                     const void *reserve, size_t reserve_bytes,
+                                     masa_workspace_layout *wl,
+                                     masa_reserve_layout *rl);
+
 /* Pointer to the weight of a projection: the dense weight, or W_l composed
  * into scratch. */
 const float *masa__projection_weight(const masa_layer *layer, int p,

@@ -89,7 +89,7 @@ MASA_API masa_status masa_layer_create(masa_context *ctx,
                                              sizeof o);
     if (st != MASA_OK)
         return st;
-    memcpy(&o, options, options->size < sizeof o ? options->size : sizeof o);
+    memcpy(&o, options, sizeof o); /* size >= sizeof o, checked */
     o.size = sizeof o;
     st = check_options(fn, &o);
     if (st != MASA_OK)
@@ -400,6 +400,34 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     if (!ok || tile == SIZE_MAX || !masa__mul(w.total, sizeof(float), &bytes))
         return OVERFLOW_FAIL(fn);
     *out = w;
+    return MASA_OK;
+}
+
+masa_status masa__check_call_buffers(const char *fn, const masa_layer *layer,
+                                     size_t batch, size_t seq,
+                                     const void *workspace,
+                                     size_t workspace_bytes,
+                                     const void *reserve, size_t reserve_bytes,
+                                     masa_workspace_layout *wl,
+                                     masa_reserve_layout *rl)
+{
+    masa_status st;
+    if ((st = masa__workspace_layout(fn, layer, batch, seq, wl)) != MASA_OK ||
+        (st = masa__reserve_layout(fn, layer, batch, seq, rl)) != MASA_OK)
+        return st;
+    if (workspace_bytes < wl->total * sizeof(float))
+        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
+                          "%s: workspace has %zu bytes, needs %zu", fn,
+                          workspace_bytes, wl->total * sizeof(float));
+    if (reserve && reserve_bytes < rl->total * sizeof(float))
+        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
+                          "%s: reserve has %zu bytes, needs %zu", fn,
+                          reserve_bytes, rl->total * sizeof(float));
+    if (!masa__float_aligned(workspace) ||
+        (reserve && !masa__float_aligned(reserve)))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: workspace and reserve must be aligned for "
+                          "float", fn);
     return MASA_OK;
 }
 

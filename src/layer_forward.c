@@ -49,22 +49,10 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
         return st;
     masa_workspace_layout wl;
     masa_reserve_layout rl;
-    if ((st = masa__workspace_layout(fn, layer, batch, seq, &wl)) != MASA_OK ||
-        (st = masa__reserve_layout(fn, layer, batch, seq, &rl)) != MASA_OK)
+    if ((st = masa__check_call_buffers(fn, layer, batch, seq, workspace,
+                                       workspace_bytes, reserve, reserve_bytes,
+                                       &wl, &rl)) != MASA_OK)
         return st;
-    if (workspace_bytes < wl.total * sizeof(float))
-        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
-                          "%s: workspace has %zu bytes, needs %zu", fn,
-                          workspace_bytes, wl.total * sizeof(float));
-    if (reserve && reserve_bytes < rl.total * sizeof(float))
-        return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
-                          "%s: reserve has %zu bytes, needs %zu", fn,
-                          reserve_bytes, rl.total * sizeof(float));
-    if (!masa__float_aligned(workspace) ||
-        (reserve && !masa__float_aligned(reserve)))
-        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
-                          "%s: workspace and reserve must be aligned for "
-                          "float", fn);
     size_t bt = batch * seq;
     size_t act_bytes = bt * layer->d_model * sizeof(float);
     if (masa__overlaps(x, act_bytes, y, act_bytes))
