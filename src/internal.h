@@ -232,4 +232,72 @@ void masa__project(const masa_layer *layer, int p, const float *in,
 /* MASA_ERROR_NOT_READY unless every projection has a weight. */
 masa_status masa__check_ready(const char *fn, const masa_layer *layer);
 
+/* ---- incremental decoding (kv_cache.c, decode_project.c,
+ *      decode_attention.c, layer_decode.c) ---- */
+
+/* Keys and values of the tokens decoded so far, in caller memory: K then V,
+ * each [batch, n_kv_heads, max_seq, head_dim] (RoPE already applied to K). */
+struct masa_kv_cache {
+    masa_context *ctx;
+    size_t batch, max_seq, n_kv_heads, head_dim;
+    size_t length;            /* positions filled, the same for every sequence */
+    float *k, *v;
+    size_t bytes;             /* of the caller memory (for overlap checks) */
+    const masa_layer *owner;  /* layer whose keys fill it; NULL when empty */
+};
+
+/* MASA_ERROR_INVALID_ARGUMENT unless the layer can decode (causal). */
+masa_status masa__check_decodable(const char *fn, const masa_layer *layer);
+
+/* How a projection's product runs at decode (see decode_project.c for the
+ * rule). */
+typedef enum masa_proj_path {
+    MASA_PATH_DENSE = 0,    /* the dense weight */
+    MASA_PATH_FACTORED = 1, /* [c_1 X | ... | c_S X] times the stacked atoms */
+    MASA_PATH_COMPOSE = 2   /* W_l from masa__projection_weight(), then X W */
+} masa_proj_path;
+
+masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
+                                      size_t rows);
+/* Floats of operand scratch projection p needs at `rows` rows (X' for the
+ * factored path, W for composition, 0 for dense). */
+size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows);
+
+/* One product of a decode step: out[rows x d_out] = in W_p (+ bias). */
+typedef struct masa_decode_proj {
+    int p;
+    const float *in;
+    float *out;
+    float *scratch;  /* masa__decode_proj_scratch() floats */
+    float *partials; /* (n_threads - 1) * rows * d_out floats */
+} masa_decode_proj;
+
+/* Runs n projections (up to MASA_NUM_PROJECTIONS) of `rows` rows each, in
+ * one pass over the pool when the products are small. */
+void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
+                          size_t n, size_t rows);
+
+/* Decode attention: new queries of `n_new` tokens per sequence against the
+ * cache's first `length` positions (the new tokens' keys included). */
+typedef struct masa_decode_attn_args {
+    const masa_layer *layer;
+    const masa_kv_cache *cache;
+    size_t batch, n_new, length; /* length = keys visible to the last token */
+    const float *q;              /* [batch * n_new, dq], RoPE applied */
+    float *attn;                 /* [batch * n_new, dq] output */
+    float *thread_scratch;       /* n_threads * thread_floats */
+    size_t thread_floats;
+    float *partials;             /* split results: partial_floats */
+} masa_decode_attn_args;
+
+typedef struct masa_decode_attn_sizes {
+    size_t thread_floats;  /* per-thread scratch */
+    size_t partial_floats; /* split partial results (all tasks) */
+} masa_decode_attn_sizes;
+
+/* Scratch sizes for `n_new` tokens per sequence; false on overflow. */
+bool masa__decode_attn_sizes(const masa_layer *layer, size_t n_new,
+                             masa_decode_attn_sizes *out);
+void masa__decode_attention(masa_decode_attn_args *args);
+
 #endif

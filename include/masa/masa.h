@@ -476,6 +476,137 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
                                          const void *reserve,
                                          size_t reserve_bytes);
 
+
+/* ======================================================================
+ * Incremental decoding with a key/value cache (inference only)
+ * ======================================================================
+ *
+ * A generation loop feeds a causal layer a few tokens at a time. The cache
+ * keeps the keys (RoPE applied) and values of every token seen so far, so
+ * each call projects only the new tokens and attends over the cache:
+ *
+ *     masa_kv_cache_size(layer, batch, max_seq, &bytes);
+ *     memory = aligned_alloc(64, bytes);             (caller-owned)
+ *     masa_kv_cache_create(layer, batch, max_seq, memory, bytes, &cache);
+ *     masa_layer_decode_workspace_size(layer, batch, n, &ws_bytes);
+ *     masa_layer_decode(layer, cache, batch, n, prompt, y, ws, ws_bytes);
+ *     for each new token:
+ *         masa_layer_decode(layer, cache, batch, 1, x, y, ws, ws_bytes);
+ *
+ * Decoding a sequence in any split into chunks (a prefill chunk, then one
+ * token per call, ...) gives the y that masa_layer_forward() gives for the
+ * whole sequence with pos_offset 0, up to float rounding (the order of the
+ * sums differs). Each layer of a stack needs its own cache.
+ *
+ * Only causal layers decode: in a non-causal layer earlier outputs depend on
+ * later tokens, so appending tokens cannot leave them unchanged. Every
+ * function below refuses a non-causal layer with
+ * MASA_ERROR_INVALID_ARGUMENT. There is no backward through the cache.
+ *
+ * All sequences of a batch hold the same number of positions (each call
+ * appends n_new tokens to every sequence); sequences of different lengths
+ * need separate caches (or the caller's own padding).
+ *
+ * Threads: a decode call modifies its cache and only reads the layer, so
+ * several threads may decode with one layer at once, each with its own
+ * cache, workspace and buffers (see "Threads" at the top). Functions that
+ * modify a cache need exclusive access to it.
+ */
+
+typedef struct masa_kv_cache masa_kv_cache;
+
+/* Layout of the cache memory (documented so a framework can inspect it):
+ * keys, then values, each batch * n_kv_heads * max_seq * head_dim floats,
+ * [batch, n_kv_heads, max_seq, head_dim] row-major. Keys carry their RoPE
+ * rotation. Only positions below masa_kv_cache_length() hold data. */
+
+/* Bytes of cache memory for `batch` sequences of up to `max_seq` tokens:
+ * 2 * batch * n_kv_heads * max_seq * head_dim * sizeof(float).
+ * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer), BAD_SHAPE
+ * (batch or max_seq 0), OVERFLOW. */
+MASA_API masa_status masa_kv_cache_size(const masa_layer *layer,
+                                        size_t batch, size_t max_seq,
+                                        size_t *bytes);
+
+/* Creates an empty cache (length 0) over caller memory for layers of
+ * `layer`'s key/value shape (n_kv_heads, head_dim). memory: at least
+ * masa_kv_cache_size() bytes, aligned for float (64 bytes is best), owned by
+ * the caller, valid and not used for anything else until the cache is
+ * destroyed; its contents on entry do not matter. The handle itself comes
+ * from the layer's context allocator. *out is NULL on failure.
+ * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer, memory not
+ * aligned for float), BAD_SHAPE, OVERFLOW, BUFFER_TOO_SMALL (memory_bytes),
+ * OUT_OF_MEMORY (the handle). */
+MASA_API masa_status masa_kv_cache_create(const masa_layer *layer,
+                                          size_t batch, size_t max_seq,
+                                          void *memory, size_t memory_bytes,
+                                          masa_kv_cache **out);
+
+/* Destroys the handle (not the caller's memory). Accepts NULL. Destroy every
+ * cache before the context its layer came from. */
+MASA_API void masa_kv_cache_destroy(masa_kv_cache *cache);
+
+/* Empties the cache (length 0) so it can start new sequences, with any layer
+ * of the shape it was made for. The memory is not cleared. */
+MASA_API masa_status masa_kv_cache_reset(masa_kv_cache *cache);
+
+/* Keeps only the first `length` positions of every sequence (drops later
+ * tokens, e.g. to regenerate them); length 0 is masa_kv_cache_reset().
+ * Errors: NULL_ARGUMENT, OUT_OF_RANGE (length > the current length). */
+MASA_API masa_status masa_kv_cache_truncate(masa_kv_cache *cache,
+                                            size_t length);
+
+/* Positions filled per sequence (the RoPE position the next token gets). */
+MASA_API masa_status masa_kv_cache_length(const masa_kv_cache *cache,
+                                          size_t *length);
+
+/* batch and max_seq the cache was made for; either pointer may be NULL. */
+MASA_API masa_status masa_kv_cache_shape(const masa_kv_cache *cache,
+                                         size_t *batch, size_t *max_seq);
+
+/* Bytes of workspace masa_layer_decode() needs for `n_new` tokens of each of
+ * `batch` sequences. It depends on the layer's shapes, the number of atoms
+ * of its MASA projections (query again after masa_layer_set_masa() with
+ * another dictionary) and its context's thread count, not on the cache
+ * length: one workspace serves a whole generation loop. A workspace sized
+ * for n_new also serves every smaller n_new at the same batch.
+ * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer), NOT_READY (a
+ * projection not set), BAD_SHAPE (batch or n_new 0), OVERFLOW. */
+MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
+                                                      size_t batch,
+                                                      size_t n_new,
+                                                      size_t *bytes);
+
+/* Appends n_new >= 1 tokens to every sequence of the cache and returns their
+ * outputs.
+ *   cache      made for this layer's key/value shape and `batch`; holding
+ *              keys of this layer or empty (a cache filled by another layer
+ *              must be reset first). On success its length grows by n_new.
+ *   x          [batch, n_new, d_model], read: the new tokens
+ *   y          [batch, n_new, d_model], overwritten; must not overlap x, the
+ *              workspace or the cache memory
+ *   workspace  at least masa_layer_decode_workspace_size(batch, n_new)
+ *              bytes, aligned for float, any contents
+ * New token t of a sequence gets RoPE position length + t and attends to
+ * every cached position and to new tokens 0..t (causal).
+ * The cached keys and values were computed with the layer's parameters at
+ * the time they were added: changing the parameters does not update them.
+ * MASA projections at few rows multiply [c_1 X | ... | c_S X] by the atoms
+ * stacked as an (S d_in) x d_out matrix, reading the atoms once and never
+ * forming W_l; at more rows they compose W_l first (whichever moves fewer
+ * bytes, counting a multiply-add as one byte).
+ * Errors: NULL_ARGUMENT; INVALID_ARGUMENT (non-causal layer, a cache filled
+ * by another layer, overlapping buffers, workspace not aligned for float);
+ * NOT_READY; BAD_SHAPE (n_new 0, batch differs from the cache's, cache made
+ * for another n_kv_heads or head_dim); OUT_OF_RANGE (the cache is full:
+ * length + n_new > max_seq); BUFFER_TOO_SMALL (workspace); OVERFLOW. On any
+ * error neither the cache nor y has been modified. */
+MASA_API masa_status masa_layer_decode(const masa_layer *layer,
+                                       masa_kv_cache *cache, size_t batch,
+                                       size_t n_new, const float *x, float *y,
+                                       void *workspace,
+                                       size_t workspace_bytes);
+
 #ifdef __cplusplus
 }
 #endif

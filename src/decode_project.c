@@ -1,0 +1,183 @@
+/* Projections of a decode step (a few rows per call).
+ *
+ * A MASA projection y = x W_l with W_l = sum_s c_s D_s can run two ways:
+ *   factored: y = sum_s c_s (x D_s) = [c_1 x | ... | c_S x] R, one product
+ *             with the atoms viewed as R, an (S d_in) x d_out matrix (rows
+ *             (s, i); the dictionary layout already is R). It reads the atoms
+ *             once and never writes W_l, but does S times the multiply-adds.
+ *   compose:  W_l = sum_s c_s D_s first (reads the atoms, writes W_l), then
+ *             x W_l (reads W_l again).
+ * masa__decode_proj_path() picks the one that moves fewer bytes, counting a
+ * multiply-add as one byte (BLIS does about 25e9 multiply-adds/s per core
+ * here against 15-45 GB/s of cache or memory bandwidth). At S = 8 and
+ * d_in = d_out = 384 that is the factored path for 1 or 2 rows and
+ * composition from 3 rows up.
+ *
+ * Small products split the inner dimension across the context's pool (one
+ * pool pass for Q, K and V together: BLIS does not thread gemv, and its own
+ * threads cost more than they save below ~8M multiply-adds), each thread
+ * reading a contiguous block of the weight; the blocks' partial sums are
+ * added afterwards. */
+#include <string.h>
+
+#include "internal.h"
+
+/* Products at least this large (multiply-adds) go to BLIS's own threads. */
+#define BLIS_THREADED_MACS 8000000.0
+/* Products smaller than this run whole on one thread. */
+#define SPLIT_MIN_MACS 65536.0
+
+/* The factored path is the cheaper one up to this many rows. With f bytes
+ * per float, bytes moved plus multiply-adds are
+ *   factored(r) = f (S K N + 2 r S K + r N) + r S K N
+ *   compose(r)  = f (S K N + 2 K N + r K + r N) + (S + r) K N
+ * (X' is written and read; W_l is written and read), and their difference
+ * grows linearly with r: factored(r) <= compose(r) iff
+ *   r <= K N (2 f + S) / (K (2 f S - f + (S - 1) N)). */
+static double factored_max_rows(const masa_proj_state *ps)
+{
+    double S = (double)ps->dict->n_atoms, K = (double)ps->d_in;
+    double N = (double)ps->d_out, f = sizeof(float);
+    return K * N * (2 * f + S) / (K * (2 * f * S - f + (S - 1) * N));
+}
+
+masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
+                                      size_t rows)
+{
+    const masa_proj_state *ps = &layer->proj[p];
+    if (!ps->is_masa)
+        return MASA_PATH_DENSE;
+    /* Merge point: a projection with an up-to-date composed cache reads only
+     * d_in x d_out floats, fewer than either path: return MASA_PATH_COMPOSE
+     * (masa__projection_weight() then returns the cache). */
+    return (double)rows <= factored_max_rows(ps) ? MASA_PATH_FACTORED
+                                                 : MASA_PATH_COMPOSE;
+}
+
+/* The largest scratch any row count up to `rows` needs, so a workspace sized
+ * for n_new tokens serves every smaller n_new. */
+size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows)
+{
+    const masa_proj_state *ps = &layer->proj[p];
+    if (!ps->is_masa)
+        return 0;
+    double r_max = factored_max_rows(ps);
+    size_t fr = (double)rows <= r_max ? rows : (size_t)r_max, xs;
+    if (!masa__mul3(fr, ps->dict->n_atoms, ps->d_in, &xs))
+        return SIZE_MAX;
+    /* d_in * d_out was checked when the layer was created */
+    size_t w = (double)rows > r_max ? ps->d_in * ps->d_out : 0;
+    return xs > w ? xs : w;
+}
+
+/* One product: out[rows x n] = a[rows x k] (row stride lda) b[k x n]. */
+typedef struct product {
+    const float *a, *b;
+    size_t k, n, lda;
+    size_t chunks; /* blocks of the inner dimension */
+    float *out, *partials;
+} product;
+
+typedef struct project_job {
+    product prod[MASA_NUM_PROJECTIONS];
+    size_t n_prod, rows;
+} project_job;
+
+static void run_block(const product *pr, size_t rows, size_t chunk)
+{
+    size_t k0 = pr->k * chunk / pr->chunks;
+    size_t k1 = pr->k * (chunk + 1) / pr->chunks;
+    float *out = chunk == 0 ? pr->out
+                            : pr->partials + (chunk - 1) * rows * pr->n;
+    if (k1 == k0) {
+        memset(out, 0, rows * pr->n * sizeof(float));
+        return;
+    }
+    const float *a = pr->a + k0, *b = pr->b + k0 * pr->n;
+    if (rows == 1)
+        masa__gemv(pr->n, k1 - k0, 1.0f, b, 1, pr->n, a, 0.0f, out, 1);
+    else
+        masa__gemm(rows, pr->n, k1 - k0, 1.0f, a, pr->lda, 1, b, pr->n, 1,
+                   0.0f, out, pr->n, 1, 1);
+}
+
+static void block_task(void *arg, size_t task, size_t thread)
+{
+    (void)thread;
+    project_job *job = arg;
+    size_t i = 0;
+    while (task >= job->prod[i].chunks)
+        task -= job->prod[i++].chunks;
+    run_block(&job->prod[i], job->rows, task);
+}
+
+/* X' = [c_1 X | ... | c_S X], rows x (S d_in). */
+static void factored_input(const masa_proj_state *ps, const float *x,
+                           size_t rows, float *xs)
+{
+    size_t S = ps->dict->n_atoms, K = ps->d_in;
+    const float *c = ps->coef->data + ps->layer_index * ps->coef->n_atoms;
+    for (size_t r = 0; r < rows; r++)
+        for (size_t s = 0; s < S; s++) {
+            float *dst = xs + (r * S + s) * K;
+            const float *src = x + r * K;
+            for (size_t i = 0; i < K; i++)
+                dst[i] = c[s] * src[i];
+        }
+}
+
+void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
+                          size_t n, size_t rows)
+{
+    size_t T = layer->ctx->n_threads;
+    project_job job = {.n_prod = n, .rows = rows};
+    size_t tasks = 0;
+    for (size_t i = 0; i < n; i++) {
+        const masa_proj_state *ps = &layer->proj[projs[i].p];
+        product *pr = &job.prod[i];
+        *pr = (product){.a = projs[i].in, .b = ps->weight, .k = ps->d_in,
+                        .n = ps->d_out, .lda = ps->d_in, .out = projs[i].out,
+                        .partials = projs[i].partials};
+        switch (masa__decode_proj_path(layer, projs[i].p, rows)) {
+        case MASA_PATH_FACTORED:
+            factored_input(ps, projs[i].in, rows, projs[i].scratch);
+            pr->a = projs[i].scratch;
+            pr->b = ps->dict->atoms;
+            pr->k = ps->d_in * ps->dict->n_atoms;
+            pr->lda = pr->k;
+            break;
+        case MASA_PATH_COMPOSE:
+            pr->b = masa__projection_weight(layer, projs[i].p,
+                                            projs[i].scratch);
+            break;
+        case MASA_PATH_DENSE:
+            break;
+        }
+        double macs = (double)rows * (double)pr->k * (double)pr->n;
+        pr->chunks = 1;
+        if (macs >= BLIS_THREADED_MACS) {
+            /* Large (prefill): BLIS threads one product at a time. */
+            masa__gemm(rows, pr->n, pr->k, 1.0f, pr->a, pr->lda, 1, pr->b,
+                       pr->n, 1, 0.0f, pr->out, pr->n, 1, T);
+            pr->chunks = 0;
+        } else if (macs >= SPLIT_MIN_MACS) {
+            pr->chunks = T < pr->k ? T : pr->k;
+        }
+        tasks += pr->chunks;
+    }
+    masa__pool_run(layer->ctx->pool, tasks, block_task, &job);
+    for (size_t i = 0; i < n; i++) {
+        const product *pr = &job.prod[i];
+        const float *bias = layer->proj[projs[i].p].bias;
+        size_t len = rows * pr->n;
+        for (size_t c = 1; c < pr->chunks; c++) {
+            const float *part = pr->partials + (c - 1) * len;
+            for (size_t j = 0; j < len; j++)
+                pr->out[j] += part[j];
+        }
+        if (bias)
+            for (size_t r = 0; r < rows; r++)
+                for (size_t j = 0; j < pr->n; j++)
+                    pr->out[r * pr->n + j] += bias[j];
+    }
+}
