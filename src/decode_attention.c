@@ -26,6 +26,8 @@
 #define KEY_BLOCK 256       /* keys per online-softmax step */
 #define GEMM_MIN_ROWS 16    /* fewer rows: loops */
 #define MIN_SPLIT_KEYS 64   /* a split below this costs more than it saves */
+#define POOL_MIN_MACS 131072.0 /* less work runs on the calling thread: waking
+                                  the pool costs about 10 us */
 
 typedef struct unit_shape {
     size_t group;    /* query heads per key/value head */
@@ -269,10 +271,9 @@ static void combine(const decode_job *job, size_t index)
         float l = 0.0f;
         memset(o, 0, hd * sizeof(float));
         for (size_t sp = 0; sp < ns; sp++) {
+            /* a split that saw no key of this row (m = -inf, l = 0,
+             * acc = 0) adds nothing */
             const float *p = first + sp * stride;
-            /* a split that saw no key of this row has l = 0, acc = 0 */
-            if (p[t.rows + r] == 0.0f && p[r] == -INFINITY)
-                continue;
             float w = expf(p[r] - M);
             l += w * p[t.rows + r];
             axpy(o, w, p + 2 * t.rows + r * hd, hd);
@@ -289,7 +290,16 @@ void masa__decode_attention(masa_decode_attn_args *args)
     size_t T = L->ctx->n_threads;
     decode_job job = {.a = args, .u = shape_of(L, args->n_new), .n_split = 1};
     size_t units = args->batch * L->n_kv_heads * job.u.n_tiles;
-    if (T > 1 && units < 2 * T) {
+    /* multiply-adds of Q K^T and P V (an upper bound under the mask) */
+    double macs = 2.0 * (double)args->batch * (double)L->n_heads *
+                  (double)args->n_new * (double)args->length *
+                  (double)L->head_dim;
+    if (T == 1 || macs < POOL_MIN_MACS) {
+        for (size_t i = 0; i < units; i++)
+            decode_task(&job, i, 0);
+        return;
+    }
+    if (units < 2 * T) {
         size_t want = (2 * T + units - 1) / units;
         size_t cap = args->length / MIN_SPLIT_KEYS;
         job.n_split = want < cap ? want : cap;

@@ -9,36 +9,60 @@
  *             x W_l (reads W_l again).
  * masa__decode_proj_path() picks the one that moves fewer bytes, counting a
  * multiply-add as one byte (BLIS does about 25e9 multiply-adds/s per core
- * here against 15-45 GB/s of cache or memory bandwidth). At S = 8 and
- * d_in = d_out = 384 that is the factored path for 1 or 2 rows and
- * composition from 3 rows up.
+ * here against 15-45 GB/s of cache or memory bandwidth). One row is a BLIS
+ * gemv, which reads its matrix once; more rows are a gemm, which also packs
+ * its matrix (reads it, writes a packed copy, reads that). So with S >= 2
+ * atoms the factored path wins for a single row (batch 1, one token) and
+ * composition wins from two rows up (measured by benchmarks/bench_decode.c,
+ * second table); with S = 1 the factored path is a scaled x D_1 and wins up
+ * to about 2 d_out rows.
  *
  * Small products split the inner dimension across the context's pool (one
  * pool pass for Q, K and V together: BLIS does not thread gemv, and its own
  * threads cost more than they save below ~8M multiply-adds), each thread
  * reading a contiguous block of the weight; the blocks' partial sums are
- * added afterwards. */
+ * added afterwards. Work too small to repay waking the pool (about 10 us)
+ * runs on the calling thread. */
 #include <string.h>
 
 #include "internal.h"
 
 /* Products at least this large (multiply-adds) go to BLIS's own threads. */
 #define BLIS_THREADED_MACS 8000000.0
-/* Products smaller than this run whole on one thread. */
-#define SPLIT_MIN_MACS 65536.0
+/* Below this much work in one call, everything runs on the calling thread. */
+#define POOL_MIN_MACS 131072.0
+/* Products below this are not split (a block per thread). */
+#define SPLIT_MIN_MACS 262144.0
 
-/* The factored path is the cheaper one up to this many rows. With f bytes
- * per float, bytes moved plus multiply-adds are
- *   factored(r) = f (S K N + 2 r S K + r N) + r S K N
- *   compose(r)  = f (S K N + 2 K N + r K + r N) + (S + r) K N
- * (X' is written and read; W_l is written and read), and their difference
- * grows linearly with r: factored(r) <= compose(r) iff
- *   r <= K N (2 f + S) / (K (2 f S - f + (S - 1) N)). */
-static double factored_max_rows(const masa_proj_state *ps)
+/* Bytes moved plus multiply-adds of each path at r rows, with f bytes per
+ * float and g = 1 for a gemv (r = 1), 3 for a packing gemm:
+ *   factored(r) = f (g S K N + 2 r S K + r N) + r S K N
+ *   compose(r)  = f (S K N + K N + g K N + r K + r N) + (S + r) K N
+ * (X' is written and read; W_l is written once and read by the product). */
+static double path_cost(const masa_proj_state *ps, double r, bool factored)
 {
     double S = (double)ps->dict->n_atoms, K = (double)ps->d_in;
+    double N = (double)ps->d_out, f = sizeof(float), g = r > 1 ? 3 : 1;
+    if (factored)
+        return f * (g * S * K * N + 2 * r * S * K + r * N) + r * S * K * N;
+    return f * (S * K * N + K * N + g * K * N + r * K + r * N) +
+           (S + r) * K * N;
+}
+
+/* The factored path is the cheaper one for rows 1..factored_max_rows(). From
+ * r = 2 on, factored - compose grows linearly in r, so the crossover is
+ *   r* = K N (S + 4 f - 2 f S) / (K N (S - 1) + f K (2 S - 1)). */
+static size_t factored_max_rows(const masa_proj_state *ps)
+{
+    if (path_cost(ps, 1, true) > path_cost(ps, 1, false))
+        return 0;
+    double S = (double)ps->dict->n_atoms, K = (double)ps->d_in;
     double N = (double)ps->d_out, f = sizeof(float);
-    return K * N * (2 * f + S) / (K * (2 * f * S - f + (S - 1) * N));
+    double r = K * N * (S + 4 * f - 2 * f * S) /
+               (K * N * (S - 1) + f * K * (2 * S - 1));
+    if (!(r >= 2))
+        return 1;
+    return r < 1e15 ? (size_t)r : (size_t)1e15;
 }
 
 masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
@@ -50,8 +74,8 @@ masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
     /* Merge point: a projection with an up-to-date composed cache reads only
      * d_in x d_out floats, fewer than either path: return MASA_PATH_COMPOSE
      * (masa__projection_weight() then returns the cache). */
-    return (double)rows <= factored_max_rows(ps) ? MASA_PATH_FACTORED
-                                                 : MASA_PATH_COMPOSE;
+    return rows <= factored_max_rows(ps) ? MASA_PATH_FACTORED
+                                         : MASA_PATH_COMPOSE;
 }
 
 /* The largest scratch any row count up to `rows` needs, so a workspace sized
@@ -61,12 +85,12 @@ size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows)
     const masa_proj_state *ps = &layer->proj[p];
     if (!ps->is_masa)
         return 0;
-    double r_max = factored_max_rows(ps);
-    size_t fr = (double)rows <= r_max ? rows : (size_t)r_max, xs;
+    size_t r_max = factored_max_rows(ps);
+    size_t fr = rows < r_max ? rows : r_max, xs;
     if (!masa__mul3(fr, ps->dict->n_atoms, ps->d_in, &xs))
         return SIZE_MAX;
     /* d_in * d_out was checked when the layer was created */
-    size_t w = (double)rows > r_max ? ps->d_in * ps->d_out : 0;
+    size_t w = rows > r_max ? ps->d_in * ps->d_out : 0;
     return xs > w ? xs : w;
 }
 
@@ -83,16 +107,13 @@ typedef struct project_job {
     size_t n_prod, rows;
 } project_job;
 
+/* Block `chunk` of the inner dimension (chunks <= k: never empty). */
 static void run_block(const product *pr, size_t rows, size_t chunk)
 {
     size_t k0 = pr->k * chunk / pr->chunks;
     size_t k1 = pr->k * (chunk + 1) / pr->chunks;
     float *out = chunk == 0 ? pr->out
                             : pr->partials + (chunk - 1) * rows * pr->n;
-    if (k1 == k0) {
-        memset(out, 0, rows * pr->n * sizeof(float));
-        return;
-    }
     const float *a = pr->a + k0, *b = pr->b + k0 * pr->n;
     if (rows == 1)
         masa__gemv(pr->n, k1 - k0, 1.0f, b, 1, pr->n, a, 0.0f, out, 1);
@@ -132,6 +153,7 @@ void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
     size_t T = layer->ctx->n_threads;
     project_job job = {.n_prod = n, .rows = rows};
     size_t tasks = 0;
+    double macs[MASA_NUM_PROJECTIONS], small_macs = 0;
     for (size_t i = 0; i < n; i++) {
         const masa_proj_state *ps = &layer->proj[projs[i].p];
         product *pr = &job.prod[i];
@@ -153,19 +175,29 @@ void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
         case MASA_PATH_DENSE:
             break;
         }
-        double macs = (double)rows * (double)pr->k * (double)pr->n;
+        macs[i] = (double)rows * (double)pr->k * (double)pr->n;
         pr->chunks = 1;
-        if (macs >= BLIS_THREADED_MACS) {
+        if (macs[i] >= BLIS_THREADED_MACS) {
             /* Large (prefill): BLIS threads one product at a time. */
             masa__gemm(rows, pr->n, pr->k, 1.0f, pr->a, pr->lda, 1, pr->b,
                        pr->n, 1, 0.0f, pr->out, pr->n, 1, T);
             pr->chunks = 0;
-        } else if (macs >= SPLIT_MIN_MACS) {
-            pr->chunks = T < pr->k ? T : pr->k;
+        } else {
+            small_macs += macs[i];
         }
+    }
+    bool pool = T > 1 && small_macs >= POOL_MIN_MACS;
+    for (size_t i = 0; i < n; i++) {
+        product *pr = &job.prod[i];
+        if (pool && pr->chunks == 1 && macs[i] >= SPLIT_MIN_MACS)
+            pr->chunks = T < pr->k ? T : pr->k;
         tasks += pr->chunks;
     }
-    masa__pool_run(layer->ctx->pool, tasks, block_task, &job);
+    if (pool)
+        masa__pool_run(layer->ctx->pool, tasks, block_task, &job);
+    else
+        for (size_t t = 0; t < tasks; t++)
+            block_task(&job, t, 0);
     for (size_t i = 0; i < n; i++) {
         const product *pr = &job.prod[i];
         const float *bias = layer->proj[projs[i].p].bias;

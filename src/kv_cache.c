@@ -13,10 +13,14 @@ masa_status masa__check_decodable(const char *fn, const masa_layer *layer)
     return MASA_OK;
 }
 
-/* Floats of one of K or V: batch * n_kv_heads * max_seq * head_dim. */
+/* Floats of one of K or V (batch * max_seq * n_kv_heads * head_dim), after
+ * the checks masa_kv_cache_size() and masa_kv_cache_create() share. */
 static masa_status half_floats(const char *fn, const masa_layer *layer,
                                size_t batch, size_t max_seq, size_t *floats)
 {
+    masa_status st = masa__check_decodable(fn, layer);
+    if (st != MASA_OK)
+        return st;
     if (batch == 0 || max_seq == 0)
         return masa__fail(MASA_ERROR_BAD_SHAPE,
                           "%s: batch and max_seq must be nonzero (got %zu, "
@@ -39,10 +43,8 @@ MASA_API masa_status masa_kv_cache_size(const masa_layer *layer,
     if (!layer || !bytes)
         return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: %s is NULL", fn,
                           !layer ? "layer" : "bytes");
-    masa_status st = masa__check_decodable(fn, layer);
-    size_t n = 0;
-    if (st == MASA_OK)
-        st = half_floats(fn, layer, batch, max_seq, &n);
+    size_t n;
+    masa_status st = half_floats(fn, layer, batch, max_seq, &n);
     if (st != MASA_OK)
         return st;
     *bytes = 2 * n * sizeof(float);
@@ -61,10 +63,8 @@ MASA_API masa_status masa_kv_cache_create(const masa_layer *layer,
     if (!layer || !memory)
         return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: %s is NULL", fn,
                           !layer ? "layer" : "memory");
-    masa_status st = masa__check_decodable(fn, layer);
-    size_t n = 0;
-    if (st == MASA_OK)
-        st = half_floats(fn, layer, batch, max_seq, &n);
+    size_t n;
+    masa_status st = half_floats(fn, layer, batch, max_seq, &n);
     if (st != MASA_OK)
         return st;
     if (memory_bytes < 2 * n * sizeof(float))

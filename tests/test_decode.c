@@ -53,17 +53,18 @@ static const dcase cases[] = {
       .head_dim = 3, .causal = 1, .softmax_scale = 0.7f, .masa_mask = 0xF,
       .bias_mask = 0x6, .n_atoms = 2, .n_layers = 2, .layer_index = 1,
       .wrap = 1}, 3, 2, {1, 4, 1}},
-    /* one sequence, one key/value head: the key range is split across
-     * threads; prefill rows 16 tokens x 4 heads = 64 use BLIS; key blocks of
-     * 256 are crossed */
-    {"mqa_split_long", {.d_model = 16, .n_heads = 4, .n_kv_heads = 1,
-      .head_dim = 4, .causal = 1, .rope = 1, .masa_mask = 0x3,
+    /* one sequence, one key/value head: from 512 cached keys on, a token's
+     * attention is worth splitting across threads (4 splits of the key
+     * range); the prefill rows (4 tokens x 16 heads = 64) use BLIS and cross
+     * key blocks of 256 */
+    {"mqa_split_long", {.d_model = 128, .n_heads = 16, .n_kv_heads = 1,
+      .head_dim = 8, .causal = 1, .rope = 1, .masa_mask = 0x3,
       .bias_mask = 0x1, .n_atoms = 2, .n_layers = 2, .wrap = 0}, 1, 2,
-     {260, 1, 1, 30, 1, 1, 1}},
-    {"mqa_split_long_1thr", {.d_model = 16, .n_heads = 4, .n_kv_heads = 1,
-      .head_dim = 4, .causal = 1, .rope = 1, .masa_mask = 0x3,
+     {520, 1, 1, 5, 1}},
+    {"mqa_split_long_1thr", {.d_model = 128, .n_heads = 16, .n_kv_heads = 1,
+      .head_dim = 8, .causal = 1, .rope = 1, .masa_mask = 0x3,
       .bias_mask = 0x1, .n_atoms = 2, .n_layers = 2, .wrap = 0}, 1, 1,
-     {260, 1, 1, 30, 1, 1, 1}},
+     {520, 1, 1, 5, 1}},
     /* MHA prefill over two row tiles (64 + 36 rows, BLIS), then tokens */
     {"mha_prefill_tiles", {.d_model = 16, .n_heads = 2, .head_dim = 8,
       .causal = 1, .rope = 1, .masa_mask = 0x9, .bias_mask = 0xF,
@@ -73,9 +74,10 @@ static const dcase cases[] = {
     {"mqa_66_heads", {.d_model = 8, .n_heads = 66, .n_kv_heads = 1,
       .head_dim = 2, .causal = 1, .rope = 1, .masa_mask = 0x2,
       .n_atoms = 2, .n_layers = 1, .wrap = 1}, 1, 2, {3, 1, 1}},
-    /* S = 8: one row runs factored, 40 rows compose W first; d 96: the
-     * factored products (73728 multiply-adds) are split across threads */
-    {"masa_s8_paths", {.d_model = 96, .n_heads = 4, .causal = 1, .rope = 1,
+    /* S = 8: one row runs factored, 2 and 40 rows compose W first; d 192:
+     * the factored products (294912 multiply-adds) are split across
+     * threads */
+    {"masa_s8_paths", {.d_model = 192, .n_heads = 4, .causal = 1, .rope = 1,
       .masa_mask = 0xF, .bias_mask = 0x5, .n_atoms = 8, .n_layers = 8,
       .layer_index = 5, .wrap = 0}, 1, 2, {40, 1, 1, 2}},
     /* d 256: a 130-row prefill reaches BLIS's own threads (>= 8M
@@ -214,12 +216,12 @@ END_TEST
  * split path agree with one thread without it. */
 START_TEST(test_threads_agree)
 {
-    tu_spec sp = {.d_model = 32, .n_heads = 8, .n_kv_heads = 1,
-                  .head_dim = 4, .causal = 1, .rope = 1, .masa_mask = 0x5,
+    tu_spec sp = {.d_model = 128, .n_heads = 16, .n_kv_heads = 1,
+                  .head_dim = 8, .causal = 1, .rope = 1, .masa_mask = 0x5,
                   .bias_mask = 0x3, .n_atoms = 4, .n_layers = 2,
                   .layer_index = 1, .wrap = 0};
-    size_t B = 1, T = 200, d = 32, n = B * T * d;
-    size_t chunks[MAX_CHUNKS] = {150, 1, 1, 1, 47};
+    size_t B = 1, T = 600, d = 128, n = B * T * d;
+    size_t chunks[MAX_CHUNKS] = {550, 1, 1, 1, 47};
     float *x = tu_falloc(n), *y[2] = {tu_falloc(n), tu_falloc(n)};
     tu_rng rng = {91};
     tu_fill(&rng, x, n, -1, 1);
@@ -228,7 +230,7 @@ START_TEST(test_threads_agree)
         tu_layer t;
         tu_layer_init(&t, ctx, &sp, 92); /* same seed: same parameters */
         session s;
-        session_open(&s, t.layer, B, T, 150);
+        session_open(&s, t.layer, B, T, 550);
         decode_chunks(t.layer, &s, B, d, chunks, x, y[k]);
         session_close(&s);
         tu_layer_fini(&t);
