@@ -43,7 +43,7 @@ MASA_API masa_status masa_kv_cache_size(const masa_layer *layer,
     if (!layer || !bytes)
         return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: %s is NULL", fn,
                           !layer ? "layer" : "bytes");
-    size_t n;
+    size_t n = 0;
     masa_status st = half_floats(fn, layer, batch, max_seq, &n);
     if (st != MASA_OK)
         return st;
@@ -63,7 +63,7 @@ MASA_API masa_status masa_kv_cache_create(const masa_layer *layer,
     if (!layer || !memory)
         return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: %s is NULL", fn,
                           !layer ? "layer" : "memory");
-    size_t n;
+    size_t n = 0;
     masa_status st = half_floats(fn, layer, batch, max_seq, &n);
     if (st != MASA_OK)
         return st;
