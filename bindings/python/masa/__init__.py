@@ -47,6 +47,7 @@ from .errors import (
     SizeOverflowError,
     ThreadError,
 )
+from .decode import KVCache
 from .layer import Layer, Reserve
 
 __version__ = "0.1.0"
@@ -58,7 +59,7 @@ Q, K, V, O = Projection.Q, Projection.K, Projection.V, Projection.O
 __all__ = [
     "BadShapeError", "BadStructSizeError", "BufferTooSmallError", "ClosedHandleError",
     "Coefficients", "Context", "Dictionary", "InternalError", "InvalidArgumentError",
-    "Layer", "LibraryError", "LibraryNotFoundError", "LibraryVersionError", "MasaError",
+    "KVCache", "Layer", "LibraryError", "LibraryNotFoundError", "LibraryVersionError", "MasaError",
     "NotReadyError", "NullArgumentError", "O", "OutOfMemoryError", "OutOfRangeError",
     "Projection", "Q", "K", "Reserve", "SizeOverflowError", "ThreadError", "V",
     "blis_arch", "default_context", "last_error", "library_path", "status_string",

@@ -80,6 +80,10 @@ class layer_p(c_void_p):
     pass
 
 
+class kv_cache_p(c_void_p):
+    pass
+
+
 # ---------------------------------------------------------------------------
 # Size-prefixed option structs.
 #
@@ -224,6 +228,34 @@ SIGNATURES = {
             c_size_t,  # workspace_bytes
             c_void_p,  # reserve
             c_size_t,  # reserve_bytes
+        ],
+        True,
+    ),
+    # incremental decoding
+    "masa_kv_cache_size": (_status, [layer_p, c_size_t, c_size_t, _size_p], True),
+    "masa_kv_cache_create": (
+        _status,
+        [layer_p, c_size_t, c_size_t, c_void_p, c_size_t, POINTER(kv_cache_p)],
+        True,
+    ),
+    "masa_kv_cache_destroy": (None, [kv_cache_p], False),
+    "masa_kv_cache_reset": (_status, [kv_cache_p], True),
+    "masa_kv_cache_truncate": (_status, [kv_cache_p, c_size_t], True),
+    "masa_kv_cache_length": (_status, [kv_cache_p, _size_p], True),
+    "masa_kv_cache_shape": (_status, [kv_cache_p, _size_p, _size_p], True),
+    "masa_layer_decode_workspace_size": (
+        _status, [layer_p, c_size_t, c_size_t, _size_p], True),
+    "masa_layer_decode": (
+        _status,
+        [
+            layer_p,     # layer
+            kv_cache_p,  # cache
+            c_size_t,    # batch
+            c_size_t,    # n_new
+            c_void_p,    # x
+            c_void_p,    # y
+            c_void_p,    # workspace
+            c_size_t,    # workspace_bytes
         ],
         True,
     ),

@@ -9,6 +9,7 @@ from ctypes import byref, c_size_t
 import numpy as np
 
 from . import _lib
+from . import decode as _decode
 from ._arrays import (
     FLOAT32,
     check_no_overlap,
@@ -237,6 +238,17 @@ class Layer(Handle):
             self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
         )
         return n.value
+
+    # ------------------------------------------------------------- decoding
+
+    def decode_workspace_size(self, batch: int, n_new: int) -> int:
+        return _decode.decode_workspace_size(self, batch, n_new)
+
+    def decode(self, cache, x, out=None):
+        """Incremental decoding (causal layers): append x ([batch, n_new,
+        d_model]) to `cache` (a masa.KVCache made for this layer) and return
+        the new tokens' outputs. RoPE positions continue from cache.length."""
+        return _decode.decode(self, cache, x, out)
 
     # ------------------------------------------------------- forward/backward
 
