@@ -177,8 +177,10 @@ void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
         }
         macs[i] = (double)rows * (double)pr->k * (double)pr->n;
         pr->chunks = 1;
-        if (macs[i] >= BLIS_THREADED_MACS) {
-            /* Large (prefill): BLIS threads one product at a time. */
+        if (rows > 1 && macs[i] >= BLIS_THREADED_MACS) {
+            /* Large (prefill): BLIS threads one product at a time. A single
+             * row stays a gemv below: BLIS's gemm would pack the whole
+             * matrix, its gemv does not. */
             masa__gemm(rows, pr->n, pr->k, 1.0f, pr->a, pr->lda, 1, pr->b,
                        pr->n, 1, 0.0f, pr->out, pr->n, 1, T);
             pr->chunks = 0;

@@ -81,6 +81,8 @@ opaque! {
     masa_coefficients;
     /// `struct masa_layer` (opaque).
     masa_layer;
+    /// `struct masa_kv_cache` (opaque).
+    masa_kv_cache;
 }
 
 // ---------------------------------------------------------------------------
@@ -295,6 +297,47 @@ extern "C" {
         workspace_bytes: usize,
         reserve: *const c_void,
         reserve_bytes: usize,
+    ) -> masa_status;
+
+    // Incremental decoding with a key/value cache (inference only).
+    pub fn masa_kv_cache_size(
+        layer: *const masa_layer,
+        batch: usize,
+        max_seq: usize,
+        bytes: *mut usize,
+    ) -> masa_status;
+    pub fn masa_kv_cache_create(
+        layer: *const masa_layer,
+        batch: usize,
+        max_seq: usize,
+        memory: *mut c_void,
+        memory_bytes: usize,
+        out: *mut *mut masa_kv_cache,
+    ) -> masa_status;
+    pub fn masa_kv_cache_destroy(cache: *mut masa_kv_cache);
+    pub fn masa_kv_cache_reset(cache: *mut masa_kv_cache) -> masa_status;
+    pub fn masa_kv_cache_truncate(cache: *mut masa_kv_cache, length: usize) -> masa_status;
+    pub fn masa_kv_cache_length(cache: *const masa_kv_cache, length: *mut usize) -> masa_status;
+    pub fn masa_kv_cache_shape(
+        cache: *const masa_kv_cache,
+        batch: *mut usize,
+        max_seq: *mut usize,
+    ) -> masa_status;
+    pub fn masa_layer_decode_workspace_size(
+        layer: *const masa_layer,
+        batch: usize,
+        n_new: usize,
+        bytes: *mut usize,
+    ) -> masa_status;
+    pub fn masa_layer_decode(
+        layer: *const masa_layer,
+        cache: *mut masa_kv_cache,
+        batch: usize,
+        n_new: usize,
+        x: *const f32,
+        y: *mut f32,
+        workspace: *mut c_void,
+        workspace_bytes: usize,
     ) -> masa_status;
 }
 

@@ -70,3 +70,58 @@ fn status_strings_and_last_error() {
         masa_layer_destroy(std::ptr::null_mut());
     }
 }
+
+#[test]
+fn decode_one_token_through_the_cache() {
+    unsafe {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(masa_context_create(std::ptr::null(), &mut ctx), MASA_OK);
+        let mut o = MaybeUninit::<masa_layer_options>::zeroed();
+        masa_layer_options_default(o.as_mut_ptr(), size_of::<masa_layer_options>());
+        let mut o = o.assume_init();
+        o.d_model = 4;
+        o.n_heads = 2;
+        o.causal = 1;
+        let mut layer = std::ptr::null_mut();
+        assert_eq!(masa_layer_create(ctx, &o, &mut layer), MASA_OK);
+        for p in [MASA_PROJ_Q, MASA_PROJ_K, MASA_PROJ_V, MASA_PROJ_O] {
+            assert_eq!(masa_layer_set_dense(layer, p, std::ptr::null_mut()), MASA_OK);
+            let w = masa_layer_weight(layer, p);
+            for i in 0..16 {
+                *w.add(i) = if i % 5 == 0 { 1.0 } else { 0.0 }; // identity
+            }
+        }
+        let mut bytes = 0usize;
+        assert_eq!(masa_kv_cache_size(layer, 1, 2, &mut bytes), MASA_OK);
+        assert_eq!(bytes, 2 * 2 * 4 * 4);
+        let mut mem = vec![0f32; bytes / 4];
+        let mut cache = std::ptr::null_mut();
+        assert_eq!(
+            masa_kv_cache_create(layer, 1, 2, mem.as_mut_ptr().cast(), bytes, &mut cache),
+            MASA_OK
+        );
+        let mut ws_bytes = 0usize;
+        assert_eq!(masa_layer_decode_workspace_size(layer, 1, 1, &mut ws_bytes), MASA_OK);
+        let mut ws = vec![0f32; ws_bytes / 4 + 1];
+        // Identity projections, one token: attention returns its own value.
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let mut y = [0f32; 4];
+        let st = masa_layer_decode(
+            layer, cache, 1, 1, x.as_ptr(), y.as_mut_ptr(), ws.as_mut_ptr().cast(), ws_bytes,
+        );
+        assert_eq!(st, MASA_OK);
+        assert_eq!(y, x);
+        let mut len = 0usize;
+        assert_eq!(masa_kv_cache_length(cache, &mut len), MASA_OK);
+        assert_eq!(len, 1);
+        let (mut b, mut m) = (0usize, 0usize);
+        assert_eq!(masa_kv_cache_shape(cache, &mut b, &mut m), MASA_OK);
+        assert_eq!((b, m), (1, 2));
+        assert_eq!(masa_kv_cache_truncate(cache, 2), MASA_ERROR_OUT_OF_RANGE);
+        assert_eq!(masa_kv_cache_reset(cache), MASA_OK);
+        masa_kv_cache_destroy(cache);
+        masa_kv_cache_destroy(std::ptr::null_mut());
+        masa_layer_destroy(layer);
+        masa_context_destroy(ctx);
+    }
+}
