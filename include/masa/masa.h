@@ -581,7 +581,8 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * outputs.
  *   cache      made for this layer's key/value shape and `batch`; holding
  *              keys of this layer or empty (a cache filled by another layer
- *              must be reset first). On success its length grows by n_new.
+ *              must be reset first; so must a cache whose layer was
+ *              destroyed). On success its length grows by n_new.
  *   x          [batch, n_new, d_model], read: the new tokens
  *   y          [batch, n_new, d_model], overwritten; must not overlap x, the
  *              workspace or the cache memory
@@ -591,10 +592,11 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * every cached position and to new tokens 0..t (causal).
  * The cached keys and values were computed with the layer's parameters at
  * the time they were added: changing the parameters does not update them.
- * MASA projections at few rows multiply [c_1 X | ... | c_S X] by the atoms
- * stacked as an (S d_in) x d_out matrix, reading the atoms once and never
- * forming W_l; at more rows they compose W_l first (whichever moves fewer
- * bytes, counting a multiply-add as one byte).
+ * MASA projections of a single row (batch 1, one token) multiply
+ * [c_1 x | ... | c_S x] by the atoms stacked as an (S d_in) x d_out matrix,
+ * reading the atoms once and never forming W_l; from two rows up (with
+ * S >= 2) they compose W_l into the workspace first. The rule: whichever
+ * moves fewer bytes, counting a multiply-add as one byte.
  * Errors: NULL_ARGUMENT; INVALID_ARGUMENT (non-causal layer, a cache filled
  * by another layer, overlapping buffers, workspace not aligned for float);
  * NOT_READY; BAD_SHAPE (n_new 0, batch differs from the cache's, cache made
