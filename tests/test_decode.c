@@ -18,6 +18,7 @@
  * anything the library has not written shows up as NaN.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -612,6 +613,107 @@ START_TEST(test_workspace_follows_atoms)
 }
 END_TEST
 
+/* Several threads decode with one layer at once, each with its own cache
+ * and workspace (the pool is busy for all but one of them, which then run
+ * inline): each gets what it gets alone. */
+typedef struct worker {
+    const masa_layer *layer;
+    const float *x;
+    float *y;
+} worker;
+
+enum { CW_T = 40, CW_D = 32 };
+static const size_t cw_chunks[MAX_CHUNKS] = {20, 1, 1, 1, 17};
+
+static void *decode_worker(void *p)
+{
+    worker *w = p;
+    session s;
+    session_open(&s, w->layer, 1, CW_T, 20);
+    decode_chunks(w->layer, &s, 1, CW_D, cw_chunks, w->x, w->y);
+    session_close(&s);
+    return NULL;
+}
+
+START_TEST(test_concurrent_decoders)
+{
+    tu_spec sp = {.d_model = CW_D, .n_heads = 4, .n_kv_heads = 2,
+                  .causal = 1, .rope = 1, .masa_mask = 0x3, .n_atoms = 2,
+                  .n_layers = 1, .wrap = 1};
+    masa_context *ctx = ctx_with(2);
+    tu_layer t;
+    tu_layer_init(&t, ctx, &sp, 61);
+    enum { W = 3 };
+    size_t n = CW_T * CW_D;
+    float *x[W], *y[W], *alone = tu_falloc(n);
+    worker w[W];
+    pthread_t th[W];
+    tu_rng rng = {62};
+    for (int i = 0; i < W; i++) {
+        x[i] = tu_falloc(n);
+        y[i] = tu_falloc(n);
+        tu_fill(&rng, x[i], n, -1, 1);
+        w[i] = (worker){t.layer, x[i], y[i]};
+    }
+    for (int i = 0; i < W; i++)
+        ck_assert_int_eq(pthread_create(&th[i], NULL, decode_worker, &w[i]), 0);
+    for (int i = 0; i < W; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < W; i++) {
+        worker one = {t.layer, x[i], alone};
+        decode_worker(&one);
+        TU_ASSERT_CLOSE_FF("concurrent vs alone", y[i], alone, n, 1e-5);
+        free(x[i]);
+        free(y[i]);
+    }
+    free(alone);
+    tu_layer_fini(&t);
+    masa_context_destroy(ctx);
+}
+END_TEST
+
+/* The cache handle comes from the context's allocator: its failure is
+ * OUT_OF_MEMORY with *out NULL, and nothing leaks. */
+static int fail_allocs;
+static void *flaky_malloc(size_t n, void *u)
+{
+    (void)u;
+    return fail_allocs ? NULL : malloc(n);
+}
+static void plain_free(void *p, void *u)
+{
+    (void)u;
+    free(p);
+}
+
+START_TEST(test_cache_out_of_memory)
+{
+    masa_context_options o;
+    masa_context_options_init(&o);
+    o.n_threads = 1;
+    o.malloc_fn = flaky_malloc;
+    o.free_fn = plain_free;
+    masa_context *ctx = NULL;
+    fail_allocs = 0;
+    TU_OK(masa_context_create(&o, &ctx));
+    masa_layer *l = plain_layer(ctx, 8, 2, 1, 1);
+    size_t bytes = 0;
+    TU_OK(masa_kv_cache_size(l, 1, 4, &bytes));
+    float *mem = tu_falloc(bytes / sizeof(float));
+    masa_kv_cache *c = (masa_kv_cache *)&bytes;
+    fail_allocs = 1;
+    EXPECT(masa_kv_cache_create(l, 1, 4, mem, bytes, &c),
+           MASA_ERROR_OUT_OF_MEMORY);
+    ck_assert_ptr_null(c);
+    fail_allocs = 0;
+    TU_OK(masa_kv_cache_create(l, 1, 4, mem, bytes, &c));
+    masa_kv_cache_destroy(c);
+    free(mem);
+    masa_layer_destroy(l);
+    masa_context_destroy(ctx);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("decode");
@@ -624,6 +726,8 @@ int main(void)
     tcase_add_test(tc, test_cache_errors);
     tcase_add_test(tc, test_decode_errors);
     tcase_add_test(tc, test_workspace_follows_atoms);
+    tcase_add_test(tc, test_concurrent_decoders);
+    tcase_add_test(tc, test_cache_out_of_memory);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }
