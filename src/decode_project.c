@@ -17,18 +17,22 @@
  * second table); with S = 1 the factored path is a scaled x D_1 and wins up
  * to about 2 d_out rows.
  *
- * Small products split the inner dimension across the context's pool (one
- * pool pass for Q, K and V together: BLIS does not thread gemv, and its own
- * threads cost more than they save below ~8M multiply-adds), each thread
- * reading a contiguous block of the weight; the blocks' partial sums are
- * added afterwards. Work too small to repay waking the pool (about 10 us)
- * runs on the calling thread. */
+ * The products run on the context's pool, one pass for Q, K and V together,
+ * never on BLIS's own threads: BLIS does not thread gemv, and its threads
+ * wait for each other in spin barriers, which on a loaded machine (a thread
+ * descheduled) made a 512-token prefill 7x slower with 2 threads than with
+ * one (measured here). A product of few rows is split along its inner
+ * dimension, each thread reading a contiguous block of the weight, and the
+ * blocks' partial sums are added afterwards; a product of many rows is split
+ * by rows. Work too small to repay waking the pool (about 10 us) runs on the
+ * calling thread. */
 #include <string.h>
 
 #include "internal.h"
 
-/* Products at least this large (multiply-adds) go to BLIS's own threads. */
-#define BLIS_THREADED_MACS 8000000.0
+/* Products of at least this many rows are split by rows (no partial
+ * sums); fewer rows split the inner dimension. */
+#define ROW_SPLIT_MIN_ROWS 16
 /* Below this much work in one call, everything runs on the calling thread. */
 #define POOL_MIN_MACS 131072.0
 /* Products below this are not split (a block per thread). */
@@ -94,11 +98,22 @@ size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows)
     return xs > w ? xs : w;
 }
 
+size_t masa__decode_proj_partials(const masa_layer *layer, int p,
+                                  size_t rows)
+{
+    /* inner-dimension blocks only below ROW_SPLIT_MIN_ROWS rows */
+    size_t r = rows < ROW_SPLIT_MIN_ROWS ? rows : ROW_SPLIT_MIN_ROWS - 1, n;
+    if (!masa__mul3(layer->ctx->n_threads - 1, r, layer->proj[p].d_out, &n))
+        return SIZE_MAX;
+    return n;
+}
+
 /* One product: out[rows x n] = a[rows x k] (row stride lda) b[k x n]. */
 typedef struct product {
     const float *a, *b;
     size_t k, n, lda;
-    size_t chunks; /* blocks of the inner dimension */
+    size_t chunks;   /* blocks: of the inner dimension, or of the rows */
+    bool by_rows;
     float *out, *partials;
 } product;
 
@@ -107,9 +122,19 @@ typedef struct project_job {
     size_t n_prod, rows;
 } project_job;
 
-/* Block `chunk` of the inner dimension (chunks <= k: never empty). */
+/* Block `chunk` of a product (chunks <= k or rows: never empty). Rows
+ * blocks write their own rows of out; inner blocks after the first write
+ * partial sums. */
 static void run_block(const product *pr, size_t rows, size_t chunk)
 {
+    if (pr->by_rows) {
+        size_t r0 = rows * chunk / pr->chunks;
+        size_t r1 = rows * (chunk + 1) / pr->chunks;
+        masa__gemm(r1 - r0, pr->n, pr->k, 1.0f, pr->a + r0 * pr->lda,
+                   pr->lda, 1, pr->b, pr->n, 1, 0.0f, pr->out + r0 * pr->n,
+                   pr->n, 1, 1);
+        return;
+    }
     size_t k0 = pr->k * chunk / pr->chunks;
     size_t k1 = pr->k * (chunk + 1) / pr->chunks;
     float *out = chunk == 0 ? pr->out
@@ -153,7 +178,7 @@ void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
     size_t T = layer->ctx->n_threads;
     project_job job = {.n_prod = n, .rows = rows};
     size_t tasks = 0;
-    double macs[MASA_NUM_PROJECTIONS], small_macs = 0;
+    double macs[MASA_NUM_PROJECTIONS], total_macs = 0;
     for (size_t i = 0; i < n; i++) {
         const masa_proj_state *ps = &layer->proj[projs[i].p];
         product *pr = &job.prod[i];
@@ -177,22 +202,22 @@ void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
         }
         macs[i] = (double)rows * (double)pr->k * (double)pr->n;
         pr->chunks = 1;
-        if (rows > 1 && macs[i] >= BLIS_THREADED_MACS) {
-            /* Large (prefill): BLIS threads one product at a time. A single
-             * row stays a gemv below: BLIS's gemm would pack the whole
-             * matrix, its gemv does not. */
-            masa__gemm(rows, pr->n, pr->k, 1.0f, pr->a, pr->lda, 1, pr->b,
-                       pr->n, 1, 0.0f, pr->out, pr->n, 1, T);
-            pr->chunks = 0;
-        } else {
-            small_macs += macs[i];
-        }
+        total_macs += macs[i];
     }
-    bool pool = T > 1 && small_macs >= POOL_MIN_MACS;
+    bool pool = T > 1 && total_macs >= POOL_MIN_MACS;
     for (size_t i = 0; i < n; i++) {
         product *pr = &job.prod[i];
-        if (pool && pr->chunks == 1 && macs[i] >= SPLIT_MIN_MACS)
-            pr->chunks = T < pr->k ? T : pr->k;
+        if (pool && macs[i] >= SPLIT_MIN_MACS) {
+            if (rows >= ROW_SPLIT_MIN_ROWS) {
+                /* blocks of rows, a few per thread so a thread the OS
+                 * delays leaves its share to the others */
+                size_t want = 4 * T, most = rows / (ROW_SPLIT_MIN_ROWS / 2);
+                pr->chunks = want < most ? want : most;
+                pr->by_rows = true;
+            } else {
+                pr->chunks = T < pr->k ? T : pr->k;
+            }
+        }
         tasks += pr->chunks;
     }
     if (pool)
@@ -204,7 +229,7 @@ void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
         const product *pr = &job.prod[i];
         const float *bias = layer->proj[projs[i].p].bias;
         size_t len = rows * pr->n;
-        for (size_t c = 1; c < pr->chunks; c++) {
+        for (size_t c = 1; !pr->by_rows && c < pr->chunks; c++) {
             const float *part = pr->partials + (c - 1) * len;
             for (size_t j = 0; j < len; j++)
                 pr->out[j] += part[j];

@@ -263,13 +263,17 @@ masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
  * factored path, W for composition, 0 for dense). */
 size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows);
 
+/* Floats of partial sums projection p needs at up to `rows` rows. */
+size_t masa__decode_proj_partials(const masa_layer *layer, int p,
+                                  size_t rows);
+
 /* One product of a decode step: out[rows x d_out] = in W_p (+ bias). */
 typedef struct masa_decode_proj {
     int p;
     const float *in;
     float *out;
     float *scratch;  /* masa__decode_proj_scratch() floats */
-    float *partials; /* (n_threads - 1) * rows * d_out floats */
+    float *partials; /* masa__decode_proj_partials() floats */
 } masa_decode_proj;
 
 /* Runs n projections (up to MASA_NUM_PROJECTIONS) of `rows` rows each, in

@@ -60,9 +60,8 @@ static masa_status decode_layout_of(const char *fn, const masa_layer *layer,
               masa__mul(rows, layer->dkv, &nkv);
     for (int p = 0; ok && p < MASA_NUM_PROJECTIONS; p++) {
         scratch[p] = masa__decode_proj_scratch(layer, p, rows);
-        /* T - 1 blocks of partial sums, rows x d_out each */
-        ok = scratch[p] != SIZE_MAX &&
-             masa__mul3(T - 1, rows, layer->proj[p].d_out, &partial[p]);
+        partial[p] = masa__decode_proj_partials(layer, p, rows);
+        ok = scratch[p] != SIZE_MAX && partial[p] != SIZE_MAX;
     }
     ok = ok && region(&at, nq, &d.q) && region(&at, nkv, &d.kn) &&
          region(&at, nkv, &d.vn) && region(&at, nq, &d.attn) &&

@@ -81,11 +81,18 @@ static const dcase cases[] = {
     {"masa_s8_paths", {.d_model = 192, .n_heads = 4, .causal = 1, .rope = 1,
       .masa_mask = 0xF, .bias_mask = 0x5, .n_atoms = 8, .n_layers = 8,
       .layer_index = 5, .wrap = 0}, 1, 2, {40, 1, 1, 2}},
-    /* d 256: a 130-row prefill reaches BLIS's own threads (>= 8M
-     * multiply-adds); dense single tokens are split across the pool */
+    /* d 256: the 130-row prefill is split by rows across the pool, the
+     * 4-row chunk along the inner dimension (partial sums), single tokens
+     * too (gemv blocks) */
     {"dense_wide_prefill", {.d_model = 256, .n_heads = 4, .n_kv_heads = 2,
       .causal = 1, .rope = 1, .masa_mask = 0x0, .bias_mask = 0x8,
-      .n_atoms = 1, .n_layers = 1, .wrap = 1}, 1, 2, {130, 1, 1}},
+      .n_atoms = 1, .n_layers = 1, .wrap = 1}, 1, 2, {130, 1, 4, 1}},
+    /* more atoms than output columns: composing W is cheaper even for one
+     * row */
+    {"masa_many_atoms_narrow", {.d_model = 4, .n_heads = 2, .n_kv_heads = 1,
+      .causal = 1, .rope = 1, .masa_mask = 0xF, .bias_mask = 0x2,
+      .n_atoms = 6, .n_layers = 2, .layer_index = 1, .wrap = 1}, 2, 2,
+     {1, 1, 2, 1}},
 };
 #define N_CASES (sizeof cases / sizeof cases[0])
 
