@@ -11,9 +11,9 @@
  * multiply-add as one byte (BLIS does about 25e9 multiply-adds/s per core
  * here against 15-45 GB/s of cache or memory bandwidth). One row is a BLIS
  * gemv, which reads its matrix once; more rows are a gemm, which also packs
- * its matrix (reads it, writes a packed copy, reads that). So with S >= 2
- * atoms the factored path wins for a single row (batch 1, one token) and
- * composition wins from two rows up (measured by benchmarks/bench_decode.c,
+ * its matrix (reads it, writes a packed copy, reads that). So with
+ * 2 <= S < about d_out atoms the factored path wins for a single row (batch
+ * 1, one token) and composition wins from two rows up (measured by benchmarks/bench_decode.c,
  * second table); with S = 1 the factored path is a scaled x D_1 and wins up
  * to about 2 d_out rows.
  *
