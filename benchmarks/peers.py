@@ -28,6 +28,9 @@ bench_layer.c). Progress goes to stderr.
            [--quick] [--shape NAME]
   peers.py --self-check [--peer NAME]
 
+--with-self-check makes a timing run check its peer first (exit 1 on a
+mismatch, before any timing).
+
 --self-check runs every peer available in this interpreter (or the one named)
 on a tiny shape and compares its forward output, and for the PyTorch peers
 dx, with a float64 numpy reference; it exits 1 on a mismatch.
@@ -42,7 +45,8 @@ import time
 import numpy as np
 
 FULL_SHAPES = [(4, 512, 512, 8, 8), (1, 2048, 1024, 16, 16),
-               (1, 8192, 512, 8, 8), (1, 2048, 1024, 16, 4)]
+               (1, 8192, 512, 8, 8), (1, 2048, 1024, 16, 4),
+               (1, 512, 512, 8, 8)]
 QUICK_SHAPES = [(2, 64, 64, 4, 4), (1, 96, 64, 4, 2)]
 CHECK_SHAPES = [(2, 7, 16, 4, 4), (1, 9, 16, 4, 2)]
 
@@ -374,6 +378,34 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def check_peer(peer):
+    """Self-check records of one loaded peer; True when all agree."""
+    ok = True
+    for s in CHECK_SHAPES:
+        rec = {"kind": "self_check", "peer": peer.name, "impl": peer.impl,
+               "shape": shape_name(s)}
+        if not peer.supports(s):
+            print(json.dumps({**rec, "status": "skipped"}), flush=True)
+            continue
+        data = make_data(s, seed=1)
+        y_ref, dx_ref = reference(s, data)
+        fns = peer.build(s, data)
+        errs = {"y": rel_err(np.asarray(fns["fwd"]()), y_ref)}
+        if "fwd+bwd" in fns:
+            y, dx = fns["fwd+bwd"]()
+            errs["y_train"] = rel_err(y.detach().numpy(), y_ref)
+            errs["dx"] = rel_err(dx.numpy(), dx_ref)
+        good = all(e < 1e-4 for e in errs.values())
+        ok &= good
+        rec.update({"status": "ok" if good else "MISMATCH",
+                    "rel_err": {k: float(f"{v:.3g}")
+                                for k, v in errs.items()}})
+        if getattr(peer, "op", None):
+            rec["op"] = peer.op
+        print(json.dumps(rec), flush=True)
+    return ok
+
+
 def self_check(names, threads):
     ok = True
     for name in names:
@@ -382,28 +414,7 @@ def self_check(names, threads):
             print(json.dumps({"kind": "self_check", "peer": name,
                               "status": "unavailable", "reason": why}))
             continue
-        for s in CHECK_SHAPES:
-            rec = {"kind": "self_check", "peer": name, "impl": peer.impl,
-                   "shape": shape_name(s)}
-            if not peer.supports(s):
-                print(json.dumps({**rec, "status": "skipped"}))
-                continue
-            data = make_data(s, seed=1)
-            y_ref, dx_ref = reference(s, data)
-            fns = peer.build(s, data)
-            errs = {"y": rel_err(np.asarray(fns["fwd"]()), y_ref)}
-            if "fwd+bwd" in fns:
-                y, dx = fns["fwd+bwd"]()
-                errs["y_train"] = rel_err(y.detach().numpy(), y_ref)
-                errs["dx"] = rel_err(dx.numpy(), dx_ref)
-            good = all(e < 1e-4 for e in errs.values())
-            ok &= good
-            rec.update({"status": "ok" if good else "MISMATCH",
-                        "rel_err": {k: float(f"{v:.3g}")
-                                    for k, v in errs.items()}})
-            if getattr(peer, "op", None):
-                rec["op"] = peer.op
-            print(json.dumps(rec), flush=True)
+        ok &= check_peer(peer)
     return 0 if ok else 1
 
 
@@ -418,6 +429,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shape")
     ap.add_argument("--self-check", action="store_true")
+    ap.add_argument("--with-self-check", action="store_true",
+                    help="check the peer (as --self-check) before timing")
     args = ap.parse_args()
     if args.self_check:
         return self_check([args.peer] if args.peer else sorted(PEERS),
@@ -429,6 +442,8 @@ def main():
         print(json.dumps({"bench": "layer", "kind": "unavailable",
                           "peer": args.peer, "reason": why}), flush=True)
         return 3
+    if args.with_self_check and not check_peer(peer):
+        return 1
     return bench(peer, args)
 
 
