@@ -54,17 +54,20 @@ def log(msg):
 
 
 def run(cmd, timeout):
-    """(returncode, stdout, stderr, seconds); stderr is passed through."""
+    """(returncode, stdout, seconds); the program's stderr (its progress)
+    goes straight to ours."""
     log("$ " + " ".join(shlex.quote(c) for c in cmd))
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, timeout=timeout, cwd=ROOT)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                           timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout
-        return -1, out or "", f"timed out after {timeout} s", timeout
-    sys.stderr.write(p.stderr)
-    return p.returncode, p.stdout, p.stderr, time.monotonic() - t0
+        log(f"stopped after {timeout:.0f} s")
+        return -1, out or "", timeout
+    secs = time.monotonic() - t0
+    log(f"exit {p.returncode} after {secs:.0f} s")
+    return p.returncode, p.stdout, secs
 
 
 def json_lines(text):
@@ -139,12 +142,12 @@ def check_peak(records):
 
 
 def validate_layer(exe):
-    rc, out, err, _ = run([exe, "--quick", "--json"], 120)
+    rc, out, _ = run([exe, "--quick", "--json"], 120)
     if rc != 0:
         print(f"bench_layer --quick failed ({rc})", file=sys.stderr)
         return 1
     problems = check_layer(json_lines(out), QUICK_SHAPES)
-    rc, out, err, _ = run([exe, "--peak-memory", "--quick", "--json"], 120)
+    rc, out, _ = run([exe, "--peak-memory", "--quick", "--json"], 120)
     problems += [f"--peak-memory exit {rc}"] if rc else []
     problems += check_peak(json_lines(out))
     for p in problems:
@@ -259,6 +262,17 @@ def build_report(res, args, wall):
       f"; libmasa {info.get('version', '?')}; {args.threads} threads for "
       f"every program. Load average (1 min) {res['load_start']:.2f} at the "
       f"start, {os.getloadavg()[0]:.2f} at the end.\n")
+    if res.get("git"):
+        w(f"Source: {res['git']}.\n")
+    load_end = os.getloadavg()[0]
+    if max(res["load_start"], load_end) > 0.5 * (os.cpu_count() or 1):
+        w(f"**The machine was busy**: a load average of "
+          f"{max(res['load_start'], load_end):.1f} on {os.cpu_count()} CPUs "
+          f"means other work shared the cores with these programs. Absolute "
+          f"times are slower than on a quiet machine and noisy, and "
+          f"comparisons between programs that ran at different moments "
+          f"(the peers against libmasa) are unreliable; libmasa's MASA / "
+          f"dense ratios, measured in interleaved pairs, suffer least.\n")
     w("Times are medians of repetitions (count in the tables); ratios of "
       "libmasa MASA / dense are medians of A B B A pair ratios measured in one "
       "process; peer ratios are peer time / libmasa time (> 1: libmasa is "
@@ -311,13 +325,15 @@ def build_report(res, args, wall):
                     if not q:
                         row += " – | | |"
                         continue
-                    row += f" {fmt(q['ms'])} ({q['reps']}) |"
+                    cold = ", cold" if q.get("cold") else ""
+                    row += f" {fmt(q['ms'])} ({q['reps']}{cold}) |"
                     row += f" {ratio(q['ms'], r.get('dense_ms'))} |"
                     row += f" {ratio(q['ms'], r.get('masa_ms'))} |"
                 w(row)
         w("")
-        w("Peer ms with its repetition count in parentheses; `/ dense` and "
-          "`/ MASA`: peer time over libmasa's.\n")
+        w("Peer ms with its repetition count in parentheses (`cold`: one "
+          "run longer than the budget, timed without a warm-up run); "
+          "`/ dense` and `/ MASA`: peer time over libmasa's.\n")
     for note in res["peer_notes"]:
         w(f"- {note}")
     if res["peer_notes"]:
@@ -470,7 +486,7 @@ def run_peer(python, name, args, res):
            "--min-reps", "1", "--with-self-check"]
     if args.quick:
         cmd.append("--quick")
-    rc, out, err, secs = run(cmd, args.peer_timeout)
+    rc, out, secs = run(cmd, args.peer_timeout)
     recs = json_lines(out)
     checks = [r for r in recs if r.get("kind") == "self_check"]
     bad = [c for c in checks if c.get("status") == "MISMATCH"]
@@ -487,8 +503,9 @@ def run_peer(python, name, args, res):
         return
     if rc != 0:
         res["peer_notes"].append(f"{PEER_LABEL[name]}: exited {rc} after "
-                                 f"{secs:.0f} s ({err.strip()[-200:]}); the "
-                                 f"{len(t)} results it printed are kept")
+                                 f"{secs:.0f} s (-1: stopped at the "
+                                 f"--peer-timeout); the {len(t)} results it "
+                                 f"printed are kept")
     skipped = [r["shape"] for r in recs if r.get("kind") == "skipped"]
     impl = next((r.get("impl") for r in recs if r.get("impl")), name)
     note = (f"{PEER_LABEL[name]} ({impl}, {python}): self-check against "
@@ -510,7 +527,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out")
-    ap.add_argument("--layer-budget", type=float, default=12.0,
+    ap.add_argument("--layer-budget", type=float, default=10.0,
                     help="bench_layer --budget (s per shape and pass)")
     ap.add_argument("--peer-budget", type=float, default=6.0,
                     help="peers.py --budget (s per shape and pass)")
@@ -537,6 +554,13 @@ def main():
             res["mem_gib"] = int(f.readline().split()[1]) / 2 ** 20
     except OSError:
         res["mem_gib"] = 0
+    try:
+        res["git"] = "commit " + subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     problems = []
 
     layer = os.path.join(bdir, "bench_layer")
@@ -546,7 +570,7 @@ def main():
         return 2
     cmd = [layer, "--json", "--threads", str(args.threads), "--budget",
            str(args.layer_budget)] + (["--quick"] if args.quick else [])
-    rc, out, err, _ = run(cmd, 900)
+    rc, out, _ = run(cmd, 900)
     res["layer"] = json_lines(out)
     problems += [f"bench_layer exit {rc}"] if rc else []
     problems += check_layer(res["layer"],
@@ -554,7 +578,7 @@ def main():
 
     cmd = [layer, "--peak-memory", "--json", "--threads",
            str(args.threads)] + (["--quick"] if args.quick else [])
-    rc, out, err, _ = run(cmd, 300)
+    rc, out, _ = run(cmd, 300)
     pk = json_lines(out)
     problems += [f"bench_layer --peak-memory exit {rc}"] if rc else []
     problems += check_peak(pk)
@@ -567,11 +591,11 @@ def main():
             log(f"bench_{key} not built: skipped")
             res[key] = None
             continue
-        rc, out, err, secs = run([exe] + args_for(exe, args.quick,
+        rc, out, secs = run([exe] + args_for(exe, args.quick,
                                                   args.threads), 600)
         if rc != 0:
             problems.append(f"bench_{key} exit {rc}")
-            out += f"\n\n(bench_{key} exited {rc}: {err.strip()[-300:]})\n"
+            out += f"\n\n(bench_{key} exited {rc})\n"
         res[key] = out
     if res.get("decode") is not None:
         res["decode_rows"] = decode_rows(res["decode"], args.threads)
