@@ -118,14 +118,3 @@ void masa__gemv(size_t m, size_t n, float alpha, const float *a, size_t rsa,
                  &alpha, (float *)a, (inc_t)rsa, (inc_t)csa, (float *)x, 1,
                  &beta, y, 1, NULL, &rntm);
 }
-
-void masa__ger(size_t m, size_t n, float alpha, const float *x,
-               const float *y, float *a, size_t rsa, size_t csa,
-               size_t n_threads)
-{
-    rntm_t rntm = BLIS_RNTM_INITIALIZER;
-    rntm_threads(&rntm, n_threads);
-    bli_sger_ex(BLIS_NO_CONJUGATE, BLIS_NO_CONJUGATE, (dim_t)m, (dim_t)n,
-                &alpha, (float *)x, 1, (float *)y, 1, a, (inc_t)rsa,
-                (inc_t)csa, NULL, &rntm);
-}

@@ -1,13 +1,204 @@
-/* Composition W_l = sum_s c[l, s] D_s: one matrix-vector product with the
- * atoms viewed as a (rows*cols) x S matrix (column s = vec(D_s)). */
+/* Composition W_l = sum_s c[l, s] D_s and the atom gradients of backward,
+ * each one pass over the atoms.
+ *
+ * Both are memory-bound (a multiply-add per float read), so the work is cut
+ * into tiles of W small enough to stay in L1 while the S atom tiles stream
+ * past, and contiguous ranges of tiles are spread over the context's pool:
+ * each atom element is read from memory once, by one thread. */
+#include <string.h>
+
 #include "internal.h"
 
-void masa__compose(const masa_dictionary *dict, const masa_coefficients *coef,
-                   size_t layer, float *w, size_t n_threads)
+/* Floats per tile: W's tile (and G's in backward) stays in L1 (32 KiB)
+ * while S atom tiles stream through. */
+#define TILE 2048
+/* Floats per pool task (a few tasks per thread balance a thread the OS
+ * delays); smaller work runs on the calling thread, where waking the pool
+ * (about 10 us) would cost more than it saves. */
+#define TASK_FLOATS 65536
+
+static size_t min_size(size_t a, size_t b)
 {
-    size_t n = dict->rows * dict->cols;
-    masa__gemv(n, dict->n_atoms, 1.0f, dict->atoms, 1, n,
-               coef->data + layer * coef->n_atoms, 0.0f, w, n_threads);
+    return a < b ? a : b;
+}
+
+/* Number of tasks for n floats: 1 for small n. */
+static size_t task_count(size_t n, const masa_pool *pool)
+{
+    if (!pool)
+        return 1;
+    return (n + TASK_FLOATS - 1) / TASK_FLOATS;
+}
+
+/* w[0..len) = sum_s c[s] d_s[0..len), atom s at d + s * stride. */
+static void compose_tile(const float *d, size_t stride, size_t S,
+                         const float *c, float *w, size_t len)
+{
+    float c0 = c[0];
+    for (size_t j = 0; j < len; j++)
+        w[j] = c0 * d[j];
+    for (size_t s = 1; s < S; s++) {
+        const float *ds = d + s * stride;
+        float cs = c[s];
+        for (size_t j = 0; j < len; j++)
+            w[j] += cs * ds[j];
+    }
+}
+
+/* <a, b> over len floats, in eight lanes the compiler can vectorise (a
+ * plain float sum would stay serial without -ffast-math). */
+static float dot_tile(const float *a, const float *b, size_t len)
+{
+    float lane[8] = {0};
+    size_t j = 0;
+    for (; j + 8 <= len; j += 8)
+        for (int k = 0; k < 8; k++)
+            lane[k] += a[j + k] * b[j + k];
+    float tail = 0.0f;
+    for (; j < len; j++)
+        tail += a[j] * b[j];
+    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+           ((lane[2] + lane[6]) + (lane[3] + lane[7])) + tail;
+}
+
+typedef struct compose_job {
+    const float *atoms, *c;
+    size_t n, S, n_tasks;
+    float *w;
+    /* backward only */
+    const float *g;
+    float *d_atoms;
+    bool add;
+    unsigned char *dc_sums; /* S doubles per task, or NULL */
+} compose_job;
+
+static void task_range(const compose_job *job, size_t task, size_t *i0,
+                       size_t *i1)
+{
+    *i0 = job->n * task / job->n_tasks;
+    *i1 = job->n * (task + 1) / job->n_tasks;
+}
+
+static void compose_task(void *arg, size_t task, size_t thread)
+{
+    (void)thread;
+    const compose_job *job = arg;
+    size_t i0, i1;
+    task_range(job, task, &i0, &i1);
+    for (size_t t = i0; t < i1; t += TILE)
+        compose_tile(job->atoms + t, job->n, job->S, job->c, job->w + t,
+                     min_size(TILE, i1 - t));
+}
+
+void masa__compose(const masa_dictionary *dict, const masa_coefficients *coef,
+                   size_t layer, float *w, masa_pool *pool)
+{
+    compose_job job = {
+        .atoms = dict->atoms, .c = coef->data + layer * coef->n_atoms,
+        .n = dict->rows * dict->cols, .S = dict->n_atoms, .w = w,
+    };
+    job.n_tasks = task_count(job.n, pool);
+    if (job.n_tasks > 1)
+        masa__pool_run(pool, job.n_tasks, compose_task, &job);
+    else
+        compose_task(&job, 0, 0);
+}
+
+/* sums[s] += v (sums only float-aligned) */
+static void add_sum(unsigned char *sums, size_t s, float v)
+{
+    double x;
+    memcpy(&x, sums + s * sizeof x, sizeof x);
+    x += v;
+    memcpy(sums + s * sizeof x, &x, sizeof x);
+}
+
+static double get_sum(const unsigned char *sums, size_t s)
+{
+    double x;
+    memcpy(&x, sums + s * sizeof x, sizeof x);
+    return x;
+}
+
+static void grad_task(void *arg, size_t task, size_t thread)
+{
+    (void)thread;
+    const compose_job *job = arg;
+    size_t i0, i1, S = job->S, n = job->n;
+    task_range(job, task, &i0, &i1);
+    unsigned char *sums =
+        job->dc_sums ? job->dc_sums + task * S * sizeof(double) : NULL;
+    if (sums)
+        memset(sums, 0, S * sizeof(double));
+    for (size_t t = i0; t < i1; t += TILE) {
+        size_t len = min_size(TILE, i1 - t);
+        const float *g = job->g + t;
+        if (job->w)
+            compose_tile(job->atoms + t, n, S, job->c, job->w + t, len);
+        for (size_t s = 0; s < S; s++) {
+            const float *ds = job->atoms + s * n + t;
+            if (sums)
+                add_sum(sums, s, dot_tile(ds, g, len));
+            if (job->d_atoms) {
+                float *dd = job->d_atoms + s * n + t, cs = job->c[s];
+                if (job->add)
+                    for (size_t j = 0; j < len; j++)
+                        dd[j] += cs * g[j];
+                else
+                    for (size_t j = 0; j < len; j++)
+                        dd[j] = cs * g[j];
+            }
+        }
+    }
+}
+
+void masa__atom_grads(const masa_dictionary *dict,
+                      const masa_coefficients *coef, size_t layer,
+                      const float *g, float *dc, float *d_atoms, bool add,
+                      float *w, void *partials, masa_pool *pool)
+{
+    compose_job job = {
+        .atoms = dict->atoms, .c = coef->data + layer * coef->n_atoms,
+        .n = dict->rows * dict->cols, .S = dict->n_atoms, .w = w, .g = g,
+        .d_atoms = d_atoms, .add = add,
+        .dc_sums = dc ? (unsigned char *)partials : NULL,
+    };
+    job.n_tasks = task_count(job.n, pool);
+    /* every task keeps S sums of dc in the fixed scratch */
+    if (dc && job.n_tasks > MASA_ATOM_GRAD_PARTIALS / job.S)
+        job.n_tasks = MASA_ATOM_GRAD_PARTIALS / job.S;
+    if (job.n_tasks > 1)
+        masa__pool_run(pool, job.n_tasks, grad_task, &job);
+    else if (job.n_tasks == 1)
+        grad_task(&job, 0, 0);
+    else { /* more atoms than the scratch holds sums for: one atom at a time */
+        job.n_tasks = 1;
+        unsigned char one[sizeof(double)];
+        compose_job a = job;
+        a.S = 1;
+        a.w = NULL;
+        a.dc_sums = one;
+        for (size_t s = 0; s < job.S; s++) {
+            a.atoms = job.atoms + s * job.n;
+            a.c = job.c + s;
+            a.d_atoms = d_atoms ? d_atoms + s * job.n : NULL;
+            grad_task(&a, 0, 0);
+            float v = (float)get_sum(one, 0);
+            dc[s] = add ? dc[s] + v : v;
+        }
+        if (w)
+            compose_task(&job, 0, 0);
+        return;
+    }
+    if (!dc)
+        return;
+    /* tasks' sums in task order: the same result for any thread count */
+    for (size_t s = 0; s < job.S; s++) {
+        double sum = 0.0;
+        for (size_t t = 0; t < job.n_tasks; t++)
+            sum += get_sum(job.dc_sums, t * job.S + s);
+        dc[s] = add ? dc[s] + (float)sum : (float)sum;
+    }
 }
 
 MASA_API masa_status masa_compose(const masa_dictionary *dict,
@@ -32,6 +223,6 @@ MASA_API masa_status masa_compose(const masa_dictionary *dict,
         return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
                           "%s: w holds %zu floats, W_l needs %zu", fn, w_len,
                           need);
-    masa__compose(dict, coef, layer, w, 1);
+    masa__compose(dict, coef, layer, w, dict->ctx->pool);
     return MASA_OK;
 }
