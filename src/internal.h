@@ -86,6 +86,15 @@ void masa__gemm(size_t m, size_t n, size_t k, float alpha,
                 const float *a, size_t rsa, size_t csa,
                 const float *b, size_t rsb, size_t csb, float beta,
                 float *c, size_t rsc, size_t csc, size_t n_threads);
+/* masa__gemm split across the pool, one single-threaded BLIS call per
+ * thread on a block of C's rows or columns: BLIS's own threads wait for
+ * each other in spin barriers, which on a loaded machine (a thread
+ * descheduled) made products several times slower (see decode_project.c).
+ * Small products run on the calling thread. */
+void masa__gemm_pool(masa_pool *pool, size_t n_threads, size_t m, size_t n,
+                     size_t k, float alpha, const float *a, size_t rsa,
+                     size_t csa, const float *b, size_t rsb, size_t csb,
+                     float beta, float *c, size_t rsc, size_t csc);
 /* y = alpha * A x + beta * y, A m x n with strides. */
 void masa__gemv(size_t m, size_t n, float alpha, const float *a, size_t rsa,
                 size_t csa, const float *x, float beta, float *y,
@@ -245,6 +254,17 @@ bool masa__float_aligned(const void *p);
 /* out[rows x d_out] = in[rows x d_in] W_p (+ bias_p) */
 void masa__project(const masa_layer *layer, int p, const float *in,
                    size_t rows, float *out, float *weight_scratch);
+
+/* Backward of projection p (layer_backward.c), given its input X
+ * (rows x d_in) and output gradient dY (rows x d_out): the parameter
+ * gradients of g, and dx (+)= dY W_p^T when dx is not NULL (beta 0:
+ * overwrite). Scratch: w_scratch and g_scratch d_in * d_out floats each,
+ * partials MASA_ATOM_GRAD_PARTIALS doubles. */
+void masa__project_backward(const masa_layer *layer, int p, const float *in,
+                            const float *dy, size_t rows,
+                            const masa_layer_grads *g, float *dx, float beta,
+                            float *w_scratch, float *g_scratch,
+                            void *partials);
 
 /* MASA_ERROR_NOT_READY unless every projection has a weight. */
 masa_status masa__check_ready(const char *fn, const masa_layer *layer);

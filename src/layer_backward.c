@@ -100,18 +100,16 @@ static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
     return MASA_OK;
 }
 
-/* Backward of projection p, given its input X (rows x d_in) and output
- * gradient dY (rows x d_out): parameter gradients, and dx (+)= dY W_p^T when
- * dx is not NULL (beta 0: overwrite). A MASA projection forms G = X^T dY
- * once; one pass over the atoms then gives dc, dD and, when dx needs it and
- * no composed cache holds it, W_l. */
-static void project_backward(const masa_layer *layer, int p, const float *in,
-                             const float *dy, size_t rows,
-                             const masa_layer_grads *g, float *dx, float beta,
-                             float *w_scratch, float *g_scratch,
-                             void *partials)
+/* A MASA projection forms G = X^T dY once; one pass over the atoms then
+ * gives dc, dD and, when dx needs it and no composed cache holds it, W_l. */
+void masa__project_backward(const masa_layer *layer, int p, const float *in,
+                            const float *dy, size_t rows,
+                            const masa_layer_grads *g, float *dx, float beta,
+                            float *w_scratch, float *g_scratch,
+                            void *partials)
 {
     const masa_proj_state *ps = &layer->proj[p];
+    masa_pool *pool = layer->ctx->pool;
     size_t nt = layer->ctx->n_threads;
     bool add = g->mode == MASA_GRAD_ADD;
 
@@ -126,15 +124,16 @@ static void project_backward(const masa_layer *layer, int p, const float *in,
     const float *w = ps->weight;
     if (!ps->is_masa) {
         if (g->d_weight[p]) /* dW (+)= X^T dY */
-            masa__gemm(ps->d_in, ps->d_out, rows, 1.0f, in, 1, ps->d_in, dy,
-                       ps->d_out, 1, add ? 1.0f : 0.0f, g->d_weight[p],
-                       ps->d_out, 1, nt);
+            masa__gemm_pool(pool, nt, ps->d_in, ps->d_out, rows, 1.0f, in, 1,
+                            ps->d_in, dy, ps->d_out, 1, add ? 1.0f : 0.0f,
+                            g->d_weight[p], ps->d_out, 1);
     } else {
         bool compose = dx && !ps->composed_cache;
         w = ps->composed_cache ? ps->composed_cache : w_scratch;
         if (g->d_atoms[p] || g->d_coefficients[p]) {
-            masa__gemm(ps->d_in, ps->d_out, rows, 1.0f, in, 1, ps->d_in, dy,
-                       ps->d_out, 1, 0.0f, g_scratch, ps->d_out, 1, nt);
+            masa__gemm_pool(pool, nt, ps->d_in, ps->d_out, rows, 1.0f, in, 1,
+                            ps->d_in, dy, ps->d_out, 1, 0.0f, g_scratch,
+                            ps->d_out, 1);
             float *dc = g->d_coefficients[p]
                             ? g->d_coefficients[p] +
                                   ps->layer_index * ps->coef->n_atoms
@@ -149,8 +148,8 @@ static void project_backward(const masa_layer *layer, int p, const float *in,
         }
     }
     if (dx)
-        masa__gemm(rows, ps->d_in, ps->d_out, 1.0f, dy, ps->d_out, 1, w, 1,
-                   ps->d_out, beta, dx, ps->d_in, 1, nt);
+        masa__gemm_pool(pool, nt, rows, ps->d_in, ps->d_out, 1.0f, dy,
+                        ps->d_out, 1, w, 1, ps->d_out, beta, dx, ps->d_in, 1);
 }
 
 MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
@@ -211,8 +210,8 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     const float *attn = base + rl.attn;
 
     /* output projection */
-    project_backward(layer, MASA_PROJ_O, attn, dy, bt, grads, d_attn, 0.0f,
-                     wscratch, gscratch, partials);
+    masa__project_backward(layer, MASA_PROJ_O, attn, dy, bt, grads, d_attn,
+                           0.0f, wscratch, gscratch, partials);
 
     masa_attn_args args = {
         .layer = layer, .batch = batch, .seq = seq, .q = base + rl.q,
@@ -231,7 +230,8 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
 
     const float *d_proj[3] = {dq, dk, dv};
     for (int p = MASA_PROJ_Q; p <= MASA_PROJ_V; p++)
-        project_backward(layer, p, x, d_proj[p], bt, grads, dx,
-                         p == 0 ? 0.0f : 1.0f, wscratch, gscratch, partials);
+        masa__project_backward(layer, p, x, d_proj[p], bt, grads, dx,
+                               p == 0 ? 0.0f : 1.0f, wscratch, gscratch,
+                               partials);
     return MASA_OK;
 }
