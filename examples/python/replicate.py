@@ -49,13 +49,17 @@ class TrainConfig:
     steps: int = 240
     batch_size: int = 8
     lr: float = 3e-3
-    warmup: int = 24
+    warmup_fraction: float = 0.1  # of the steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 30
     eval_windows: int = 16       # validation windows for the curve
     final_eval_windows: int = 128  # validation windows for the table
     threads: int = 1             # torch threads and libmasa threads
+
+    @property
+    def warmup(self):
+        return max(1, round(self.warmup_fraction * self.steps))
 
     def dict(self):
         return asdict(self)
@@ -71,6 +75,9 @@ class Log:
         print(msg, flush=True)
         self.file.write(msg + "\n")
         self.file.flush()
+
+    def close(self):
+        self.file.close()
 
 
 def fmt_time(seconds):
@@ -273,6 +280,10 @@ def main(argv=None):
     ap.add_argument("--variants", help="comma-separated subset of: " + ", ".join(models.VARIANTS))
     ap.add_argument("--seeds", help="comma-separated seeds")
     ap.add_argument("--steps", type=int, help="training steps per run")
+    ap.add_argument("--batch-size", type=int, help="sequences per step")
+    ap.add_argument("--layers", type=int, help="layers (a multiple of 3: S = layers / 3)")
+    ap.add_argument("--d-model", type=int, help="model width")
+    ap.add_argument("--context", type=int, help="context length (bytes)")
     ap.add_argument("--out", help="results directory (default results/replicate/<mode>)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that have a JSON")
     ap.add_argument("--threads", type=int, default=1, help="torch and libmasa threads")
@@ -285,8 +296,13 @@ def main(argv=None):
         if v not in models.VARIANTS:
             ap.error(f"unknown variant {v!r}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0, 1, 2] if args.full else [0])
-    mcfg = models.ModelConfig()
-    tcfg = TrainConfig(threads=args.threads, **({"steps": args.steps} if args.steps else {}))
+    if args.layers is not None and (args.layers < 3 or args.layers % 3):
+        ap.error("--layers must be a positive multiple of 3")
+    mcfg = models.ModelConfig(**{k: v for k, v in (
+        ("n_layers", args.layers), ("n_atoms", args.layers and args.layers // 3),
+        ("d_model", args.d_model), ("context", args.context)) if v})
+    tcfg = TrainConfig(threads=args.threads, **{k: v for k, v in (
+        ("steps", args.steps), ("batch_size", args.batch_size)) if v})
     out = args.out or os.path.join(REPO, "results", "replicate", mode_name)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     log = Log(os.path.join(out, "log.txt"))
@@ -335,6 +351,8 @@ def main(argv=None):
     log(f"== trained {len(todo)} run(s) in {fmt_time(wall)}; results in {out}")
     with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
         log(f.read())
+    context.close()
+    log.close()
     return 0
 
 
