@@ -13,11 +13,13 @@ scripts/build.sh). It runs, each when present:
                          /usr/bin/python3; each peer is optional and skipped
                          with a note when its interpreter or package is absent
 and prints the report (targets of issue 5 first) to stdout, progress to
-stderr. With --out FILE the report replaces FILE's text above the marker line
+stderr. The run's time (--max-seconds) is shared among the programs; one
+that overruns its share is stopped and what it printed so far is kept (the
+report says so). With --out FILE the report replaces FILE's text above the marker line
 "<!-- notes -->"; what stands below the marker is kept.
 
   benchmarks/run.py [--build DIR] [--threads 2] [--quick] [--no-peers]
-                    [--out benchmarks/RESULTS.md]
+                    [--max-seconds 540] [--out benchmarks/RESULTS.md]
   benchmarks/run.py --validate-layer BENCH_LAYER   (smoke test: runs
                     BENCH_LAYER --quick --json and checks every line)
 
@@ -371,6 +373,11 @@ def build_report(res, args, wall):
             body = re.sub(r"^(#+) ", lambda m: "#" * max(3, len(m.group(1)))
                           + " ", body, flags=re.M)
             w(body + "\n")
+    if res.get("notes"):
+        w("## Run notes\n")
+        for note in res["notes"]:
+            w(f"- {note}")
+        w("")
     return "\n".join(out)
 
 
@@ -472,6 +479,23 @@ def targets(res, times, shapes, peers):
 
 # ------------------------------------------------------------ main
 
+class Clock:
+    """Splits what is left of the run's time among the steps still to run,
+    in proportion to their weights, so the whole run ends in time however
+    long each step takes (a step that ends early leaves its time to the
+    next ones)."""
+
+    def __init__(self, total, weights):
+        self.t0 = time.monotonic()
+        self.total = total
+        self.left = dict(weights)
+
+    def share(self, name):
+        remaining = self.total - (time.monotonic() - self.t0)
+        w = self.left.pop(name)
+        return max(15.0, remaining * w / (w + sum(self.left.values())))
+
+
 def peers_venv_python():
     venv = os.environ.get("MASA_PEERS_VENV",
                           os.path.expanduser("~/.cache/masa/peers-venv"))
@@ -479,13 +503,14 @@ def peers_venv_python():
     return py if os.access(py, os.X_OK) else None
 
 
-def run_peer(python, name, args, res):
+def run_peer(python, name, args, res, share):
+    budget = min(args.peer_budget, share / 20)
     cmd = [python, os.path.join(HERE, "peers.py"), "--peer", name,
-           "--threads", str(args.threads), "--budget", str(args.peer_budget),
+           "--threads", str(args.threads), "--budget", f"{budget:.1f}",
            "--min-reps", "1", "--with-self-check"]
     if args.quick:
         cmd.append("--quick")
-    rc, out, secs = run(cmd, args.peer_timeout)
+    rc, out, secs = run(cmd, share)
     recs = json_lines(out)
     checks = [r for r in recs if r.get("kind") == "self_check"]
     bad = [c for c in checks if c.get("status") == "MISMATCH"]
@@ -502,9 +527,9 @@ def run_peer(python, name, args, res):
         return
     if rc != 0:
         res["peer_notes"].append(f"{PEER_LABEL[name]}: exited {rc} after "
-                                 f"{secs:.0f} s (-1: stopped at the "
-                                 f"--peer-timeout); the {len(t)} results it "
-                                 f"printed are kept")
+                                 f"{secs:.0f} s (-1: stopped at its share "
+                                 f"of --max-seconds); the {len(t)} results "
+                                 f"it printed are kept")
     skipped = [r["shape"] for r in recs if r.get("kind") == "skipped"]
     impl = next((r.get("impl") for r in recs if r.get("impl")), name)
     note = (f"{PEER_LABEL[name]} ({impl}, {python}): self-check against "
@@ -530,8 +555,9 @@ def main():
                     help="bench_layer --budget (s per shape and pass)")
     ap.add_argument("--peer-budget", type=float, default=6.0,
                     help="peers.py --budget (s per shape and pass)")
-    ap.add_argument("--peer-timeout", type=float, default=240.0,
-                    help="seconds before a peer's run is stopped")
+    ap.add_argument("--max-seconds", type=float, default=540.0,
+                    help="the whole run's time, shared among the programs; "
+                    "one that overruns its share is stopped (default 540)")
     ap.add_argument("--torch1-python", default="/usr/bin/python3")
     ap.add_argument("--validate-layer", metavar="BENCH_LAYER")
     args = ap.parse_args()
@@ -540,7 +566,7 @@ def main():
 
     t_start = time.monotonic()
     bdir = os.path.join(args.build, "benchmarks")
-    res = {"peers": {}, "peer_notes": [], "peak": None,
+    res = {"peers": {}, "peer_notes": [], "peak": None, "notes": [],
            "load_start": os.getloadavg()[0],
            "command": "benchmarks/run.py " + " ".join(
                shlex.quote(a) for a in sys.argv[1:])}
@@ -561,39 +587,84 @@ def main():
     except (OSError, subprocess.TimeoutExpired):
         pass
     problems = []
+    notes = res["notes"]
 
     layer = os.path.join(bdir, "bench_layer")
     if not os.access(layer, os.X_OK):
         print(f"run.py: {layer} not found; build first (scripts/build.sh)",
               file=sys.stderr)
         return 2
-    cmd = [layer, "--json", "--threads", str(args.threads), "--budget",
-           str(args.layer_budget)] + (["--quick"] if args.quick else [])
-    rc, out, _ = run(cmd, 900)
-    res["layer"] = json_lines(out)
-    problems += [f"bench_layer exit {rc}"] if rc else []
-    problems += check_layer(res["layer"],
-                            QUICK_SHAPES if args.quick else LAYER_SHAPES)
+    # The steps that can run, each with its share of --max-seconds.
+    steps = {"layer": 30, "peak": 5}
+    if not args.no_peers:
+        venv_py = peers_venv_python()
+        if venv_py:
+            steps.update({"pytorch2": 12, "onnxruntime": 6})
+        else:
+            res["peer_notes"].append(
+                "PyTorch 2.x and ONNX Runtime: skipped, no venv (run "
+                "benchmarks/setup-peers.sh)")
+        if os.access(args.torch1_python, os.X_OK):
+            steps["pytorch1"] = 14
+        else:
+            res["peer_notes"].append(f"PyTorch 1.13: skipped, no "
+                                     f"{args.torch1_python}")
+    else:
+        res["peer_notes"].append("peers not run (--no-peers)")
+    for key in ("project", "decode"):
+        res[key] = None
+        if os.access(os.path.join(bdir, "bench_" + key), os.X_OK):
+            steps[key] = 10
+        else:
+            log(f"bench_{key} not built: skipped")
+    clock = Clock(args.max_seconds, steps)
 
+    def stopped(what, rc, share):
+        if rc == -1:
+            notes.append(f"{what} was stopped at its share of --max-seconds "
+                         f"({share:.0f} s); what it printed before is kept, "
+                         f"the rest is missing")
+        return rc == -1
+
+    share = clock.share("layer")
+    budget = min(args.layer_budget, share / 20)
+    cmd = [layer, "--json", "--threads", str(args.threads), "--budget",
+           f"{budget:.1f}"] + (["--quick"] if args.quick else [])
+    rc, out, _ = run(cmd, share)
+    res["layer"] = json_lines(out)
+    if not stopped("bench_layer", rc, share):
+        problems += [f"bench_layer exit {rc}"] if rc else []
+        problems += check_layer(res["layer"],
+                                QUICK_SHAPES if args.quick else LAYER_SHAPES)
+
+    share = clock.share("peak")
     cmd = [layer, "--peak-memory", "--json", "--threads",
            str(args.threads)] + (["--quick"] if args.quick else [])
-    rc, out, _ = run(cmd, 300)
+    rc, out, _ = run(cmd, share)
     pk = json_lines(out)
-    problems += [f"bench_layer --peak-memory exit {rc}"] if rc else []
-    problems += check_peak(pk)
+    if not stopped("bench_layer --peak-memory", rc, share):
+        problems += [f"bench_layer --peak-memory exit {rc}"] if rc else []
+        problems += check_peak(pk)
     res["peak"] = next((r for r in pk if r.get("kind") == "peak_memory"),
                        None)
 
+    for name in ("pytorch2", "onnxruntime"):
+        if name in steps:
+            run_peer(venv_py, name, args, res, clock.share(name))
+    if "pytorch1" in steps:
+        run_peer(args.torch1_python, "pytorch1", args, res,
+                 clock.share("pytorch1"))
+
     for key in ("project", "decode"):
-        exe = os.path.join(bdir, "bench_" + key)
-        if not os.access(exe, os.X_OK):
-            log(f"bench_{key} not built: skipped")
-            res[key] = None
+        if key not in steps:
             continue
-        rc, out, secs = run([exe] + args_for(exe, args.quick,
-                                                  args.threads), 600)
-        if rc != 0:
+        exe = os.path.join(bdir, "bench_" + key)
+        share = clock.share(key)
+        rc, out, secs = run([exe] + args_for(exe, args.quick, args.threads),
+                            share)
+        if not stopped(f"bench_{key}", rc, share) and rc != 0:
             problems.append(f"bench_{key} exit {rc}")
+        if rc != 0:
             out += f"\n\n(bench_{key} exited {rc})\n"
         res[key] = out
     if res.get("decode") is not None:
@@ -601,35 +672,18 @@ def main():
     if res.get("project") is not None:
         res["project_fractions"] = project_fractions(res["project"])
 
-    if args.no_peers:
-        res["peer_notes"].append("peers not run (--no-peers)")
-    else:
-        venv_py = peers_venv_python()
-        if venv_py:
-            for name in ("pytorch2", "onnxruntime"):
-                run_peer(venv_py, name, args, res)
-        else:
-            res["peer_notes"].append(
-                "PyTorch 2.x and ONNX Runtime: skipped, no venv (run "
-                "benchmarks/setup-peers.sh)")
-        if os.access(args.torch1_python, os.X_OK):
-            run_peer(args.torch1_python, "pytorch1", args, res)
-        else:
-            res["peer_notes"].append(f"PyTorch 1.13: skipped, no "
-                                     f"{args.torch1_python}")
-
     wall = time.monotonic() - t_start
     report = build_report(res, args, wall)
     print(report)
     if args.out:
-        notes = ""
+        kept = ""
         if os.path.exists(args.out):
             with open(args.out) as f:
                 old = f.read()
             if MARKER in old:
-                notes = old[old.index(MARKER) + len(MARKER):]
+                kept = old[old.index(MARKER) + len(MARKER):]
         with open(args.out, "w") as f:
-            f.write(report.rstrip() + "\n\n" + MARKER + (notes or "\n"))
+            f.write(report.rstrip() + "\n\n" + MARKER + (kept or "\n"))
         log(f"wrote {args.out}")
     log(f"done in {wall:.0f} s")
     for p in problems:
