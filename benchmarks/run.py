@@ -408,8 +408,8 @@ def targets(res, times, shapes, peers):
         v = r["masa_over_dense"] if r else None
         rows.append((f"MASA/dense fwd+bwd {s} ({tokens} tokens) <= "
                      f"{fmt(limit) if limit else '(no target)'}",
-                     fmt(v, 3), status(None if v is None or limit is None
-                                       else v <= limit)))
+                     fmt(v, 3), "not measured" if v is None else
+                     status(None if limit is None else v <= limit)))
     # 2. projection GEMMs: the large ones (rows >= 2048)
     fr = res.get("project_fractions")
     what = "projection GEMMs >= 85% of BLIS sgemm"
@@ -419,7 +419,11 @@ def targets(res, times, shapes, peers):
         rows.append((what, "see Projections", "not parsed"))
     else:
         for col, vals in fr.items():
-            big = [v for v in vals if v[0] is None or v[0] >= 2048] or vals
+            big = [v for v in vals if v[0] is None or v[0] >= 2048]
+            if not big:
+                rows.append((f"{what}: {col}, rows >= 2048", "no such shape "
+                             "measured", "not measured"))
+                continue
             worst = min(big, key=lambda v: v[2])
             rows.append((f"{what}: {col}, rows >= 2048",
                          f"lowest {100 * worst[2]:.0f}% (rows {worst[0]}, d "
