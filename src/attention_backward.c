@@ -1,119 +1,183 @@
-/* Attention core, backward. One task per (sequence, key/value head): the
- * task owns that head's slice of dK and dV, so the query heads sharing it
- * (GQA) and all query tiles accumulate without races. P is rebuilt from the
- * saved log-sum-exp instead of being stored (memory stays linear in seq). */
-#include <math.h>
+/* Attention core, backward, in the flash style. For a query tile:
+ * delta = rowsum(dO * O) once, then for each key tile it may see
+ *   P  = exp(scale Q K^T - lse)      (rebuilt from forward's log-sum-exp)
+ *   dP = dO V^T,  dS = P * (dP - delta)
+ *   dV += P^T dO,  dK += scale dS^T Q,  dQ += scale dS K
+ * so memory stays linear in seq.
+ *
+ * Parallel split: normally one task per (sequence, key/value head), which
+ * owns that slice of dK and dV, so the query heads sharing it (GQA) and all
+ * query tiles accumulate without races. With fewer such pairs than threads,
+ * each pair's (query head, query tile) tasks spread over all threads instead:
+ * every thread adds its dK, dV into its own zeroed partial copy and the
+ * copies are summed afterwards (dQ rows belong to one task either way). */
 #include <string.h>
 
-#include "internal.h"
+#include "attention_core.h"
 
-static void backward_head_tile(const masa_attn_args *a, size_t b, size_t h,
-                               size_t i0, float *scratch)
+static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
+
+static size_t n_query_tiles(size_t seq)
+{
+    return (seq + MASA_FLASH_BQ - 1) / MASA_FLASH_BQ;
+}
+
+/* Per-thread scratch: P, dP, delta, then the partial dK and dV (key split). */
+typedef struct scratch_parts {
+    float *p, *dp, *delta, *dk, *dv;
+} scratch_parts;
+
+static scratch_parts parts_of(const masa_attn_args *a, size_t thread)
+{
+    size_t T = a->seq;
+    size_t tile = min_size(MASA_FLASH_BQ, T) * min_size(MASA_FLASH_BK, T);
+    scratch_parts s;
+    s.p = a->tiles + thread * a->tile_floats;
+    s.dp = s.p + tile;
+    s.delta = s.dp + tile;
+    s.dk = s.delta + min_size(MASA_FLASH_BQ, T);
+    s.dv = s.dk + T * a->layer->head_dim;
+    return s;
+}
+
+/* Query tile `tile` of head h of sequence b; dK, dV rows of key 0 at dk, dv
+ * with row stride ld. */
+static void backward_tile(const masa_attn_args *a, size_t b, size_t h,
+                          size_t tile, const scratch_parts *s, float *dk,
+                          float *dv, size_t ld)
 {
     const masa_layer *L = a->layer;
     size_t T = a->seq, hd = L->head_dim;
     size_t g = h / (L->n_heads / L->n_kv_heads);
-    size_t m = T - i0 < MASA_ATTN_TILE ? T - i0 : MASA_ATTN_TILE;
+    size_t i0 = tile * MASA_FLASH_BQ;
+    size_t m = min_size(T - i0, MASA_FLASH_BQ);
     size_t kend = L->causal ? i0 + m : T;
 
-    const float *q = a->q + (b * T + i0) * L->dq + h * hd;
+    size_t row0 = (b * T + i0) * L->dq + h * hd;
+    const float *q = a->q + row0, *d_o = a->d_attn + row0, *o = a->attn + row0;
     const float *k = a->k + b * T * L->dkv + g * hd;
     const float *v = a->v + b * T * L->dkv + g * hd;
-    const float *d_o = a->d_attn + (b * T + i0) * L->dq + h * hd;
     const float *lse = a->lse + (b * L->n_heads + h) * T + i0;
-    float *dq = a->dq + (b * T + i0) * L->dq + h * hd;
-    float *dk = a->dk + b * T * L->dkv + g * hd;
-    float *dv = a->dv + b * T * L->dkv + g * hd;
+    float *dq = a->dq + row0;
 
-    float *p = scratch;                              /* m x kend */
-    float *dp = scratch + MASA_ATTN_TILE * T;        /* m x kend */
-
-    /* P = exp(scale * Q K^T - lse), zero where masked */
-    masa__gemm(m, kend, hd, L->scale, q, L->dq, 1, k, 1, L->dkv, 0.0f, p,
-               kend, 1, 1);
     for (size_t r = 0; r < m; r++) {
-        size_t valid = L->causal ? i0 + r + 1 : T;
-        float *row = p + r * kend;
-        for (size_t j = 0; j < valid; j++)
-            row[j] = expf(row[j] - lse[r]);
-        for (size_t j = valid; j < kend; j++)
-            row[j] = 0.0f;
-    }
-    /* dP = dO V^T */
-    masa__gemm(m, kend, hd, 1.0f, d_o, L->dq, 1, v, 1, L->dkv, 0.0f, dp, kend,
-               1, 1);
-    /* dS = P * (dP - delta), into dp; masked entries are set to 0, not
-     * multiplied (dP there may hold a future token's NaN). */
-    for (size_t r = 0; r < m; r++) {
-        size_t valid = L->causal ? i0 + r + 1 : T;
-        float *ds = dp + r * kend;
-        const float *pr = p + r * kend;
-        /* delta_r = sum_j P_rj dP_rj (= <dO_r, O_r>), from the same dP as
-         * dS: a row whose P is one-hot then gets dS = 0 exactly. */
+        const float *dor = d_o + r * L->dq, *orow = o + r * L->dq;
         float d = 0.0f;
-        for (size_t j = 0; j < valid; j++)
-            d += pr[j] * ds[j];
-        for (size_t j = 0; j < valid; j++)
-            ds[j] = pr[j] * (ds[j] - d);
-        for (size_t j = valid; j < kend; j++)
-            ds[j] = 0.0f;
+        for (size_t c = 0; c < hd; c++)
+            d += dor[c] * orow[c];
+        s->delta[r] = d;
+        memset(dq + r * L->dq, 0, hd * sizeof(float));
     }
-    /* Keys every row of the tile sees: [0, full); with causal masking the
-     * diagonal block [i0, kend) is done by hand over visible pairs only, so
-     * that a NaN in one token never reaches tokens that cannot see it. */
-    size_t full = L->causal ? i0 : kend;
-    if (full > 0) {
-        /* dV += P^T dO ; dK += scale dS^T Q ; dQ = scale dS K */
-        masa__gemm(full, hd, m, 1.0f, p, 1, kend, d_o, L->dq, 1, 1.0f, dv,
-                   L->dkv, 1, 1);
-        masa__gemm(full, hd, m, L->scale, dp, 1, kend, q, L->dq, 1, 1.0f, dk,
-                   L->dkv, 1, 1);
-        masa__gemm(m, hd, full, L->scale, dp, kend, 1, k, L->dkv, 1, 0.0f, dq,
-                   L->dq, 1, 1);
-    } else {
-        for (size_t r = 0; r < m; r++)
-            memset(dq + r * L->dq, 0, hd * sizeof(float));
-    }
-    if (!L->causal)
-        return;
-    for (size_t r = 0; r < m; r++) {
-        const float *qr = q + r * L->dq, *dor = d_o + r * L->dq;
-        float *dqr = dq + r * L->dq;
-        for (size_t j = i0; j <= i0 + r; j++) {
-            float pj = p[r * kend + j], dsj = L->scale * dp[r * kend + j];
-            const float *kj = k + j * L->dkv;
-            float *dvj = dv + j * L->dkv, *dkj = dk + j * L->dkv;
-            for (size_t c = 0; c < hd; c++) {
-                dvj[c] += pj * dor[c];
-                dkj[c] += dsj * qr[c];
-                dqr[c] += dsj * kj[c];
-            }
+    for (size_t j0 = 0; j0 < kend; j0 += MASA_FLASH_BK) {
+        size_t n = min_size(kend - j0, MASA_FLASH_BK);
+        masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
+                               (ptrdiff_t)i0 - (ptrdiff_t)j0};
+        const float *kt = k + j0 * L->dkv, *vt = v + j0 * L->dkv;
+        masa__gemm(m, n, hd, L->scale, q, L->dq, 1, kt, 1, L->dkv, 0.0f,
+                   s->p, n, 1, 1);
+        masa__gemm(m, n, hd, 1.0f, d_o, L->dq, 1, vt, 1, L->dkv, 0.0f, s->dp,
+                   n, 1, 1);
+        /* masked entries are left as they are: the products never read them */
+        for (size_t r = 0; r < m; r++) {
+            size_t nv = masa__mask_row_len(mask, r, n);
+            float *pr = s->p + r * n, *ds = s->dp + r * n;
+            masa__exp_shifted(pr, nv, lse[r]);
+            float d = s->delta[r];
+            for (size_t j = 0; j < nv; j++)
+                ds[j] = pr[j] * (ds[j] - d);
         }
+        masa__attn_cols_product(m, n, hd, mask, 1.0f, s->p, n, d_o, L->dq,
+                                dv + j0 * ld, ld);
+        masa__attn_cols_product(m, n, hd, mask, L->scale, s->dp, n, q, L->dq,
+                                dk + j0 * ld, ld);
+        masa__attn_rows_product(m, n, hd, mask, L->scale, s->dp, n, kt,
+                                L->dkv, dq, L->dq);
     }
 }
 
-static void backward_task(void *p, size_t task, size_t thread)
+/* One task per (sequence, key/value head). */
+static void pair_task(void *p, size_t task, size_t thread)
 {
     masa_attn_args *a = p;
     const masa_layer *L = a->layer;
     size_t T = a->seq, hd = L->head_dim;
     size_t g = task % L->n_kv_heads;
     size_t b = task / L->n_kv_heads;
-    float *scratch = a->tiles + thread * a->tile_floats;
+    scratch_parts s = parts_of(a, thread);
+    float *dk = a->dk + b * T * L->dkv + g * hd;
+    float *dv = a->dv + b * T * L->dkv + g * hd;
 
     for (size_t t = 0; t < T; t++) {
-        memset(a->dk + (b * T + t) * L->dkv + g * hd, 0, hd * sizeof(float));
-        memset(a->dv + (b * T + t) * L->dkv + g * hd, 0, hd * sizeof(float));
+        memset(dk + t * L->dkv, 0, hd * sizeof(float));
+        memset(dv + t * L->dkv, 0, hd * sizeof(float));
     }
-    size_t rep = L->n_heads / L->n_kv_heads;
+    size_t rep = L->n_heads / L->n_kv_heads, tiles = n_query_tiles(T);
     for (size_t h = g * rep; h < (g + 1) * rep; h++)
-        for (size_t i0 = 0; i0 < T; i0 += MASA_ATTN_TILE)
-            backward_head_tile(a, b, h, i0, scratch);
+        for (size_t tile = 0; tile < tiles; tile++)
+            backward_tile(a, b, h, tile, &s, dk, dv, L->dkv);
+}
+
+/* Key split of one pair (b, g). */
+typedef struct split_args {
+    masa_attn_args *a;
+    size_t b, g;
+} split_args;
+
+#define REDUCE_ROWS 64
+
+static void split_task(void *p, size_t task, size_t thread)
+{
+    split_args *sa = p;
+    const masa_layer *L = sa->a->layer;
+    size_t rep = L->n_heads / L->n_kv_heads, tiles = n_query_tiles(sa->a->seq);
+    scratch_parts s = parts_of(sa->a, thread);
+    /* the longest causal tiles first */
+    backward_tile(sa->a, sa->b, sa->g * rep + task % rep,
+                  tiles - 1 - task / rep, &s, s.dk, s.dv, L->head_dim);
+}
+
+static void reduce_task(void *p, size_t task, size_t thread)
+{
+    (void)thread;
+    split_args *sa = p;
+    const masa_attn_args *a = sa->a;
+    const masa_layer *L = a->layer;
+    size_t T = a->seq, hd = L->head_dim;
+    size_t t0 = task * REDUCE_ROWS, t1 = min_size(t0 + REDUCE_ROWS, T);
+    for (size_t t = t0; t < t1; t++) {
+        float *dk = a->dk + (sa->b * T + t) * L->dkv + sa->g * hd;
+        float *dv = a->dv + (sa->b * T + t) * L->dkv + sa->g * hd;
+        scratch_parts s0 = parts_of(a, 0);
+        memcpy(dk, s0.dk + t * hd, hd * sizeof(float));
+        memcpy(dv, s0.dv + t * hd, hd * sizeof(float));
+        for (size_t th = 1; th < L->ctx->n_threads; th++) {
+            scratch_parts s = parts_of(a, th);
+            for (size_t c = 0; c < hd; c++) {
+                dk[c] += s.dk[t * hd + c];
+                dv[c] += s.dv[t * hd + c];
+            }
+        }
+    }
 }
 
 void masa__attention_backward(masa_attn_args *args)
 {
     const masa_layer *L = args->layer;
-    masa__pool_run(L->ctx->pool, args->batch * L->n_kv_heads, backward_task,
-                   args);
+    size_t pairs = args->batch * L->n_kv_heads, nt = L->ctx->n_threads;
+    if (pairs >= nt) {
+        masa__pool_run(L->ctx->pool, pairs, pair_task, args);
+        return;
+    }
+    size_t T = args->seq, hd = L->head_dim;
+    size_t rep = L->n_heads / L->n_kv_heads;
+    for (size_t pair = 0; pair < pairs; pair++) {
+        split_args sa = {args, pair / L->n_kv_heads, pair % L->n_kv_heads};
+        for (size_t th = 0; th < nt; th++) {
+            scratch_parts s = parts_of(args, th);
+            memset(s.dk, 0, 2 * T * hd * sizeof(float));
+        }
+        masa__pool_run(L->ctx->pool, rep * n_query_tiles(T), split_task, &sa);
+        masa__pool_run(L->ctx->pool, (T + REDUCE_ROWS - 1) / REDUCE_ROWS,
+                       reduce_task, &sa);
+    }
 }

@@ -22,7 +22,7 @@
 
 #include "internal.h"
 
-#define TILE_ROWS 64        /* rows per unit, as MASA_ATTN_TILE */
+#define TILE_ROWS 64        /* rows per unit */
 #define KEY_BLOCK 256       /* keys per online-softmax step */
 #define GEMM_MIN_ROWS 16    /* fewer rows: loops */
 #define MIN_SPLIT_KEYS 64   /* a split below this costs more than it saves */

@@ -163,9 +163,6 @@ struct masa_layer {
     masa_proj_state proj[MASA_NUM_PROJECTIONS];
 };
 
-/* Query tile height of the attention core. */
-#define MASA_ATTN_TILE 64
-
 /* Byte offsets of the reserve's parts (all float arrays). */
 typedef struct masa_reserve_layout {
     size_t q, k, v, attn, lse, total; /* offsets in floats, total in floats */
