@@ -71,7 +71,7 @@ static const pcase cases[] = {
       .wrap = 0}, 1, 3, 2},
     /* more atoms than the scratch for dc's per-task sums holds */
     {"atoms_past_partials", {.d_model = 4, .n_heads = 1, .masa_mask = 0x1,
-      .n_atoms = 2049, .n_layers = 1, .wrap = 1}, 1, 2, 2},
+      .n_atoms = 2049, .n_layers = 1, .wrap = 1}, 2, 6, 2},
 };
 #define N_CASES (sizeof cases / sizeof cases[0])
 
