@@ -32,20 +32,62 @@ size_t masa__mask_row_len(masa_tile_mask mask, size_t r, size_t n);
 /* First row that sees column j (0..m). */
 size_t masa__mask_col_start(masa_tile_mask mask, size_t j, size_t m);
 
-/* C[m x hd] += alpha A[m x n] B[n x hd], row r of A restricted to its
- * visible columns. Masked entries of A and the rows of B they would meet are
- * never read, so a NaN there cannot reach C. */
-void masa__attn_rows_product(size_t m, size_t n, size_t hd,
-                             masa_tile_mask mask, float alpha, const float *a,
-                             size_t lda, const float *b, size_t ldb, float *c,
-                             size_t ldc);
+/* ---- tile products on BLIS's micro-kernel (attention_tiles.c) ---- */
 
-/* C[n x hd] += alpha A[m x n]^T B[m x hd], column j of A restricted to the
- * rows that see it (same guarantee). */
-void masa__attn_cols_product(size_t m, size_t n, size_t hd,
-                             masa_tile_mask mask, float alpha, const float *a,
-                             size_t lda, const float *b, size_t ldb, float *c,
-                             size_t ldc);
+/* BLIS's single-precision gemm micro-kernel for this CPU and its register
+ * block MR x NR. */
+typedef struct masa_ukr {
+    void (*fn)(void);
+    void *cntx;
+    size_t mr, nr;
+} masa_ukr;
+void masa__ukr_query(masa_ukr *u);
+
+/* Packed operands: A (m x k) in MR-row panels, B (k x n) in NR-column
+ * panels, zero-padded; sizes in floats. */
+size_t masa__pack_a_floats(const masa_ukr *u, size_t m, size_t k);
+size_t masa__pack_b_floats(const masa_ukr *u, size_t k, size_t n);
+void masa__pack_a(const masa_ukr *u, size_t m, size_t k, const float *a,
+                  size_t rsa, size_t csa, float *dst);
+void masa__pack_b(const masa_ukr *u, size_t k, size_t n, const float *b,
+                  size_t rsb, size_t csb, float *dst);
+
+typedef enum masa_product_kind {
+    /* C rows are query rows, the inner index runs over keys: row r of C
+     * uses keys [0, masa__mask_row_len(r)) (O += P V, dQ += dS K) */
+    MASA_PRODUCT_ROWS,
+    /* C rows are keys, the inner index runs over query rows: row j of C
+     * uses queries [masa__mask_col_start(j), k) (dV += P^T dO, ...) */
+    MASA_PRODUCT_COLS
+} masa_product_kind;
+
+/* C[m x n] = alpha A B + beta C with A, B packed (m x k, k x n), C
+ * row-major. With a mask, masked inner terms are never read: the triangle
+ * the micro-kernel cannot take is added from the unpacked operands: a, the
+ * row-major query x key tile (lda), and b, the rows of the other operand
+ * indexed by the inner index (ldb). beta must be 1 with a mask. */
+typedef struct masa_tile_product {
+    masa_product_kind kind;
+    masa_tile_mask mask;
+    size_t m, n, k;
+    float alpha, beta;
+    const float *ap, *bp;
+    float *c;
+    size_t ldc;
+    const float *a, *b;
+    size_t lda, ldb;
+} masa_tile_product;
+void masa__tile_product(const masa_ukr *u, const masa_tile_product *p);
+
+/* Per-thread scratch of the attention core, carved from one float array:
+ * next 64-byte aligned block of n floats (packed B panels are read with
+ * aligned loads); each block costs at most ALIGN_SLACK extra floats. */
+#define MASA_ATTN_ALIGN_SLACK 16
+float *masa__attn_carve(float **at, size_t n);
+
+/* Floats of backward's per-thread scratch (attention_backward.c). */
+size_t masa__attention_backward_floats(const masa_ukr *u, size_t seq,
+                                       size_t head_dim);
 
 /* ---- softmax row kernels (fast_exp.c) ---- */
 

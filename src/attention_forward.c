@@ -12,17 +12,45 @@
 
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
-size_t masa__attention_tile_floats(size_t seq, size_t head_dim)
+/* Forward's per-thread scratch: Q packed, a key tile packed (as K^T), the
+ * score tile, P packed, a value tile packed, the row sums. */
+typedef struct fwd_scratch {
+    float *qp, *kp, *s, *pp, *vp, *sum;
+} fwd_scratch;
+
+/* Carves the scratch from `at` (NULL: only counts); returns its floats. */
+static size_t fwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
+                         fwd_scratch *f)
 {
     size_t bq = min_size(MASA_FLASH_BQ, seq), bk = min_size(MASA_FLASH_BK, seq);
-    /* backward: P and dP tiles, delta per row, and the partial dK, dV of a
-     * key split (attention_backward.c); forward needs less */
-    size_t tiles, partial, n = bq;
-    if (!masa__mul3(2, bq, bk, &tiles) || !masa__mul3(2, seq, head_dim,
-                                                      &partial) ||
-        !masa__add(&n, tiles) || !masa__add(&n, partial))
+    size_t n[6] = {masa__pack_a_floats(u, bq, hd),
+                   masa__pack_b_floats(u, hd, bk), bq * bk,
+                   masa__pack_a_floats(u, bq, bk),
+                   masa__pack_b_floats(u, bk, hd), bq};
+    float **dst[6] = {&f->qp, &f->kp, &f->s, &f->pp, &f->vp, &f->sum};
+    size_t total = 0;
+    for (int i = 0; i < 6; i++) {
+        total += n[i] + MASA_ATTN_ALIGN_SLACK;
+        if (at)
+            *dst[i] = masa__attn_carve(&at, n[i]);
+    }
+    return total;
+}
+
+size_t masa__attention_tile_floats(size_t seq, size_t head_dim)
+{
+    /* Tile sizes are bounded by MASA_FLASH_BQ/BK: only the linear terms in
+     * seq and head_dim can overflow. */
+    size_t big;
+    if (!masa__mul3(4 * (MASA_FLASH_BQ + MASA_FLASH_BK + 64), seq, head_dim,
+                    &big))
         return SIZE_MAX;
-    return n;
+    masa_ukr u;
+    masa__ukr_query(&u);
+    fwd_scratch f;
+    size_t fwd = fwd_layout(&u, seq, head_dim, NULL, &f);
+    size_t bwd = masa__attention_backward_floats(&u, seq, head_dim);
+    return fwd > bwd ? fwd : bwd;
 }
 
 static size_t n_query_tiles(size_t seq)
@@ -51,23 +79,30 @@ static void forward_task(void *p, size_t task, size_t thread)
     const float *v = a->v + b * T * L->dkv + g * hd;
     float *out = a->attn + (b * T + i0) * L->dq + h * hd;
     float *lse = a->lse + (b * H + h) * T + i0;
-    float *s = a->tiles + thread * a->tile_floats;
-    /* row max and sum live in lse[] and the tail of the scratch */
-    float *mx = lse;
-    float *sum = s + min_size(MASA_FLASH_BQ, T) * min_size(MASA_FLASH_BK, T);
+    masa_ukr u;
+    masa__ukr_query(&u);
+    fwd_scratch f;
+    fwd_layout(&u, T, hd, a->tiles + thread * a->tile_floats, &f);
+    float *mx = lse, *s = f.s, *sum = f.sum; /* running max kept in lse */
 
     for (size_t r = 0; r < m; r++) {
         memset(out + r * L->dq, 0, hd * sizeof(float));
         mx[r] = -INFINITY;
         sum[r] = 0.0f;
     }
+    masa__pack_a(&u, m, hd, q, L->dq, 1, f.qp);
     for (size_t j0 = 0; j0 < kend; j0 += MASA_FLASH_BK) {
         size_t n = min_size(kend - j0, MASA_FLASH_BK);
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
                                (ptrdiff_t)i0 - (ptrdiff_t)j0};
-        /* S = scale Q_tile K_tile^T, m x n, row stride n */
-        masa__gemm(m, n, hd, L->scale, q, L->dq, 1, k + j0 * L->dkv, 1,
-                   L->dkv, 0.0f, s, n, 1, 1);
+        const float *kt = k + j0 * L->dkv, *vt = v + j0 * L->dkv;
+        /* S = scale Q_tile K_tile^T, m x n, row stride n (masked entries
+         * are computed but never used) */
+        masa__pack_b(&u, hd, n, kt, 1, L->dkv, f.kp);
+        masa__tile_product(&u, &(masa_tile_product){
+            .kind = MASA_PRODUCT_ROWS, .m = m, .n = n, .k = hd,
+            .alpha = L->scale, .beta = 0.0f, .ap = f.qp, .bp = f.kp, .c = s,
+            .ldc = n});
         for (size_t r = 0; r < m; r++) {
             size_t nv = masa__mask_row_len(mask, r, n);
             if (nv == 0)
@@ -87,8 +122,12 @@ static void forward_task(void *p, size_t task, size_t thread)
             }
         }
         /* O += P V_tile */
-        masa__attn_rows_product(m, n, hd, mask, 1.0f, s, n, v + j0 * L->dkv,
-                                L->dkv, out, L->dq);
+        masa__pack_a(&u, m, n, s, n, 1, f.pp);
+        masa__pack_b(&u, n, hd, vt, L->dkv, 1, f.vp);
+        masa__tile_product(&u, &(masa_tile_product){
+            .kind = MASA_PRODUCT_ROWS, .mask = mask, .m = m, .n = hd, .k = n,
+            .alpha = 1.0f, .beta = 1.0f, .ap = f.pp, .bp = f.vp, .c = out,
+            .ldc = L->dq, .a = s, .lda = n, .b = vt, .ldb = L->dkv});
     }
     for (size_t r = 0; r < m; r++) {
         float inv = 1.0f / sum[r];

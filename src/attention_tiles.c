@@ -1,12 +1,25 @@
-/* Products of a causal tile that skip its masked half. Multiplying a masked
- * probability 0 by a future token's value would still turn a NaN or an inf
- * there into a NaN here, so masked entries are never read: the part of the
- * tile every row (or column) sees goes to one BLIS product, the rest in
- * strips of STRIP rows, each a BLIS product over what all its rows see plus a
- * small triangle done by hand. */
-#include "attention_core.h"
+/* Tile products of the attention core on BLIS's own micro-kernel.
+ *
+ * The tiles are small (at most BQ x BK, inner size head_dim or a tile side),
+ * so a BLIS call per product spends much of its time on setup, partitioning
+ * and fetching pack buffers. Here the operands are packed once into the
+ * micro-kernel's layout (A in MR-row panels, B in NR-column panels, each
+ * stored k-major) and reused: Q and dO of a query tile serve every key tile.
+ * The micro-kernel is the one BLIS picked for this CPU (bli_gks), so the
+ * inner loop is BLIS's.
+ *
+ * Causal tiles: multiplying a masked probability 0 by a future token's value
+ * would still turn a NaN or an inf there into a NaN here, so masked entries
+ * are never read. Each MR panel runs the micro-kernel over the inner range
+ * all its rows see (packed panels are k-major, so a k range is a pointer
+ * offset) and adds the remaining triangle of at most MR - 1 terms a row by
+ * hand. */
+#include <stdint.h>
+#include <string.h>
 
-#define STRIP 16
+#include <blis.h>
+
+#include "attention_core.h"
 
 static size_t clamp(ptrdiff_t v, size_t hi)
 {
@@ -23,57 +36,122 @@ size_t masa__mask_col_start(masa_tile_mask mask, size_t j, size_t m)
     return mask.masked ? clamp((ptrdiff_t)j - mask.diag, m) : 0;
 }
 
+void masa__ukr_query(masa_ukr *u)
+{
+    masa__blis_init();
+    cntx_t *cntx = bli_gks_query_cntx();
+    u->cntx = cntx;
+    u->fn = (void (*)(void))bli_cntx_get_l3_nat_ukr_dt(BLIS_FLOAT,
+                                                        BLIS_GEMM_UKR, cntx);
+    u->mr = (size_t)bli_cntx_get_blksz_def_dt(BLIS_FLOAT, BLIS_MR, cntx);
+    u->nr = (size_t)bli_cntx_get_blksz_def_dt(BLIS_FLOAT, BLIS_NR, cntx);
+}
+
+static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+float *masa__attn_carve(float **at, size_t n)
+{
+    uintptr_t p = ((uintptr_t)*at + 63) & ~(uintptr_t)63;
+    *at = (float *)p + n;
+    return (float *)p;
+}
+
+size_t masa__pack_a_floats(const masa_ukr *u, size_t m, size_t k)
+{
+    return round_up(m, u->mr) * k;
+}
+
+size_t masa__pack_b_floats(const masa_ukr *u, size_t k, size_t n)
+{
+    return k * round_up(n, u->nr);
+}
+
+void masa__pack_a(const masa_ukr *u, size_t m, size_t k, const float *a,
+                  size_t rsa, size_t csa, float *dst)
+{
+    size_t mr = u->mr;
+    for (size_t r0 = 0; r0 < m; r0 += mr) {
+        size_t rows = m - r0 < mr ? m - r0 : mr;
+        for (size_t l = 0; l < k; l++) {
+            const float *src = a + r0 * rsa + l * csa;
+            for (size_t i = 0; i < rows; i++)
+                dst[i] = src[i * rsa];
+            for (size_t i = rows; i < mr; i++)
+                dst[i] = 0.0f;
+            dst += mr;
+        }
+    }
+}
+
+void masa__pack_b(const masa_ukr *u, size_t k, size_t n, const float *b,
+                  size_t rsb, size_t csb, float *dst)
+{
+    size_t nr = u->nr;
+    for (size_t c0 = 0; c0 < n; c0 += nr) {
+        size_t cols = n - c0 < nr ? n - c0 : nr;
+        for (size_t l = 0; l < k; l++) {
+            const float *src = b + l * rsb + c0 * csb;
+            if (csb == 1)
+                memcpy(dst, src, cols * sizeof(float));
+            else
+                for (size_t j = 0; j < cols; j++)
+                    dst[j] = src[j * csb];
+            for (size_t j = cols; j < nr; j++)
+                dst[j] = 0.0f;
+            dst += nr;
+        }
+    }
+}
+
 static void axpy(size_t n, float a, const float *x, float *y)
 {
     for (size_t i = 0; i < n; i++)
         y[i] += a * x[i];
 }
 
-void masa__attn_rows_product(size_t m, size_t n, size_t hd,
-                             masa_tile_mask mask, float alpha, const float *a,
-                             size_t lda, const float *b, size_t ldb, float *c,
-                             size_t ldc)
+void masa__tile_product(const masa_ukr *u, const masa_tile_product *p)
 {
-    /* rows that see the whole tile: a suffix */
-    size_t full = mask.masked ? clamp((ptrdiff_t)n - 1 - mask.diag, m) : 0;
-    if (full < m)
-        masa__gemm(m - full, hd, n, alpha, a + full * lda, lda, 1, b, ldb, 1,
-                   1.0f, c + full * ldc, ldc, 1, 1);
-    for (size_t r0 = 0; r0 < full; r0 += STRIP) {
-        size_t r1 = r0 + STRIP < full ? r0 + STRIP : full;
-        size_t k0 = masa__mask_row_len(mask, r0, n);
-        if (k0 > 0)
-            masa__gemm(r1 - r0, hd, k0, alpha, a + r0 * lda, lda, 1, b, ldb,
-                       1, 1.0f, c + r0 * ldc, ldc, 1, 1);
-        for (size_t r = r0; r < r1; r++) {
-            size_t k1 = masa__mask_row_len(mask, r, n);
-            for (size_t j = k0; j < k1; j++)
-                axpy(hd, alpha * a[r * lda + j], b + j * ldb, c + r * ldc);
+    sgemm_ukr_ft ukr = (sgemm_ukr_ft)u->fn;
+    size_t mr = u->mr, nr = u->nr, m = p->m, n = p->n, k = p->k;
+    float alpha = p->alpha, beta = p->beta;
+    auxinfo_t aux;
+    memset(&aux, 0, sizeof aux);
+    for (size_t r0 = 0; r0 < m; r0 += mr) {
+        size_t rows = m - r0 < mr ? m - r0 : mr;
+        /* the inner range every row of the panel sees */
+        size_t klo = 0, khi = k;
+        if (p->kind == MASA_PRODUCT_ROWS)
+            khi = masa__mask_row_len(p->mask, r0, k);
+        else
+            klo = masa__mask_col_start(p->mask, r0 + rows - 1, k);
+        const float *ap = p->ap + r0 * k + klo * mr;
+        float *c = p->c + r0 * p->ldc;
+        for (size_t c0 = 0; c0 < n; c0 += nr) {
+            size_t cols = n - c0 < nr ? n - c0 : nr;
+            float *bp = (float *)p->bp + c0 * k + klo * nr;
+            bli_auxinfo_set_next_ab((void *)ap, bp, &aux);
+            if (khi > klo || beta != 1.0f)
+                ukr((dim_t)rows, (dim_t)cols, (dim_t)(khi - klo), &alpha,
+                    (float *)ap, bp, &beta, c + c0, (inc_t)p->ldc, 1, &aux,
+                    (cntx_t *)u->cntx);
         }
-    }
-}
-
-void masa__attn_cols_product(size_t m, size_t n, size_t hd,
-                             masa_tile_mask mask, float alpha, const float *a,
-                             size_t lda, const float *b, size_t ldb, float *c,
-                             size_t ldc)
-{
-    /* columns every row sees: a prefix */
-    size_t all = mask.masked ? clamp(mask.diag + 1, n) : n;
-    if (all > 0)
-        masa__gemm(all, hd, m, alpha, a, 1, lda, b, ldb, 1, 1.0f, c, ldc, 1,
-                   1);
-    for (size_t j0 = all; j0 < n; j0 += STRIP) {
-        size_t j1 = j0 + STRIP < n ? j0 + STRIP : n;
-        size_t r_lo = masa__mask_col_start(mask, j1 - 1, m);
-        if (r_lo < m)
-            masa__gemm(j1 - j0, hd, m - r_lo, alpha, a + r_lo * lda + j0, 1,
-                       lda, b + r_lo * ldb, ldb, 1, 1.0f, c + j0 * ldc, ldc,
-                       1, 1);
-        for (size_t j = j0; j < j1; j++) {
-            size_t r_first = masa__mask_col_start(mask, j, m);
-            for (size_t r = r_first; r < r_lo; r++)
-                axpy(hd, alpha * a[r * lda + j], b + r * ldb, c + j * ldc);
+        if (!p->mask.masked)
+            continue;
+        /* the triangle: row r of C meets inner indices [khi, its end) or
+         * [its start, klo), from the unpacked operands */
+        for (size_t r = r0; r < r0 + rows; r++) {
+            float *cr = p->c + r * p->ldc;
+            if (p->kind == MASA_PRODUCT_ROWS) {
+                size_t end = masa__mask_row_len(p->mask, r, k);
+                for (size_t j = khi; j < end; j++)
+                    axpy(n, alpha * p->a[r * p->lda + j], p->b + j * p->ldb,
+                         cr);
+            } else {
+                size_t start = masa__mask_col_start(p->mask, r, k);
+                for (size_t i = start; i < klo; i++)
+                    axpy(n, alpha * p->a[i * p->lda + r], p->b + i * p->ldb,
+                         cr);
+            }
         }
     }
 }
