@@ -22,11 +22,12 @@ static size_t n_query_tiles(size_t seq)
     return (seq + MASA_FLASH_BQ - 1) / MASA_FLASH_BQ;
 }
 
-/* Per-thread scratch: Q and dO packed as A and as B, K^T, V^T and K of a
- * key tile packed, the P and dP tiles, dS, P^T and dS^T packed, delta, and
- * the partial dK and dV of a key split. */
+/* Per-thread scratch: Q^T, dO^T, Q and dO packed as B, K and V of a key
+ * tile packed as A and K as B, the P and dP tiles, dS, P^T and dS^T packed,
+ * delta, and the partial dK and dV of a key split. S and dP come as
+ * S^T = K Q^T and dP^T = V dO^T written transposed (as in forward). */
 typedef struct bwd_scratch {
-    float *qa, *doa, *qb, *dob, *kt, *vt, *kb, *p, *dp, *dsa, *pta, *dsta;
+    float *qtb, *dotb, *qb, *dob, *ka, *va, *kb, *p, *dp, *dsa, *pta, *dsta;
     float *delta, *dk, *dv;
 } bwd_scratch;
 
@@ -35,15 +36,15 @@ static size_t bwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
                          bwd_scratch *s)
 {
     size_t bq = min_size(MASA_FLASH_BQ, seq), bk = min_size(MASA_FLASH_BK, seq);
-    size_t a_qh = masa__pack_a_floats(u, bq, hd);
+    size_t b_hq = masa__pack_b_floats(u, hd, bq);
     size_t b_qh = masa__pack_b_floats(u, bq, hd);
-    size_t b_hk = masa__pack_b_floats(u, hd, bk);
-    size_t n[15] = {a_qh, a_qh, b_qh, b_qh, b_hk, b_hk,
+    size_t a_kh = masa__pack_a_floats(u, bk, hd);
+    size_t n[15] = {b_hq, b_hq, b_qh, b_qh, a_kh, a_kh,
                     masa__pack_b_floats(u, bk, hd), bq * bk, bq * bk,
                     masa__pack_a_floats(u, bq, bk),
                     masa__pack_a_floats(u, bk, bq),
                     masa__pack_a_floats(u, bk, bq), bq, seq * hd, seq * hd};
-    float **dst[15] = {&s->qa, &s->doa, &s->qb, &s->dob, &s->kt, &s->vt,
+    float **dst[15] = {&s->qtb, &s->dotb, &s->qb, &s->dob, &s->ka, &s->va,
                        &s->kb, &s->p, &s->dp, &s->dsa, &s->pta, &s->dsta,
                        &s->delta, &s->dk, &s->dv};
     size_t total = 0;
@@ -101,8 +102,8 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         memset(dq + r * L->dq, 0, hd * sizeof(float));
     }
     /* Q and dO serve every key tile */
-    masa__pack_a(u, m, hd, q, L->dq, 1, s->qa);
-    masa__pack_a(u, m, hd, d_o, L->dq, 1, s->doa);
+    masa__pack_b(u, hd, m, q, 1, L->dq, s->qtb);
+    masa__pack_b(u, hd, m, d_o, 1, L->dq, s->dotb);
     masa__pack_b(u, m, hd, q, L->dq, 1, s->qb);
     masa__pack_b(u, m, hd, d_o, L->dq, 1, s->dob);
     for (size_t j0 = 0; j0 < kend; j0 += MASA_FLASH_BK) {
@@ -110,18 +111,19 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
                                (ptrdiff_t)i0 - (ptrdiff_t)j0};
         const float *kt = k + j0 * L->dkv, *vt = v + j0 * L->dkv;
-        masa__pack_b(u, hd, n, kt, 1, L->dkv, s->kt);
-        masa__pack_b(u, hd, n, vt, 1, L->dkv, s->vt);
+        masa__pack_a(u, n, hd, kt, L->dkv, 1, s->ka);
+        masa__pack_a(u, n, hd, vt, L->dkv, 1, s->va);
         masa__pack_b(u, n, hd, kt, L->dkv, 1, s->kb);
-        /* S = scale Q K^T and dP = dO V^T (masked entries computed, unused) */
+        /* S = scale Q K^T and dP = dO V^T, m x n, row stride n (masked
+         * entries computed, unused) */
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .m = m, .n = n, .k = hd,
-            .alpha = L->scale, .beta = 0.0f, .ap = s->qa, .bp = s->kt,
-            .c = s->p, .ldc = n});
+            .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
+            .alpha = L->scale, .beta = 0.0f, .ap = s->ka, .bp = s->qtb,
+            .c = s->p, .ldc = 1, .csc = n});
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .m = m, .n = n, .k = hd,
-            .alpha = 1.0f, .beta = 0.0f, .ap = s->doa, .bp = s->vt,
-            .c = s->dp, .ldc = n});
+            .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
+            .alpha = 1.0f, .beta = 0.0f, .ap = s->va, .bp = s->dotb,
+            .c = s->dp, .ldc = 1, .csc = n});
         for (size_t r = 0; r < m; r++) {
             size_t nv = masa__mask_row_len(mask, r, n);
             float *pr = s->p + r * n, *ds = s->dp + r * n;

@@ -61,8 +61,8 @@ typedef enum masa_product_kind {
     MASA_PRODUCT_COLS
 } masa_product_kind;
 
-/* C[m x n] = alpha A B + beta C with A, B packed (m x k, k x n), C
- * row-major. With a mask, masked inner terms are never read: the triangle
+/* C[m x n] = alpha A B + beta C with A, B packed (m x k, k x n), C with
+ * row stride ldc and column stride csc. With a mask, masked inner terms are never read: the triangle
  * the micro-kernel cannot take is added from the unpacked operands: a, the
  * row-major query x key tile (lda), and b, the rows of the other operand
  * indexed by the inner index (ldb). beta must be 1 with a mask. */
@@ -73,7 +73,7 @@ typedef struct masa_tile_product {
     float alpha, beta;
     const float *ap, *bp;
     float *c;
-    size_t ldc;
+    size_t ldc, csc; /* csc 0: 1 */
     const float *a, *b;
     size_t lda, ldb;
 } masa_tile_product;

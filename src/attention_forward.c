@@ -12,10 +12,12 @@
 
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
-/* Forward's per-thread scratch: Q packed, a key tile packed (as K^T), the
- * score tile, P packed, a value tile packed, the row sums. */
+/* Forward's per-thread scratch: Q^T packed, a key tile packed, the score
+ * tile, P packed, a value tile packed, the row sums. The scores come as
+ * S^T = K Q^T written transposed: packing K and V rows reads memory
+ * contiguously, and the one strided pack (Q^T) serves every key tile. */
 typedef struct fwd_scratch {
-    float *qp, *kp, *s, *pp, *vp, *sum;
+    float *qtb, *ka, *s, *pp, *vp, *sum;
 } fwd_scratch;
 
 /* Carves the scratch from `at` (NULL: only counts); returns its floats. */
@@ -23,11 +25,11 @@ static size_t fwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
                          fwd_scratch *f)
 {
     size_t bq = min_size(MASA_FLASH_BQ, seq), bk = min_size(MASA_FLASH_BK, seq);
-    size_t n[6] = {masa__pack_a_floats(u, bq, hd),
-                   masa__pack_b_floats(u, hd, bk), bq * bk,
+    size_t n[6] = {masa__pack_b_floats(u, hd, bq),
+                   masa__pack_a_floats(u, bk, hd), bq * bk,
                    masa__pack_a_floats(u, bq, bk),
                    masa__pack_b_floats(u, bk, hd), bq};
-    float **dst[6] = {&f->qp, &f->kp, &f->s, &f->pp, &f->vp, &f->sum};
+    float **dst[6] = {&f->qtb, &f->ka, &f->s, &f->pp, &f->vp, &f->sum};
     size_t total = 0;
     for (int i = 0; i < 6; i++) {
         total += n[i] + MASA_ATTN_ALIGN_SLACK;
@@ -90,19 +92,19 @@ static void forward_task(void *p, size_t task, size_t thread)
         mx[r] = -INFINITY;
         sum[r] = 0.0f;
     }
-    masa__pack_a(&u, m, hd, q, L->dq, 1, f.qp);
+    masa__pack_b(&u, hd, m, q, 1, L->dq, f.qtb);
     for (size_t j0 = 0; j0 < kend; j0 += MASA_FLASH_BK) {
         size_t n = min_size(kend - j0, MASA_FLASH_BK);
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
                                (ptrdiff_t)i0 - (ptrdiff_t)j0};
         const float *kt = k + j0 * L->dkv, *vt = v + j0 * L->dkv;
-        /* S = scale Q_tile K_tile^T, m x n, row stride n (masked entries
-         * are computed but never used) */
-        masa__pack_b(&u, hd, n, kt, 1, L->dkv, f.kp);
+        /* S = scale Q_tile K_tile^T, m x n, row stride n, as S^T = K Q^T
+         * (masked entries are computed but never used) */
+        masa__pack_a(&u, n, hd, kt, L->dkv, 1, f.ka);
         masa__tile_product(&u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .m = m, .n = n, .k = hd,
-            .alpha = L->scale, .beta = 0.0f, .ap = f.qp, .bp = f.kp, .c = s,
-            .ldc = n});
+            .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
+            .alpha = L->scale, .beta = 0.0f, .ap = f.ka, .bp = f.qtb, .c = s,
+            .ldc = 1, .csc = n});
         for (size_t r = 0; r < m; r++) {
             size_t nv = masa__mask_row_len(mask, r, n);
             if (nv == 0)

@@ -66,20 +66,72 @@ size_t masa__pack_b_floats(const masa_ukr *u, size_t k, size_t n)
     return k * round_up(n, u->nr);
 }
 
+/* One MR-row panel of A (k columns) from row-major rows: reads each row
+ * contiguously; MR is a constant here so the interleave unrolls. */
+static inline void pack_a_rows(size_t mr, size_t rows, size_t k,
+                               const float *a, size_t rsa, float *dst)
+{
+    if (rows < mr)
+        memset(dst, 0, mr * k * sizeof(float));
+    for (size_t i = 0; i < rows; i++) {
+        const float *src = a + i * rsa;
+        for (size_t l = 0; l < k; l++)
+            dst[l * mr + i] = src[l];
+    }
+}
+
 void masa__pack_a(const masa_ukr *u, size_t m, size_t k, const float *a,
                   size_t rsa, size_t csa, float *dst)
 {
     size_t mr = u->mr;
-    for (size_t r0 = 0; r0 < m; r0 += mr) {
+    for (size_t r0 = 0; r0 < m; r0 += mr, dst += mr * k) {
         size_t rows = m - r0 < mr ? m - r0 : mr;
-        for (size_t l = 0; l < k; l++) {
-            const float *src = a + r0 * rsa + l * csa;
-            for (size_t i = 0; i < rows; i++)
-                dst[i] = src[i * rsa];
-            for (size_t i = rows; i < mr; i++)
-                dst[i] = 0.0f;
-            dst += mr;
+        const float *src = a + r0 * rsa;
+        if (csa == 1) {
+            if (mr == 6) /* BLIS's AVX2 kernels (haswell, zen*) */
+                pack_a_rows(6, rows, k, src, rsa, dst);
+            else
+                pack_a_rows(mr, rows, k, src, rsa, dst);
+            continue;
         }
+        if (rsa == 1 && mr == 6 && rows == 6) {
+            for (size_t l = 0; l < k; l++)
+                for (size_t i = 0; i < 6; i++)
+                    dst[l * 6 + i] = src[l * csa + i];
+            continue;
+        }
+        for (size_t l = 0; l < k; l++) {
+            float *d = dst + l * mr;
+            if (rsa == 1)
+                memcpy(d, src + l * csa, rows * sizeof(float));
+            else
+                for (size_t i = 0; i < rows; i++)
+                    d[i] = src[i * rsa + l * csa];
+            for (size_t i = rows; i < mr; i++)
+                d[i] = 0.0f;
+        }
+    }
+}
+
+/* One NR-column panel of B (k rows); NR is a constant here so the copies
+ * vectorise. */
+static inline void pack_b_panel(size_t nr, size_t cols, size_t k,
+                                const float *b, size_t rsb, size_t csb,
+                                float *dst)
+{
+    if (cols < nr)
+        memset(dst, 0, k * nr * sizeof(float));
+    if (csb == 1) {
+        for (size_t l = 0; l < k; l++)
+            for (size_t j = 0; j < cols; j++)
+                dst[l * nr + j] = b[l * rsb + j];
+        return;
+    }
+    /* columns of B are rows in memory (K^T, V^T): read them contiguously */
+    for (size_t j = 0; j < cols; j++) {
+        const float *col = b + j * csb;
+        for (size_t l = 0; l < k; l++)
+            dst[l * nr + j] = col[l * rsb];
     }
 }
 
@@ -87,19 +139,12 @@ void masa__pack_b(const masa_ukr *u, size_t k, size_t n, const float *b,
                   size_t rsb, size_t csb, float *dst)
 {
     size_t nr = u->nr;
-    for (size_t c0 = 0; c0 < n; c0 += nr) {
+    for (size_t c0 = 0; c0 < n; c0 += nr, dst += k * nr) {
         size_t cols = n - c0 < nr ? n - c0 : nr;
-        for (size_t l = 0; l < k; l++) {
-            const float *src = b + l * rsb + c0 * csb;
-            if (csb == 1)
-                memcpy(dst, src, cols * sizeof(float));
-            else
-                for (size_t j = 0; j < cols; j++)
-                    dst[j] = src[j * csb];
-            for (size_t j = cols; j < nr; j++)
-                dst[j] = 0.0f;
-            dst += nr;
-        }
+        if (nr == 16 && cols == 16) /* BLIS's AVX2 kernels */
+            pack_b_panel(16, 16, k, b + c0 * csb, rsb, csb, dst);
+        else
+            pack_b_panel(nr, cols, k, b + c0 * csb, rsb, csb, dst);
     }
 }
 
@@ -126,13 +171,15 @@ void masa__tile_product(const masa_ukr *u, const masa_tile_product *p)
             klo = masa__mask_col_start(p->mask, r0 + rows - 1, k);
         const float *ap = p->ap + r0 * k + klo * mr;
         float *c = p->c + r0 * p->ldc;
+        size_t csc = p->csc ? p->csc : 1;
         for (size_t c0 = 0; c0 < n; c0 += nr) {
             size_t cols = n - c0 < nr ? n - c0 : nr;
             float *bp = (float *)p->bp + c0 * k + klo * nr;
             bli_auxinfo_set_next_ab((void *)ap, bp, &aux);
             if (khi > klo || beta != 1.0f)
                 ukr((dim_t)rows, (dim_t)cols, (dim_t)(khi - klo), &alpha,
-                    (float *)ap, bp, &beta, c + c0, (inc_t)p->ldc, 1, &aux,
+                    (float *)ap, bp, &beta, c + c0 * csc, (inc_t)p->ldc,
+                    (inc_t)csc, &aux,
                     (cntx_t *)u->cntx);
         }
         if (!p->mask.masked)
