@@ -283,7 +283,7 @@ static path_row time_paths(masa_context *ctx, masa_layer *layer,
             masa__gemm(rows, N, S * K, 1.0f, xs, S * K, 1, dict->atoms, N, 1,
                        0.0f, out, N, 1, 1);
         double t1 = now();
-        masa__compose(dict, coef, 0, w, 1);
+        masa__compose(dict, coef, 0, w, NULL);
         if (rows == 1)
             masa__gemv(N, K, 1.0f, w, 1, N, x, 0.0f, out, 1);
         else

@@ -11,7 +11,8 @@
 #             else gcc), the WHOLE meson test suite with leak detection and
 #             UBSan halting on the first report
 #   tsan      build-tsan: -fsanitize=thread, the concurrency tests
-#             (tests/hardening/test_concurrency.c and tests/test_threads.c)
+#             (tests/hardening/test_concurrency.c, tests/test_threads.c and,
+#             when present, tests/test_decode.c and tests/test_flash.c)
 #             with tests/hardening/tsan.supp
 #   valgrind  build (scripts/build.sh's): memcheck over the suites 'c',
 #             'hardening' and 'fuzz-replay' (the fuzz corpus replayed without
@@ -103,10 +104,14 @@ if want tsan; then
     log="$LOGS/tsan.log"
     targets="test_concurrency"
     tests="concurrency"
-    if [ -f tests/test_threads.c ]; then
-        targets="$targets test_threads"
-        tests="$tests threads"
-    fi
+    # Suites whose code runs on the pool with shared outputs: threading,
+    # decoding (split key ranges), the flash kernels (split key tiles).
+    for t_name in threads decode flash; do
+        if [ -f "tests/test_$t_name.c" ]; then
+            targets="$targets test_$t_name"
+            tests="$tests $t_name"
+        fi
+    done
     if setup_dir build-tsan -Db_sanitize=thread -Db_lundef=false \
            > "$log" 2>&1 && meson compile -C build-tsan $targets >> "$log" 2>&1
     then

@@ -119,13 +119,60 @@ void masa__gemv(size_t m, size_t n, float alpha, const float *a, size_t rsa,
                  &beta, y, 1, NULL, &rntm);
 }
 
-void masa__ger(size_t m, size_t n, float alpha, const float *x,
-               const float *y, float *a, size_t rsa, size_t csa,
-               size_t n_threads)
+/* A GEMM split into blocks of C's rows or columns, one single-threaded BLIS
+ * call per pool task. */
+typedef struct gemm_job {
+    size_t m, n, k;
+    float alpha, beta;
+    const float *a, *b;
+    float *c;
+    size_t rsa, csa, rsb, csb, rsc, csc;
+    size_t blocks;
+    bool by_rows;
+} gemm_job;
+
+static void gemm_task(void *arg, size_t task, size_t thread)
 {
-    rntm_t rntm = BLIS_RNTM_INITIALIZER;
-    rntm_threads(&rntm, n_threads);
-    bli_sger_ex(BLIS_NO_CONJUGATE, BLIS_NO_CONJUGATE, (dim_t)m, (dim_t)n,
-                &alpha, (float *)x, 1, (float *)y, 1, a, (inc_t)rsa,
-                (inc_t)csa, NULL, &rntm);
+    (void)thread;
+    const gemm_job *j = arg;
+    size_t dim = j->by_rows ? j->m : j->n;
+    /* block edges on multiples of 16 (BLIS's micro-tiles are 6..16 wide) */
+    size_t units = (dim + 15) / 16;
+    size_t i0 = units * task / j->blocks * 16;
+    size_t i1 = units * (task + 1) / j->blocks * 16;
+    if (i1 > dim)
+        i1 = dim;
+    if (i0 >= i1)
+        return;
+    if (j->by_rows)
+        masa__gemm(i1 - i0, j->n, j->k, j->alpha, j->a + i0 * j->rsa, j->rsa,
+                   j->csa, j->b, j->rsb, j->csb, j->beta, j->c + i0 * j->rsc,
+                   j->rsc, j->csc, 1);
+    else
+        masa__gemm(j->m, i1 - i0, j->k, j->alpha, j->a, j->rsa, j->csa,
+                   j->b + i0 * j->csb, j->rsb, j->csb, j->beta,
+                   j->c + i0 * j->csc, j->rsc, j->csc, 1);
+}
+
+void masa__gemm_pool(masa_pool *pool, size_t n_threads, size_t m, size_t n,
+                     size_t k, float alpha, const float *a, size_t rsa,
+                     size_t csa, const float *b, size_t rsb, size_t csb,
+                     float beta, float *c, size_t rsc, size_t csc)
+{
+    gemm_job j = {m, n, k, alpha, beta, a, b, c, rsa, csa, rsb, csb, rsc,
+                  csc, n_threads, false};
+    /* each block packs its own copy of the operand it shares with the
+     * others: split the dimension that makes the shared one the smaller
+     * (rows share B, k x n; columns share A, m x k) */
+    j.by_rows = n <= m;
+    size_t dim = j.by_rows ? m : n;
+    if (!pool || n_threads <= 1 || dim < 32 ||
+        (double)m * (double)n * (double)k < 8.0e6) {
+        masa__gemm(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc,
+                   csc, 1);
+        return;
+    }
+    if (j.blocks > dim / 16)
+        j.blocks = dim / 16;
+    masa__pool_run(pool, j.blocks, gemm_task, &j);
 }

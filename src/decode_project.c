@@ -75,9 +75,10 @@ masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
     const masa_proj_state *ps = &layer->proj[p];
     if (!ps->is_masa)
         return MASA_PATH_DENSE;
-    /* Merge point: a projection with an up-to-date composed cache reads only
-     * d_in x d_out floats, fewer than either path: return MASA_PATH_COMPOSE
-     * (masa__projection_weight() then returns the cache). */
+    /* A composed cache (MASA_WEIGHTS_CACHED) reads only d_in x d_out
+     * floats, fewer than either path; masa__projection_weight() returns it. */
+    if (ps->composed_cache)
+        return MASA_PATH_COMPOSE;
     return rows <= factored_max_rows(ps) ? MASA_PATH_FACTORED
                                          : MASA_PATH_COMPOSE;
 }

@@ -86,14 +86,19 @@ void masa__gemm(size_t m, size_t n, size_t k, float alpha,
                 const float *a, size_t rsa, size_t csa,
                 const float *b, size_t rsb, size_t csb, float beta,
                 float *c, size_t rsc, size_t csc, size_t n_threads);
+/* masa__gemm split across the pool, one single-threaded BLIS call per
+ * thread on a block of C's rows or columns: BLIS's own threads wait for
+ * each other in spin barriers, which on a loaded machine (a thread
+ * descheduled) made products several times slower (see decode_project.c).
+ * Small products run on the calling thread. */
+void masa__gemm_pool(masa_pool *pool, size_t n_threads, size_t m, size_t n,
+                     size_t k, float alpha, const float *a, size_t rsa,
+                     size_t csa, const float *b, size_t rsb, size_t csb,
+                     float beta, float *c, size_t rsc, size_t csc);
 /* y = alpha * A x + beta * y, A m x n with strides. */
 void masa__gemv(size_t m, size_t n, float alpha, const float *a, size_t rsa,
                 size_t csa, const float *x, float beta, float *y,
                 size_t n_threads);
-/* A += alpha * x y^T, A m x n with strides. */
-void masa__ger(size_t m, size_t n, float alpha, const float *x,
-               const float *y, float *a, size_t rsa, size_t csa,
-               size_t n_threads);
 
 /* ---- dictionaries and coefficient tables ---- */
 
@@ -111,9 +116,24 @@ struct masa_coefficients {
     bool owned;
 };
 
-/* W = sum_s c[layer, s] D_s, no argument checks. */
+/* W = sum_s c[layer, s] D_s, no argument checks. One pass over the atoms,
+ * split across `pool` (NULL: on the calling thread). */
 void masa__compose(const masa_dictionary *dict, const masa_coefficients *coef,
-                   size_t layer, float *w, size_t n_threads);
+                   size_t layer, float *w, masa_pool *pool);
+
+/* Doubles of scratch masa__atom_grads() may use for its per-task sums of
+ * dc (a fixed size, so the workspace does not depend on the atom count).
+ * The scratch is only float-aligned (workspaces are): accessed by memcpy. */
+#define MASA_ATOM_GRAD_PARTIALS 2048
+
+/* Given G = dW_l of a MASA projection (rows*cols floats), in one pass over
+ * the atoms: dc[s] (+)= <D_s, G> when dc is not NULL, dD_s (+)= c[l, s] G
+ * when d_atoms is not NULL (add false: overwrite), and W_l into w when w is
+ * not NULL. partials: MASA_ATOM_GRAD_PARTIALS doubles of scratch. */
+void masa__atom_grads(const masa_dictionary *dict,
+                      const masa_coefficients *coef, size_t layer,
+                      const float *g, float *dc, float *d_atoms, bool add,
+                      float *w, void *partials, masa_pool *pool);
 
 /* ---- layers ---- */
 
@@ -128,6 +148,9 @@ typedef struct masa_proj_state {
     float *bias;            /* NULL = no bias */
     bool bias_owned;
     size_t d_in, d_out;
+    /* MASA under MASA_WEIGHTS_CACHED: W_l composed when the cache was last
+     * filled (owned, d_in * d_out floats); NULL otherwise. */
+    float *composed_cache;
 } masa_proj_state;
 
 struct masa_layer {
@@ -136,6 +159,7 @@ struct masa_layer {
     size_t dq, dkv;         /* n_heads * head_dim, n_kv_heads * head_dim */
     bool causal, rope;
     float rope_theta, scale;
+    masa_weight_policy policy;
     masa_proj_state proj[MASA_NUM_PROJECTIONS];
 };
 
@@ -160,6 +184,8 @@ typedef struct masa_workspace_layout {
     size_t fwd_qkv;   /* Q, K, V, A when no reserve is given */
     size_t weight;    /* composed weight (largest projection) */
     size_t dweight;   /* dW for MASA projections (backward) */
+    size_t partials;  /* MASA_ATOM_GRAD_PARTIALS doubles (backward), at
+                         float alignment only */
     size_t grad_a;    /* dA, dQ, dK, dV (backward) */
     size_t tiles;     /* per-thread attention tiles */
     size_t tile_floats; /* floats per thread */
@@ -184,8 +210,8 @@ masa_status masa__check_call_buffers(const char *fn, const masa_layer *layer,
                                      masa_workspace_layout *wl,
                                      masa_reserve_layout *rl);
 
-/* Pointer to the weight of a projection: the dense weight, or W_l composed
- * into scratch. */
+/* Pointer to the weight of a projection: the dense weight, the composed
+ * cache, or W_l composed into scratch. */
 const float *masa__projection_weight(const masa_layer *layer, int p,
                                      float *scratch);
 
@@ -225,6 +251,17 @@ bool masa__float_aligned(const void *p);
 /* out[rows x d_out] = in[rows x d_in] W_p (+ bias_p) */
 void masa__project(const masa_layer *layer, int p, const float *in,
                    size_t rows, float *out, float *weight_scratch);
+
+/* Backward of projection p (layer_backward.c), given its input X
+ * (rows x d_in) and output gradient dY (rows x d_out): the parameter
+ * gradients of g, and dx (+)= dY W_p^T when dx is not NULL (beta 0:
+ * overwrite). Scratch: w_scratch and g_scratch d_in * d_out floats each,
+ * partials MASA_ATOM_GRAD_PARTIALS doubles. */
+void masa__project_backward(const masa_layer *layer, int p, const float *in,
+                            const float *dy, size_t rows,
+                            const masa_layer_grads *g, float *dx, float beta,
+                            float *w_scratch, float *g_scratch,
+                            void *partials);
 
 /* MASA_ERROR_NOT_READY unless every projection has a weight. */
 masa_status masa__check_ready(const char *fn, const masa_layer *layer);

@@ -130,6 +130,12 @@ static void release_weight(masa_layer *layer, masa_proj_state *ps)
     ps->weight_owned = false;
 }
 
+static void release_cache(masa_layer *layer, masa_proj_state *ps)
+{
+    masa__free(layer->ctx, ps->composed_cache);
+    ps->composed_cache = NULL;
+}
+
 static void release_bias(masa_layer *layer, masa_proj_state *ps)
 {
     if (ps->bias_owned)
@@ -145,6 +151,7 @@ MASA_API void masa_layer_destroy(masa_layer *layer)
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
         release_weight(layer, &layer->proj[p]);
         release_bias(layer, &layer->proj[p]);
+        release_cache(layer, &layer->proj[p]);
     }
     masa__free(layer->ctx, layer);
 }
@@ -190,12 +197,26 @@ MASA_API masa_status masa_layer_set_masa(masa_layer *layer,
         return masa__fail(MASA_ERROR_OUT_OF_RANGE,
                           "%s: layer_index %zu is out of range (table has "
                           "%zu layers)", fn, layer_index, coef->n_layers);
+    /* the cache is allocated before anything changes, so a failure leaves
+     * the projection as it was */
+    float *cache = ps->composed_cache;
+    if (layer->policy == MASA_WEIGHTS_CACHED && !cache) {
+        cache = masa__alloc(layer->ctx, ps->d_in * ps->d_out * sizeof(float));
+        if (!cache)
+            return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
+                              "%s: cannot allocate the composed %s weight "
+                              "(%zu x %zu) of the cached weight policy", fn,
+                              proj_names[which], ps->d_in, ps->d_out);
+    }
     release_weight(layer, ps);
     ps->set = true;
     ps->is_masa = true;
     ps->dict = dict;
     ps->coef = coef;
     ps->layer_index = layer_index;
+    ps->composed_cache = cache;
+    if (cache)
+        masa__compose(dict, coef, layer_index, cache, layer->ctx->pool);
     return MASA_OK;
 }
 
@@ -216,6 +237,7 @@ MASA_API masa_status masa_layer_set_dense(masa_layer *layer,
                               ps->d_in, ps->d_out);
     }
     release_weight(layer, ps);
+    release_cache(layer, ps);
     ps->set = true;
     ps->is_masa = false;
     ps->dict = NULL;
@@ -303,9 +325,79 @@ const float *masa__projection_weight(const masa_layer *layer, int p,
     const masa_proj_state *ps = &layer->proj[p];
     if (!ps->is_masa)
         return ps->weight;
+    if (ps->composed_cache)
+        return ps->composed_cache;
     masa__compose(ps->dict, ps->coef, ps->layer_index, scratch,
-                  layer->ctx->n_threads);
+                  layer->ctx->pool);
     return scratch;
+}
+
+/* ---- weight policy ---- */
+
+MASA_API masa_status masa_layer_set_weight_policy(masa_layer *layer,
+                                                  masa_weight_policy policy)
+{
+    static const char fn[] = "masa_layer_set_weight_policy";
+    if (!layer)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT, "%s: layer is NULL", fn);
+    if (policy != MASA_WEIGHTS_ON_THE_FLY && policy != MASA_WEIGHTS_CACHED)
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: policy %d is neither MASA_WEIGHTS_ON_THE_FLY "
+                          "nor MASA_WEIGHTS_CACHED", fn, (int)policy);
+    if (policy == MASA_WEIGHTS_ON_THE_FLY) {
+        for (int p = 0; p < MASA_NUM_PROJECTIONS; p++)
+            release_cache(layer, &layer->proj[p]);
+        layer->policy = policy;
+        return MASA_OK;
+    }
+    /* every missing cache is allocated before any is filled: on failure the
+     * new ones are freed and the layer is as it was */
+    float *fresh[MASA_NUM_PROJECTIONS] = {NULL};
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
+        masa_proj_state *ps = &layer->proj[p];
+        if (!ps->is_masa || ps->composed_cache)
+            continue;
+        fresh[p] = masa__alloc(layer->ctx,
+                               ps->d_in * ps->d_out * sizeof(float));
+        if (!fresh[p]) {
+            for (int q = 0; q < p; q++)
+                masa__free(layer->ctx, fresh[q]);
+            return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
+                              "%s: cannot allocate the composed %s weight "
+                              "(%zu x %zu)", fn, proj_names[p], ps->d_in,
+                              ps->d_out);
+        }
+    }
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++)
+        if (fresh[p])
+            layer->proj[p].composed_cache = fresh[p];
+    layer->policy = policy;
+    return masa_layer_refresh_weights(layer);
+}
+
+MASA_API masa_status masa_layer_weight_policy(const masa_layer *layer,
+                                              masa_weight_policy *policy)
+{
+    if (!layer || !policy)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT,
+                          "masa_layer_weight_policy: %s is NULL",
+                          !layer ? "layer" : "policy");
+    *policy = layer->policy;
+    return MASA_OK;
+}
+
+MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer)
+{
+    if (!layer)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT,
+                          "masa_layer_refresh_weights: layer is NULL");
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
+        masa_proj_state *ps = &layer->proj[p];
+        if (ps->composed_cache)
+            masa__compose(ps->dict, ps->coef, ps->layer_index,
+                          ps->composed_cache, layer->ctx->pool);
+    }
+    return MASA_OK;
 }
 
 /* ---- sizes ---- */
@@ -391,6 +483,8 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     ok = ok && masa__add(&at, wmax);
     w.dweight = at;
     ok = ok && masa__add(&at, wmax);
+    w.partials = at; /* doubles, only float-aligned: read with memcpy */
+    ok = ok && masa__add(&at, 2 * MASA_ATOM_GRAD_PARTIALS);
     w.tiles = at;
     w.tile_floats = tile;
     ok = ok && masa__mul(tile, layer->ctx->n_threads, &tiles) &&

@@ -1,8 +1,8 @@
 /* Layer backward: output projection, attention core, inverse RoPE, input
  * projections, and the parameter gradients with the SET/ADD rule of
- * masa_layer_grads. For a MASA projection G = X^T dY is formed once and both
- * dc[l, :] = D G (one GEMV over the atoms) and dD += c[l, :] (x) G (one rank-1
- * update) come from it. */
+ * masa_layer_grads. For a MASA projection G = X^T dY is formed once and
+ * dc[l, s] = <D_s, G>, dD_s += c[l, s] G and W_l (for dx) all come from one
+ * pass over the atoms (masa__atom_grads). */
 #include <string.h>
 
 #include "internal.h"
@@ -100,13 +100,16 @@ static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
     return MASA_OK;
 }
 
-/* Parameter gradients of projection p, given its input X (rows x d_in) and
- * output gradient dY (rows x d_out). */
-static void param_grads(const masa_layer *layer, int p, const float *in,
-                        const float *dy, size_t rows,
-                        const masa_layer_grads *g, float *g_scratch)
+/* A MASA projection forms G = X^T dY once; one pass over the atoms then
+ * gives dc, dD and, when dx needs it and no composed cache holds it, W_l. */
+void masa__project_backward(const masa_layer *layer, int p, const float *in,
+                            const float *dy, size_t rows,
+                            const masa_layer_grads *g, float *dx, float beta,
+                            float *w_scratch, float *g_scratch,
+                            void *partials)
 {
     const masa_proj_state *ps = &layer->proj[p];
+    masa_pool *pool = layer->ctx->pool;
     size_t nt = layer->ctx->n_threads;
     bool add = g->mode == MASA_GRAD_ADD;
 
@@ -118,41 +121,35 @@ static void param_grads(const masa_layer *layer, int p, const float *in,
             for (size_t c = 0; c < ps->d_out; c++)
                 db[c] += dy[r * ps->d_out + c];
     }
+    const float *w = ps->weight;
     if (!ps->is_masa) {
         if (g->d_weight[p]) /* dW (+)= X^T dY */
-            masa__gemm(ps->d_in, ps->d_out, rows, 1.0f, in, 1, ps->d_in, dy,
-                       ps->d_out, 1, add ? 1.0f : 0.0f, g->d_weight[p],
-                       ps->d_out, 1, nt);
-        return;
+            masa__gemm_pool(pool, nt, ps->d_in, ps->d_out, rows, 1.0f, in, 1,
+                            ps->d_in, dy, ps->d_out, 1, add ? 1.0f : 0.0f,
+                            g->d_weight[p], ps->d_out, 1);
+    } else {
+        bool compose = dx && !ps->composed_cache;
+        w = ps->composed_cache ? ps->composed_cache : w_scratch;
+        if (g->d_atoms[p] || g->d_coefficients[p]) {
+            masa__gemm_pool(pool, nt, ps->d_in, ps->d_out, rows, 1.0f, in, 1,
+                            ps->d_in, dy, ps->d_out, 1, 0.0f, g_scratch,
+                            ps->d_out, 1);
+            float *dc = g->d_coefficients[p]
+                            ? g->d_coefficients[p] +
+                                  ps->layer_index * ps->coef->n_atoms
+                            : NULL;
+            masa__atom_grads(ps->dict, ps->coef, ps->layer_index, g_scratch,
+                             dc, g->d_atoms[p], add,
+                             compose ? w_scratch : NULL, partials,
+                             layer->ctx->pool);
+        } else if (compose) {
+            masa__compose(ps->dict, ps->coef, ps->layer_index, w_scratch,
+                          layer->ctx->pool);
+        }
     }
-    if (!g->d_atoms[p] && !g->d_coefficients[p])
-        return;
-    const masa_dictionary *d = ps->dict;
-    size_t n = d->rows * d->cols;
-    const float *c_l = ps->coef->data + ps->layer_index * ps->coef->n_atoms;
-    masa__gemm(ps->d_in, ps->d_out, rows, 1.0f, in, 1, ps->d_in, dy,
-               ps->d_out, 1, 0.0f, g_scratch, ps->d_out, 1, nt);
-    if (g->d_coefficients[p]) /* dc[l, s] (+)= <D_s, G> */
-        masa__gemv(d->n_atoms, n, 1.0f, d->atoms, n, 1, g_scratch,
-                   add ? 1.0f : 0.0f,
-                   g->d_coefficients[p] + ps->layer_index * ps->coef->n_atoms,
-                   nt);
-    if (g->d_atoms[p]) { /* dD_s (+)= c[l, s] G */
-        if (!add)
-            memset(g->d_atoms[p], 0, d->n_atoms * n * sizeof(float));
-        masa__ger(d->n_atoms, n, 1.0f, c_l, g_scratch, g->d_atoms[p], n, 1,
-                  nt);
-    }
-}
-
-/* dx (+)= dY W_p^T */
-static void input_grad(const masa_layer *layer, int p, const float *dy,
-                       size_t rows, float *dx, float beta, float *w_scratch)
-{
-    const masa_proj_state *ps = &layer->proj[p];
-    const float *w = masa__projection_weight(layer, p, w_scratch);
-    masa__gemm(rows, ps->d_in, ps->d_out, 1.0f, dy, ps->d_out, 1, w, 1,
-               ps->d_out, beta, dx, ps->d_in, 1, layer->ctx->n_threads);
+    if (dx)
+        masa__gemm_pool(pool, nt, rows, ps->d_in, ps->d_out, 1.0f, dy,
+                        ps->d_out, 1, w, 1, ps->d_out, beta, dx, ps->d_in, 1);
 }
 
 MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
@@ -209,11 +206,12 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     float *dk = dq + bt * layer->dq;
     float *dv = dk + bt * layer->dkv;
     float *wscratch = ws + wl.weight, *gscratch = ws + wl.dweight;
+    void *partials = ws + wl.partials;
     const float *attn = base + rl.attn;
 
     /* output projection */
-    input_grad(layer, MASA_PROJ_O, dy, bt, d_attn, 0.0f, wscratch);
-    param_grads(layer, MASA_PROJ_O, attn, dy, bt, grads, gscratch);
+    masa__project_backward(layer, MASA_PROJ_O, attn, dy, bt, grads, d_attn,
+                           0.0f, wscratch, gscratch, partials);
 
     masa_attn_args args = {
         .layer = layer, .batch = batch, .seq = seq, .q = base + rl.q,
@@ -231,11 +229,9 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     }
 
     const float *d_proj[3] = {dq, dk, dv};
-    for (int p = MASA_PROJ_Q; p <= MASA_PROJ_V; p++) {
-        if (dx)
-            input_grad(layer, p, d_proj[p], bt, dx, p == 0 ? 0.0f : 1.0f,
-                       wscratch);
-        param_grads(layer, p, x, d_proj[p], bt, grads, gscratch);
-    }
+    for (int p = MASA_PROJ_Q; p <= MASA_PROJ_V; p++)
+        masa__project_backward(layer, p, x, d_proj[p], bt, grads, dx,
+                               p == 0 ? 0.0f : 1.0f, wscratch, gscratch,
+                               partials);
     return MASA_OK;
 }

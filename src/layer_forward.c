@@ -29,8 +29,9 @@ void masa__project(const masa_layer *layer, int p, const float *in,
             memcpy(out + r * ps->d_out, ps->bias, ps->d_out * sizeof(float));
         beta = 1.0f;
     }
-    masa__gemm(rows, ps->d_out, ps->d_in, 1.0f, in, ps->d_in, 1, w, ps->d_out,
-               1, beta, out, ps->d_out, 1, layer->ctx->n_threads);
+    masa__gemm_pool(layer->ctx->pool, layer->ctx->n_threads, rows, ps->d_out,
+                    ps->d_in, 1.0f, in, ps->d_in, 1, w, ps->d_out, 1, beta,
+                    out, ps->d_out, 1);
 }
 
 MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,

@@ -338,14 +338,18 @@ MASA_API void masa_layer_destroy(masa_layer *layer);
  * * D_s. The dictionary's atoms must have the projection's shape, the table's
  * n_atoms must match the dictionary's and layer_index < the table's n_layers.
  * The layer keeps pointers to dict and coef (not copies): they must outlive
- * the layer (or be replaced first) and may be shared by many layers. */
+ * the layer (or be replaced first) and may be shared by many layers.
+ * With the MASA_WEIGHTS_CACHED policy the projection's composed weight is
+ * allocated (if it has none yet) and filled; failing that, OUT_OF_MEMORY and
+ * the projection is unchanged. */
 MASA_API masa_status masa_layer_set_masa(masa_layer *layer,
                                          masa_projection which,
                                          masa_dictionary *dict,
                                          masa_coefficients *coef,
                                          size_t layer_index);
 
-/* Makes projection `which` dense with weight d_in x d_out. weight NULL: the
+/* Makes projection `which` dense with weight d_in x d_out (freeing its
+ * composed MASA weight, if any). weight NULL: the
  * layer allocates and owns a zero-initialised weight (see
  * masa_layer_weight()); otherwise the layer wraps caller memory, which must
  * stay valid while the layer uses it. */
@@ -376,6 +380,73 @@ MASA_API float *masa_layer_bias(masa_layer *layer, masa_projection which);
 MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
                                                  masa_projection which,
                                                  size_t *d_in, size_t *d_out);
+
+/* ----------------------------------------------------------------------
+ * Weight policy of MASA projections
+ * ----------------------------------------------------------------------
+ * Every forward, backward and decode call needs W_l = sum_s c[l, s] D_s of
+ * each MASA projection. The policy chooses where it comes from:
+ *
+ *   MASA_WEIGHTS_ON_THE_FLY (the default)  W_l is composed into the call's
+ *       workspace at every use: one pass over the S atoms, split across the
+ *       context's threads. Memory stays at the S atoms; each use reads
+ *       S * d_in * d_out floats more than a dense layer would. Changes to
+ *       atoms and coefficients are seen by the next call.
+ *   MASA_WEIGHTS_CACHED  the layer keeps W_l of each of its MASA projections
+ *       composed: calls read it as a dense layer reads its weight (the speed
+ *       of a dense layer, the memory of one: d_in * d_out floats per MASA
+ *       projection, so L layers sharing a dictionary hold L composed
+ *       weights beside its S atoms).
+ *
+ * The cache: memory from the context's allocator, owned by the layer, freed
+ * when the policy goes back to ON_THE_FLY, when the projection is made dense
+ * and when the layer is destroyed. It is filled (composed from the atoms and
+ * coefficients as they are at that moment) by
+ *   - masa_layer_set_weight_policy(layer, MASA_WEIGHTS_CACHED), for every
+ *     MASA projection of the layer;
+ *   - masa_layer_set_masa() on a layer whose policy is CACHED, for that
+ *     projection;
+ *   - masa_layer_refresh_weights(), for every MASA projection of the layer.
+ * Nothing else updates it. It is STALE as soon as the caller changes the
+ * atoms or coefficients it was composed from (writes through
+ * masa_dictionary_data(), masa_coefficients_data() or wrapped memory, the
+ * init_* functions, an optimiser step): until the next refresh, forward,
+ * decode and the dx of backward keep using the old W_l. Backward's dc and
+ * dD are computed from G = X^T dY, the current atoms and the current
+ * coefficients (they never read the cache). A training loop that updates
+ * the parameters after every step calls masa_layer_refresh_weights() on
+ * each layer after the update (one composition per step instead of one per
+ * forward and one per backward).
+ *
+ * Threads: set_weight_policy and refresh_weights modify the layer: no
+ * forward, backward or decode of the same layer may run meanwhile (see
+ * "Threads" at the top). Forward, backward and decode only read the cache. */
+typedef enum masa_weight_policy {
+    MASA_WEIGHTS_ON_THE_FLY = 0, /* compose W_l at every use (default) */
+    MASA_WEIGHTS_CACHED = 1      /* keep W_l composed in the layer */
+} masa_weight_policy;
+
+/* Sets the layer's weight policy (see above). CACHED allocates and fills
+ * the cache of every MASA projection; set again when already CACHED, it
+ * refills them (as masa_layer_refresh_weights()). ON_THE_FLY frees them.
+ * Dense projections are not affected. Projections set later follow the
+ * policy.
+ * Errors: NULL_ARGUMENT; INVALID_ARGUMENT (policy not one of the values
+ * above); OUT_OF_MEMORY (a cache could not be allocated: the layer keeps
+ * its previous policy and caches, nothing is freed or composed). */
+MASA_API masa_status masa_layer_set_weight_policy(masa_layer *layer,
+                                                  masa_weight_policy policy);
+
+/* The layer's current weight policy into *policy.
+ * Errors: NULL_ARGUMENT (layer or policy). */
+MASA_API masa_status masa_layer_weight_policy(const masa_layer *layer,
+                                              masa_weight_policy *policy);
+
+/* Recomposes the cached W_l of every MASA projection from the current atoms
+ * and coefficients, after the caller changed them. Does not allocate and
+ * cannot fail on a valid layer; with the ON_THE_FLY policy it does nothing.
+ * Errors: NULL_ARGUMENT. */
+MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer);
 
 /* Bytes of workspace (scratch, any contents, not kept between calls) that
  * forward and backward need for `batch` sequences of `seq` tokens. It depends
@@ -592,7 +663,9 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * every cached position and to new tokens 0..t (causal).
  * The cached keys and values were computed with the layer's parameters at
  * the time they were added: changing the parameters does not update them.
- * MASA projections of a single row (batch 1, one token) multiply
+ * MASA projections with the MASA_WEIGHTS_CACHED policy read the
+ * composed weight, as a dense layer does. Otherwise, MASA projections of a
+ * single row (batch 1, one token) multiply
  * [c_1 x | ... | c_S x] by the atoms stacked as an (S d_in) x d_out matrix,
  * reading the atoms once and never forming W_l; from two rows up (with
  * S >= 2) they compose W_l into the workspace first. The rule: whichever

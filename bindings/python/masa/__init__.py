@@ -48,7 +48,7 @@ from .errors import (
     ThreadError,
 )
 from .decode import KVCache
-from .layer import Layer, Reserve
+from .layer import Layer, Reserve, WeightPolicy
 
 __version__ = "0.1.0"
 # The C API version this binding was written for.
@@ -63,5 +63,5 @@ __all__ = [
     "NotReadyError", "NullArgumentError", "O", "OutOfMemoryError", "OutOfRangeError",
     "Projection", "Q", "K", "Reserve", "SizeOverflowError", "ThreadError", "V",
     "blis_arch", "default_context", "last_error", "library_path", "status_string",
-    "version", "version_number",
+    "version", "version_number", "WeightPolicy",
 ]

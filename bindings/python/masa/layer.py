@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import weakref
-from ctypes import byref, c_size_t
+from ctypes import byref, c_int, c_size_t
 
 import numpy as np
 
@@ -23,6 +24,27 @@ from .core import Coefficients, Context, Dictionary, Projection, _check_context
 from .errors import ClosedHandleError
 
 PROJECTIONS = tuple(Projection)
+
+
+class WeightPolicy(enum.IntEnum):
+    """Where a layer's MASA weights W_l come from (masa_weight_policy)."""
+
+    ON_THE_FLY = 0  # composed from the atoms at every use (memory: S atoms)
+    CACHED = 1      # kept composed in the layer (dense speed and memory)
+
+    @classmethod
+    def parse(cls, policy) -> "WeightPolicy":
+        """Accepts a WeightPolicy, 0/1 or 'on_the_fly' / 'cached'."""
+        if isinstance(policy, str):
+            try:
+                return cls[policy.upper()]
+            except KeyError:
+                pass
+        elif isinstance(policy, int) and not isinstance(policy, bool):
+            if policy in (0, 1):
+                return cls(policy)
+        raise ValueError(f"policy must be 'on_the_fly', 'cached' or a masa.WeightPolicy, "
+                         f"got {policy!r}")
 
 
 class _Masa:
@@ -181,6 +203,31 @@ class Layer(Handle):
         p = Projection.parse(which)
         _lib.lib().masa_layer_remove_bias(self._handle(), p)
         self._bias[p] = None
+        self._generation += 1
+
+    # --------------------------------------------------------- weight policy
+
+    def set_weight_policy(self, policy) -> None:
+        """'on_the_fly' (default): W_l is composed from the atoms at every
+        forward, backward and decode. 'cached': the layer keeps W_l of every
+        MASA projection composed (the memory of a dense layer); the cache is
+        filled now and by refresh_weights(), and is stale after any change
+        to the atoms or coefficients until then. Setting 'cached' again
+        refills it."""
+        value = WeightPolicy.parse(policy)
+        _lib.lib().masa_layer_set_weight_policy(self._handle(), int(value))
+        self._generation += 1  # W_l may differ: earlier reserves are refused
+
+    @property
+    def weight_policy(self) -> WeightPolicy:
+        value = c_int()
+        _lib.lib().masa_layer_weight_policy(self._handle(), byref(value))
+        return WeightPolicy(value.value)
+
+    def refresh_weights(self) -> None:
+        """Recompose the cached weights from the current atoms and
+        coefficients (after an optimiser step); nothing to do on the fly."""
+        _lib.lib().masa_layer_refresh_weights(self._handle())
         self._generation += 1
 
     def weight(self, which):

@@ -5,9 +5,11 @@
   ``(n_atoms, d_in, d_out)``) and the coefficient table (``(n_layers,
   n_atoms)``). One instance is shared by every layer of a model.
 - :class:`MasaAttention` is one attention layer. Projections listed in the
-  ``shared`` module are MASA (``W = sum_s c[layer_index, s] D_s``); the others
-  are dense ``nn.Parameter`` weights of shape ``(d_in, d_out)`` (row-vector
-  convention: the transpose of ``nn.Linear.weight``).
+  ``shared`` module are MASA (``W = sum_s c[layer_index, s] D_s``); those
+  listed in ``external`` are dense weights the caller computes and passes to
+  each forward call (e.g. a product of low-rank factors); the others are dense
+  ``nn.Parameter`` weights of shape ``(d_in, d_out)`` (row-vector convention:
+  the transpose of ``nn.Linear.weight``).
 
 Parameter tensors are handed to C zero-copy (their CPU storage is wrapped);
 when a parameter's storage changes (``param.data = ...``, ``.to()``), it is
@@ -271,18 +273,24 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         layer_index: this layer's row in the shared coefficient tables.
         shared: a SharedAtoms module; its projections are MASA here, the
             others dense. None: every projection dense.
+        external: projections (e.g. "qkvo") whose dense weights the layer
+            does not own: every forward call takes them as
+            ``weights={p: tensor}``, (d_in, d_out) CPU float32 tensors that
+            may be results of other torch operations (gradients flow back
+            through them). Must not overlap the shared projections.
         context: a masa.Context (default: the shared module's, or
             masa.default_context()).
 
-    forward(x, pos_offset=0): x is [batch, seq, d_model] CPU float32;
-    pos_offset is the RoPE position of token 0. Returns y of x's shape.
+    forward(x, pos_offset=0, weights=None): x is [batch, seq, d_model] CPU
+    float32; pos_offset is the RoPE position of token 0; weights holds exactly
+    the external projections' weights. Returns y of x's shape.
     """
 
     _transient = (("_layer", lambda: None), ("_bound", dict), ("_context", lambda: None))
 
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False,
                  rope=False, rope_theta=10000.0, softmax_scale=None, bias=False, layer_index=0,
-                 shared=None, context=None):
+                 shared=None, external="", context=None):
         super().__init__()
         self.d_model, self.n_heads = int(d_model), int(n_heads)
         self.n_kv_heads = int(n_kv_heads or n_heads)
@@ -304,7 +312,13 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
                 raise ValueError(f"layer_index {layer_index} out of range for {shared.n_layers} shared layers")
         self.shared = shared  # registered as a submodule; parameters() lists it once
         self.masa_projections = shared.projections if shared is not None else ""
-        dense = [p for p in PROJECTIONS if p not in self.masa_projections]
+        external = _projection_set(external, "external")
+        overlap = external & set(self.masa_projections)
+        if overlap:
+            raise ValueError(f"projections {sorted(overlap)} are both shared and external")
+        self.external_projections = "".join(p for p in PROJECTIONS if p in external)
+        dense = [p for p in PROJECTIONS
+                 if p not in self.masa_projections and p not in self.external_projections]
         self.weights = nn.ParameterDict({p: nn.Parameter(torch.empty(self.shapes[p])) for p in dense})
         self.biases = nn.ParameterDict({
             p: nn.Parameter(torch.empty(self.shapes[p][1]))
@@ -328,8 +342,9 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
             self._context = self.shared.context() if self.shared is not None else default_context()
         return self._context
 
-    def c_layer(self):
-        """The masa.Layer, bound to the current parameter storage."""
+    def c_layer(self, weights=None):
+        """The masa.Layer, bound to the current parameter storage (and to
+        ``weights[p]`` for the external projections)."""
         layer = self._layer
         if layer is None or layer.closed:
             layer = self._layer = Layer(
@@ -343,6 +358,14 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
                 current = layer.masa(p)
                 if current is None or current[0] is not d or current[1] is not c:
                     layer.set_masa(p, d, c, self.layer_index)
+            elif p in self.external_projections:
+                if weights is None or p not in weights:
+                    continue  # bound at the next forward that supplies it
+                w = weights[p]
+                key = _storage_key(w)
+                if self._bound.get(("weight", p)) != key:
+                    layer.set_dense(p, _param_array(w, f"weights[{p!r}]"))
+                    self._bound[("weight", p)] = key
             else:
                 w = self.weights[p]
                 key = _storage_key(w)
@@ -357,7 +380,7 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
                     self._bound[("bias", p)] = key
         return layer
 
-    def named_masa_parameters(self):
+    def named_masa_parameters(self, weights=None):
         """(gradient name, tensor) of every parameter the C layer reads, in
         the order the autograd function takes them."""
         out = []
@@ -365,19 +388,42 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
             if p in self.masa_projections:
                 out.append((f"{p}.atoms", self.shared.atoms[p]))
                 out.append((f"{p}.coefficients", self.shared.coefficients[p]))
+            elif p in self.external_projections:
+                out.append((f"{p}.weight", weights[p]))
             else:
                 out.append((f"{p}.weight", self.weights[p]))
             if p in self.biases:
                 out.append((f"{p}.bias", self.biases[p]))
         return out
 
-    def weight(self, p):
-        """Projection p's weight (d_in x d_out) as a differentiable tensor."""
+    def weight(self, p, weights=None):
+        """Projection p's weight (d_in x d_out) as a differentiable tensor
+        (an external projection's is ``weights[p]``)."""
         if p in self.masa_projections:
             return self.shared.compose(p, self.layer_index)
+        if p in self.external_projections:
+            return self._external_weights(weights)[p]
         return self.weights[p]
 
-    def forward(self, x, pos_offset: int = 0):
+    def _external_weights(self, weights):
+        """Checks ``weights`` against the external projections; returns
+        them as contiguous tensors."""
+        given = set(weights or ())
+        want = set(self.external_projections)
+        if given != want:
+            raise ValueError(
+                f"weights must hold exactly the external projections {sorted(want)}, "
+                f"got {sorted(given)}")
+        out = {}
+        for p in self.external_projections:
+            w = weights[p]
+            _check_tensor(w, f"weights[{p!r}]")
+            if tuple(w.shape) != self.shapes[p]:
+                raise ValueError(f"weights[{p!r}] must have shape {self.shapes[p]}, got {tuple(w.shape)}")
+            out[p] = w.contiguous()
+        return out
+
+    def forward(self, x, pos_offset: int = 0, weights=None):
         _check_tensor(x, "x")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [batch, seq, {self.d_model}], got {tuple(x.shape)}")
@@ -385,8 +431,9 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         if pos_offset < 0:
             raise ValueError(f"pos_offset must be >= 0, got {pos_offset}")
         x = x.contiguous()
-        layer = self.c_layer()
-        named = self.named_masa_parameters()
+        weights = self._external_weights(weights)
+        layer = self.c_layer(weights)
+        named = self.named_masa_parameters(weights)
         tensors = [t for _, t in named]
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             names = tuple(n for n, _ in named)
@@ -397,7 +444,8 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
 
     def extra_repr(self):
         kinds = "".join(p.upper() if p in self.masa_projections else p for p in PROJECTIONS)
+        external = f", external={self.external_projections}" if self.external_projections else ""
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, causal={self.causal}, rope={self.rope}, "
                 f"projections={kinds} (upper = MASA), bias={''.join(p for p in PROJECTIONS if p in self.biases) or None}, "
-                f"layer_index={self.layer_index}")
+                f"layer_index={self.layer_index}{external}")

@@ -367,3 +367,67 @@ def test_no_reserve_or_layer_kept_after_backward():
     del m
     gc.collect()
     assert layer_ref() is None
+
+
+def test_external_weights_from_low_rank_factors():
+    """Weights computed by torch (products of factors) run in libmasa and
+    their gradients flow back to the factors."""
+    torch.manual_seed(7)
+    shared = SharedAtoms(16, 4, 3, 2, n_kv_heads=2, projections="q")
+    m = MasaAttention(16, 4, n_kv_heads=2, causal=True, rope=True, bias="k", layer_index=2,
+                      shared=shared, external="kv")
+    assert sorted(m.weights) == ["o"] and m.external_projections == "kv"
+    assert "external=kv" in repr(m)
+    factors = {p: (torch.randn(16, 3, requires_grad=True), torch.randn(3, 8, requires_grad=True))
+               for p in "kv"}
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = m(x, weights={p: a @ b for p, (a, b) in factors.items()})
+
+    ref = RefParams(shared, [m])
+    f64 = {p: (a.detach().double().requires_grad_(), b.detach().double().requires_grad_())
+           for p, (a, b) in factors.items()}
+    W = {"q": torch.einsum("s,sij->ij", ref.coef["q"][2], ref.atoms["q"]),
+         "o": ref.weights[0]["o"]}
+    W.update({p: a @ b for p, (a, b) in f64.items()})
+    x64 = x.detach().double().requires_grad_()
+    y_ref = attention_ref(x64, W, ref.biases[0], 4, 2, 4, causal=True, rope=True)
+    assert_close(y, y_ref, what="y")
+
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g.double()).sum().backward()
+    assert_close(x.grad, x64.grad, what="dx")
+    for p in "kv":
+        for i in range(2):
+            assert_close(factors[p][i].grad, f64[p][i].grad, what=f"factor {i} of {p}")
+    assert_close(shared.atoms["q"].grad, ref.atoms["q"].grad, what="atoms[q]")
+    assert_close(m.weights["o"].grad, ref.weights[0]["o"].grad, what="weight[o]")
+    assert_close(m.biases["k"].grad, ref.biases[0]["k"].grad, what="bias[k]")
+
+    # New weights at every call are bound again; no_grad runs the same layer.
+    with torch.no_grad():
+        w2 = {p: 0.5 * a @ b for p, (a, b) in factors.items()}
+        W.update({p: w.double() for p, w in w2.items()})
+        assert_close(m(x, weights=w2), attention_ref(x64, W, ref.biases[0], 4, 2, 4,
+                                                      causal=True, rope=True), what="rebound")
+    assert m.c_layer().c_weight_pointer("k") == w2["k"].data_ptr()
+
+
+def test_external_weights_errors():
+    shared = SharedAtoms(16, 4, 3, 2, projections="qkv")
+    with pytest.raises(ValueError, match="both shared and external"):
+        MasaAttention(16, 4, shared=shared, external="vo")
+    with pytest.raises(ValueError, match="projections"):
+        MasaAttention(16, 4, external="ox")
+    m = MasaAttention(16, 4, shared=shared, external="o")
+    x = torch.randn(1, 3, 16)
+    with pytest.raises(ValueError, match="exactly the external projections"):
+        m(x)
+    with pytest.raises(ValueError, match="exactly the external projections"):
+        m(x, weights={"o": torch.randn(16, 16), "q": torch.randn(16, 16)})
+    with pytest.raises(ValueError, match="shape"):
+        m(x, weights={"o": torch.randn(16, 8)})
+    with pytest.raises(TypeError, match="CPU float32"):
+        m(x, weights={"o": torch.randn(16, 16, dtype=torch.float64)})
+    w = torch.randn(16, 16)
+    assert_close(m(x, weights={"o": w.t()}), m(x, weights={"o": w.t().contiguous()}), 1e-6)

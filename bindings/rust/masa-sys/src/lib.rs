@@ -7,7 +7,8 @@
 //!
 //! Mapping of C types:
 //! - `size_t` is `usize` (identical on every platform Rust supports).
-//! - C enums (`masa_status`, `masa_projection`, `masa_grad_mode`) are plain
+//! - C enums (`masa_status`, `masa_projection`, `masa_grad_mode`,
+//!   `masa_weight_policy`) are plain
 //!   `c_uint` aliases with `pub const` values, as bindgen would emit for an
 //!   enum without negative values: a C function may return a value that a
 //!   Rust `enum` would not know, which would be undefined behaviour.
@@ -137,6 +138,11 @@ pub type masa_grad_mode = c_uint;
 pub const MASA_GRAD_SET: masa_grad_mode = 0;
 pub const MASA_GRAD_ADD: masa_grad_mode = 1;
 
+/// `enum masa_weight_policy`.
+pub type masa_weight_policy = c_uint;
+pub const MASA_WEIGHTS_ON_THE_FLY: masa_weight_policy = 0;
+pub const MASA_WEIGHTS_CACHED: masa_weight_policy = 1;
+
 /// `struct masa_layer_grads`; initialise with [`masa_layer_grads_default`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -251,6 +257,10 @@ extern "C" {
     pub fn masa_layer_set_bias(layer: *mut masa_layer, which: masa_projection, bias: *mut f32)
         -> masa_status;
     pub fn masa_layer_remove_bias(layer: *mut masa_layer, which: masa_projection) -> masa_status;
+    pub fn masa_layer_set_weight_policy(layer: *mut masa_layer, policy: masa_weight_policy) -> masa_status;
+    pub fn masa_layer_weight_policy(layer: *const masa_layer, policy: *mut masa_weight_policy)
+        -> masa_status;
+    pub fn masa_layer_refresh_weights(layer: *mut masa_layer) -> masa_status;
     pub fn masa_layer_weight(layer: *mut masa_layer, which: masa_projection) -> *mut f32;
     pub fn masa_layer_bias(layer: *mut masa_layer, which: masa_projection) -> *mut f32;
     pub fn masa_layer_projection_shape(

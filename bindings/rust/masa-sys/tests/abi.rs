@@ -125,3 +125,29 @@ fn decode_one_token_through_the_cache() {
         masa_context_destroy(ctx);
     }
 }
+
+#[test]
+fn weight_policy_round_trip() {
+    unsafe {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(masa_context_create(std::ptr::null(), &mut ctx), MASA_OK);
+        let mut o = MaybeUninit::<masa_layer_options>::zeroed();
+        masa_layer_options_default(o.as_mut_ptr(), size_of::<masa_layer_options>());
+        let mut o = o.assume_init();
+        o.d_model = 4;
+        o.n_heads = 2;
+        let mut layer = std::ptr::null_mut();
+        assert_eq!(masa_layer_create(ctx, &o, &mut layer), MASA_OK);
+        let mut pol: masa_weight_policy = 99;
+        assert_eq!(masa_layer_weight_policy(layer, &mut pol), MASA_OK);
+        assert_eq!(pol, MASA_WEIGHTS_ON_THE_FLY);
+        assert_eq!(masa_layer_set_weight_policy(layer, MASA_WEIGHTS_CACHED), MASA_OK);
+        assert_eq!(masa_layer_weight_policy(layer, &mut pol), MASA_OK);
+        assert_eq!(pol, MASA_WEIGHTS_CACHED);
+        assert_eq!(masa_layer_set_weight_policy(layer, 7), MASA_ERROR_INVALID_ARGUMENT);
+        assert_eq!(masa_layer_refresh_weights(layer), MASA_OK);
+        assert_eq!(masa_layer_refresh_weights(std::ptr::null_mut()), MASA_ERROR_NULL_ARGUMENT);
+        masa_layer_destroy(layer);
+        masa_context_destroy(ctx);
+    }
+}

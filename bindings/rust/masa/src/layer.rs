@@ -368,6 +368,37 @@ impl<'a> Layer<'a> {
         Ok(())
     }
 
+    /// Sets where the layer's MASA weights come from (see [`WeightPolicy`]).
+    /// [`WeightPolicy::Cached`] composes and keeps `W_l` of every MASA
+    /// projection now (and again when set again); `OnTheFly` frees them.
+    /// Fails with [`Status::OutOfMemory`] leaving the layer as it was.
+    pub fn set_weight_policy(&mut self, policy: WeightPolicy) -> Result<()> {
+        // SAFETY: valid handle; exclusive access through `&mut self`.
+        check(unsafe { sys::masa_layer_set_weight_policy(self.raw.as_ptr(), policy.raw()) })
+    }
+
+    /// The layer's weight policy.
+    pub fn weight_policy(&self) -> WeightPolicy {
+        let mut raw = sys::MASA_WEIGHTS_ON_THE_FLY;
+        // SAFETY: valid handle and out pointer; the call cannot fail then.
+        unsafe { sys::masa_layer_weight_policy(self.raw.as_ptr(), &mut raw) };
+        if raw == sys::MASA_WEIGHTS_CACHED {
+            WeightPolicy::Cached
+        } else {
+            WeightPolicy::OnTheFly
+        }
+    }
+
+    /// Recomposes the cached weights from the current atoms and
+    /// coefficients (nothing to do on the fly). The layer borrows its
+    /// dictionaries and tables, so in safe Rust they cannot change under a
+    /// cache; this is for parameters changed through the C API or wrapped
+    /// memory written elsewhere.
+    pub fn refresh_weights(&mut self) -> Result<()> {
+        // SAFETY: valid handle; exclusive access through `&mut self`.
+        check(unsafe { sys::masa_layer_refresh_weights(self.raw.as_ptr()) })
+    }
+
     /// Re-reads the weight and bias pointers of `which` after a change.
     fn refresh(&mut self, which: Projection) {
         // SAFETY: valid handle; exclusive access through `&mut self`.
@@ -590,6 +621,26 @@ impl fmt::Debug for Layer<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kinds: Vec<ProjectionKind> = self.proj.iter().map(|p| p.kind).collect();
         f.debug_struct("Layer").field("options", &self.options).field("projections", &kinds).finish()
+    }
+}
+
+/// Where a layer's MASA weights `W_l = sum_s c[l, s] D_s` come from
+/// (`masa_weight_policy`; the header documents memory and staleness).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WeightPolicy {
+    /// Composed from the atoms at every use: memory stays at the S atoms.
+    #[default]
+    OnTheFly,
+    /// Kept composed in the layer: the speed and the memory of dense weights.
+    Cached,
+}
+
+impl WeightPolicy {
+    fn raw(self) -> sys::masa_weight_policy {
+        match self {
+            WeightPolicy::OnTheFly => sys::MASA_WEIGHTS_ON_THE_FLY,
+            WeightPolicy::Cached => sys::MASA_WEIGHTS_CACHED,
+        }
     }
 }
 

@@ -120,7 +120,9 @@ mod params;
 
 pub use context::{blis_arch, version_number, version_string, Context};
 pub use error::{Error, Origin, Result, Status};
-pub use layer::{GradMode, Grads, Layer, LayerOptions, Projection, ProjectionKind, Reserve, Workspace};
+pub use layer::{
+    GradMode, Grads, Layer, LayerOptions, Projection, ProjectionKind, Reserve, WeightPolicy, Workspace,
+};
 pub use params::{Coefficients, Dictionary};
 
 /// The raw declarations this crate is built on.

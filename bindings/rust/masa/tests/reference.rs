@@ -9,7 +9,7 @@ mod common;
 use common::{assert_close, compose, to_f64, RefLayer, Rng};
 use masa::{
     Coefficients, Context, Dictionary, GradMode, Grads, Layer, LayerOptions, Projection, ProjectionKind,
-    Reserve, Workspace,
+    Reserve, WeightPolicy, Workspace,
 };
 
 const TOL: f64 = 2e-5;
@@ -539,4 +539,65 @@ fn wrap_is_zero_copy_and_init_is_deterministic() {
         w.init_cyclic().unwrap();
     }
     assert_eq!(cbuf, [1., 0., 0., 1., 1., 0.]);
+}
+
+/// Both weight policies give the reference's output and gradients.
+#[test]
+fn weight_policies_match_reference() {
+    let ctx = Context::with_threads(2).unwrap();
+    let d = 16;
+    let opts = LayerOptions::new(d, 4).causal(true).rope(true);
+    let mut dict = Dictionary::new(&ctx, 3, d, d).unwrap();
+    dict.init_uniform(0.0, 11).unwrap();
+    let mut table = Coefficients::new(&ctx, 2, 3).unwrap();
+    table.add_uniform(1.0, 12).unwrap();
+    let mut layer = Layer::new(&ctx, &opts).unwrap();
+    for p in Projection::ALL {
+        layer.set_masa(p, &dict, &table, 1).unwrap();
+    }
+    let (batch, seq) = (2, 5);
+    let mut rng = Rng::new(13);
+    let x = rng.vec(batch * seq * d);
+    let dy = rng.vec(batch * seq * d);
+    // W_1 in double, the same for all four projections
+    let w = compose(dict.data(), &table.data()[3..6], d * d);
+    let hd = d / 4;
+    let rl = RefLayer {
+        d_model: d,
+        n_heads: 4,
+        n_kv: 4,
+        hd,
+        causal: true,
+        rope: true,
+        theta: 10000.0,
+        scale: 1.0 / (hd as f64).sqrt(),
+        w: core::array::from_fn(|_| w.clone()),
+        b: core::array::from_fn(|_| None),
+    };
+    let want_y = rl.forward(batch, seq, 0, &to_f64(&x));
+    let want = rl.backward(batch, seq, 0, &to_f64(&x), &to_f64(&dy));
+    // dc[1, s] = <D_s, dW_Q>
+    let want_dc: Vec<f64> = (0..3)
+        .map(|s| {
+            dict.data()[s * d * d..(s + 1) * d * d].iter().zip(&want.dw[0]).map(|(&a, b)| a as f64 * b).sum()
+        })
+        .collect();
+    assert_eq!(layer.weight_policy(), WeightPolicy::OnTheFly);
+    for policy in [WeightPolicy::Cached, WeightPolicy::OnTheFly] {
+        layer.set_weight_policy(policy).unwrap();
+        assert_eq!(layer.weight_policy(), policy);
+        layer.refresh_weights().unwrap();
+        let mut y = vec![0.0; x.len()];
+        let mut dx = vec![0.0; x.len()];
+        let mut ws = Workspace::new();
+        let mut rs = Reserve::new();
+        layer.forward(batch, seq, 0, &x, &mut y, &mut ws, Some(&mut rs)).unwrap();
+        assert_close("policy y", &y, &want_y, 1e-4);
+        let mut dc = vec![0.0f32; 6];
+        let mut grads = Grads::new(GradMode::Set).coefficients(Projection::Q, &mut dc);
+        layer.backward(batch, seq, 0, &x, &dy, Some(&mut dx), &mut grads, &mut ws, &rs).unwrap();
+        drop(grads);
+        assert_close("policy dx", &dx, &want.dx, 1e-4);
+        assert_close("policy dc", &dc[3..6], &want_dc, 1e-4);
+    }
 }

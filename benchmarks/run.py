@@ -1,0 +1,618 @@
+#!/usr/bin/env python3
+"""Runs libmasa's benchmarks and its peers and prints one markdown report.
+
+Builds nothing: it expects a configured and built tree (./build by default,
+scripts/build.sh). It runs, each when present:
+  bench_layer            dense vs MASA attention layer, forward and
+                         forward+backward, then again in a fresh process with
+                         --peak-memory
+  bench_project          projection GEMMs against BLIS's own sgemm
+  bench_decode           per-token decode time of a 24-layer stack
+  peers.py               PyTorch 2.x and ONNX Runtime in the venv of
+                         benchmarks/setup-peers.sh, PyTorch 1.13 in Debian's
+                         /usr/bin/python3; each peer is optional and skipped
+                         with a note when its interpreter or package is absent
+and prints the report (targets of issue 5 first) to stdout, progress to
+stderr. With --out FILE the report replaces FILE's text above the marker line
+"<!-- notes -->"; what stands below the marker is kept.
+
+  benchmarks/run.py [--build DIR] [--threads 2] [--quick] [--no-peers]
+                    [--out benchmarks/RESULTS.md]
+  benchmarks/run.py --validate-layer BENCH_LAYER   (smoke test: runs
+                    BENCH_LAYER --quick --json and checks every line)
+
+Only the standard library is used, so any python3 runs it. No result is a
+test: the targets are reported met or missed, never asserted.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MARKER = "<!-- notes -->"
+
+LAYER_SHAPES = ["B4-T512-d512-H8", "B1-T2048-d1024-H16", "B1-T8192-d512-H8",
+                "B1-T2048-d1024-H16-KV4", "B1-T512-d512-H8"]
+QUICK_SHAPES = ["B2-T64-d64-H4", "B1-T96-d64-H4-KV2"]
+PASSES = ["fwd", "fwd+bwd"]
+PEER_ORDER = ["pytorch2", "pytorch1", "onnxruntime"]
+PEER_LABEL = {"pytorch2": "PyTorch 2.x SDPA", "pytorch1":
+              "PyTorch 1.13 nn.MultiheadAttention",
+              "onnxruntime": "ONNX Runtime Attention"}
+
+
+def log(msg):
+    print(f"run.py: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, timeout):
+    """(returncode, stdout, stderr, seconds); stderr is passed through."""
+    log("$ " + " ".join(shlex.quote(c) for c in cmd))
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout
+        return -1, out or "", f"timed out after {timeout} s", timeout
+    sys.stderr.write(p.stderr)
+    return p.returncode, p.stdout, p.stderr, time.monotonic() - t0
+
+
+def json_lines(text):
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def usage_of(exe):
+    """The program's usage text (its --help output, stdout and stderr)."""
+    try:
+        p = subprocess.run([exe, "--help"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=20)
+        return p.stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def args_for(exe, quick, threads):
+    """The flags among --quick, --threads N, --json that exe says it takes."""
+    text = usage_of(exe)
+    args = []
+    if quick and "--quick" in text:
+        args.append("--quick")
+    if "--threads" in text:
+        args += ["--threads", str(threads)]
+    if "--json" in text:
+        args.append("--json")
+    return args
+
+
+# ------------------------------------------------------------ validation
+
+def check_layer(records, shapes):
+    """Problems with bench_layer's JSON records: [] when complete."""
+    problems = []
+    info = [r for r in records if r.get("kind") == "info"]
+    if len(info) != 1:
+        problems.append("no info line")
+    times = {(r.get("shape"), r.get("pass")): r for r in records
+             if r.get("kind") == "time"}
+    keys = ["dense_ms", "masa_ms", "dense_gflops", "masa_gflops",
+            "masa_over_dense", "reps", "flop"]
+    for s in shapes:
+        for p in PASSES:
+            r = times.get((s, p))
+            if r is None:
+                problems.append(f"missing {s} {p}")
+                continue
+            for k in keys:
+                v = r.get(k)
+                if not isinstance(v, (int, float)) or not v > 0:
+                    problems.append(f"{s} {p}: bad {k} {v!r}")
+    return problems
+
+
+def check_peak(records):
+    peak = [r for r in records if r.get("kind") == "peak_memory"]
+    if len(peak) != 1:
+        return ["no peak_memory line"]
+    keys = ["peak_rss_bytes", "accounted_bytes", "ratio",
+            "ratio_without_workspace"]
+    return [f"peak: bad {k}" for k in keys
+            if not isinstance(peak[0].get(k), (int, float))
+            or not peak[0][k] > 0]
+
+
+def validate_layer(exe):
+    rc, out, err, _ = run([exe, "--quick", "--json"], 120)
+    if rc != 0:
+        print(f"bench_layer --quick failed ({rc})", file=sys.stderr)
+        return 1
+    problems = check_layer(json_lines(out), QUICK_SHAPES)
+    rc, out, err, _ = run([exe, "--peak-memory", "--quick", "--json"], 120)
+    problems += [f"--peak-memory exit {rc}"] if rc else []
+    problems += check_peak(json_lines(out))
+    for p in problems:
+        print("problem: " + p, file=sys.stderr)
+    print("bench_layer --quick output: " +
+          ("complete" if not problems else f"{len(problems)} problems"))
+    return 1 if problems else 0
+
+
+# ------------------------------------------------------------ report parts
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    return f"{v:.{digits}f}"
+
+
+def markdown_rows(text):
+    """Rows of every markdown table in text, as lists of cell strings."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("|") and not re.match(r"^\|[-:| ]+\|$", line):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def number(cell):
+    try:
+        return float(cell)
+    except (TypeError, ValueError):
+        return None
+
+
+def llc_bytes():
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            t = f.read().strip()
+        mult = {"K": 1024, "M": 1024 ** 2}.get(t[-1], 1)
+        return int(t.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        return None
+
+
+def decode_rows(text, threads):
+    """(d, dict MiB, dense MiB, dense ms, MASA ms, ratio) from bench_decode's
+    per-token table, for the rows at `threads`; or JSON lines if it has
+    them."""
+    rows = []
+    for r in json_lines(text):
+        if "masa_ms" in r and "dense_ms" in r and "d" in r:
+            rows.append(r)
+    if rows:
+        return [(r["d"], r.get("dict_mib"), r.get("dense_mib"),
+                 r["dense_ms"], r["masa_ms"], r["masa_ms"] / r["dense_ms"])
+                for r in rows if r.get("threads", threads) == threads]
+    out = []
+    for cells in markdown_rows(text):
+        if len(cells) >= 7 and cells[0].isdigit():
+            vals = [number(c) for c in cells[:7]]
+            if None in vals or int(vals[1]) != threads:
+                continue
+            out.append((int(vals[0]), vals[2], vals[3], vals[4], vals[5],
+                        vals[6]))
+    return out
+
+
+def project_fractions(text):
+    """Fractions of BLIS's sgemm rate reported by bench_project: JSON
+    fields whose name mentions sgemm, or a markdown column whose header
+    does."""
+    fr = []
+    for r in json_lines(text):
+        for k, v in r.items():
+            if "sgemm" in k and isinstance(v, (int, float)) and 0 < v < 3:
+                fr.append((r.get("shape") or r.get("name") or "?", v))
+    if fr:
+        return fr
+    header = None
+    for cells in markdown_rows(text):
+        if any("sgemm" in c.lower() and ("%" in c or "/" in c or "of" in c)
+               for c in cells) and not any(number(c) for c in cells):
+            header = cells
+            col = next(i for i, c in enumerate(cells)
+                       if "sgemm" in c.lower() and ("%" in c or "/" in c
+                                                    or "of" in c))
+            pct = "%" in header[col]
+            continue
+        if header and len(cells) == len(header):
+            v = number(cells[col].rstrip("%"))
+            if v is not None:
+                fr.append((cells[0], v / 100 if pct else v))
+    return fr
+
+
+def build_report(res, args, wall):
+    L = res["layer"]
+    times = {(r["shape"], r["pass"]): r for r in L if r.get("kind") == "time"}
+    info = next((r for r in L if r.get("kind") == "info"), {})
+    shapes = QUICK_SHAPES if args.quick else LAYER_SHAPES
+    peers = res["peers"]  # name -> {(shape, pass): record}
+    out = []
+    w = out.append
+    now = datetime.datetime.now(datetime.timezone.utc)
+    w("# libmasa benchmark results\n")
+    w(f"Measured {now:%Y-%m-%d %H:%M} UTC with `{res['command']}` "
+      f"({wall:.0f} s wall time{', --quick shapes' if args.quick else ''}).\n")
+    w(f"Machine: {res['cpu']}, {os.cpu_count()} CPUs, "
+      f"{res['mem_gib']:.0f} GiB; BLIS kernels `{info.get('blis_arch', '?')}`"
+      f"; libmasa {info.get('version', '?')}; {args.threads} threads for "
+      f"every program. Load average (1 min) {res['load_start']:.2f} at the "
+      f"start, {os.getloadavg()[0]:.2f} at the end.\n")
+    w("Times are medians of repetitions (count in the tables); ratios of "
+      "libmasa MASA / dense are medians of A B B A pair ratios measured in one "
+      "process; peer ratios are peer time / libmasa time (> 1: libmasa is "
+      "faster). GFLOP/s count the same FLOPs for every implementation "
+      "(benchmarks/README.md).\n")
+
+    # ---- targets
+    w("## Targets\n")
+    w("| target | measured | status |")
+    w("|---|---|---|")
+    for t in targets(res, times, shapes, peers):
+        w(f"| {t[0]} | {t[1]} | {t[2]} |")
+    w("")
+
+    # ---- layer
+    w("## Attention layer: libmasa dense and MASA (L=24, S=8, on the fly)\n")
+    w("Causal, no RoPE, no bias; forward is inference (no reserve), "
+      "forward+backward computes dx and every parameter gradient.\n")
+    w("| shape | pass | dense ms | dense GFLOP/s | MASA ms | MASA GFLOP/s | "
+      "MASA/dense | reps |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|")
+    for s in shapes:
+        for p in PASSES:
+            r = times.get((s, p))
+            if not r:
+                w(f"| {s} | {p} | missing | | | | | |")
+                continue
+            w(f"| {s} | {p} | {fmt(r['dense_ms'])} | "
+              f"{fmt(r['dense_gflops'], 1)} | {fmt(r['masa_ms'])} | "
+              f"{fmt(r['masa_gflops'], 1)} | {fmt(r['masa_over_dense'], 3)} "
+              f"| {r['reps']} |")
+    w("")
+
+    # ---- peers
+    w("## Peers: the same layer, same machine, same thread count\n")
+    present = [n for n in PEER_ORDER if peers.get(n)]
+    if present:
+        impl = {n: next(iter(peers[n].values()))["impl"] for n in present}
+        head = "| shape | pass | libmasa dense ms | libmasa MASA ms |"
+        head += "".join(f" {impl[n]} ms | / dense | / MASA |" for n in present)
+        w(head)
+        w("|---|---|---:|---:|" + "---:|---:|---:|" * len(present))
+        for s in shapes:
+            for p in PASSES:
+                r = times.get((s, p), {})
+                row = f"| {s} | {p} | {fmt(r.get('dense_ms'))} | " \
+                      f"{fmt(r.get('masa_ms'))} |"
+                for n in present:
+                    q = peers[n].get((s, p))
+                    if not q:
+                        row += " – | | |"
+                        continue
+                    row += f" {fmt(q['ms'])} ({q['reps']}) |"
+                    row += f" {ratio(q['ms'], r.get('dense_ms'))} |"
+                    row += f" {ratio(q['ms'], r.get('masa_ms'))} |"
+                w(row)
+        w("")
+        w("Peer ms with its repetition count in parentheses; `/ dense` and "
+          "`/ MASA`: peer time over libmasa's.\n")
+    for note in res["peer_notes"]:
+        w(f"- {note}")
+    if res["peer_notes"]:
+        w("")
+
+    # ---- peak memory
+    w("## Peak memory\n")
+    pk = res["peak"]
+    if pk:
+        mib = 1024.0 * 1024.0
+        w(f"`bench_layer --peak-memory` in a fresh process: {pk['shape']}, "
+          f"{pk['proj']} projections, forward+backward once "
+          f"({pk['seconds']:.2f} s).\n")
+        w("| peak RSS MiB | inputs | outputs | parameters | reserve | "
+          "workspace | peak / (in+out+param+reserve) | peak / (... + "
+          "workspace) |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        w(f"| {pk['peak_rss_bytes'] / mib:.1f} | "
+          f"{pk['inputs_bytes'] / mib:.1f} | {pk['outputs_bytes'] / mib:.1f} "
+          f"| {pk['parameters_bytes'] / mib:.1f} | "
+          f"{pk['reserve_bytes'] / mib:.1f} | "
+          f"{pk['workspace_bytes'] / mib:.1f} | "
+          f"{pk['ratio_without_workspace']:.3f} | {pk['ratio']:.3f} |\n")
+        w(f"Outputs include dx and the parameter gradients; the process "
+          f"itself held {pk['start_rss_bytes'] / mib:.1f} MiB before any "
+          f"allocation (counted in the peak).\n")
+    else:
+        w("not measured\n")
+
+    for key, title in (("decode", "Decode"), ("project", "Projections")):
+        w(f"## {title} (`bench_{key}`)\n")
+        text = res.get(key)
+        if text is None:
+            w(f"bench_{key} is not built in this tree: not measured.\n")
+        else:
+            body = text.strip()
+            # the program's own headings go one level down
+            body = re.sub(r"^(#+) ", lambda m: "#" * max(3, len(m.group(1)))
+                          + " ", body, flags=re.M)
+            w(body + "\n")
+    return "\n".join(out)
+
+
+def ratio(peer_ms, ours_ms):
+    if not peer_ms or not ours_ms:
+        return "–"
+    return f"{peer_ms / ours_ms:.2f}"
+
+
+def targets(res, times, shapes, peers):
+    rows = []
+    quick = shapes == QUICK_SHAPES
+
+    def status(ok):
+        return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+    # 1. MASA / dense forward+backward
+    for s in shapes:
+        r = times.get((s, "fwd+bwd"))
+        m = re.match(r"B(\d+)-T(\d+)", s)
+        tokens = int(m.group(1)) * int(m.group(2))
+        if tokens >= 2048:
+            limit = 1.05
+        elif tokens >= 512:
+            limit = 1.15
+        else:
+            limit = None
+        v = r["masa_over_dense"] if r else None
+        rows.append((f"MASA/dense fwd+bwd {s} ({tokens} tokens) <= "
+                     f"{fmt(limit) if limit else '(no target)'}",
+                     fmt(v, 3), status(None if v is None or limit is None
+                                       else v <= limit)))
+    # 2. projection GEMMs
+    fr = res.get("project_fractions")
+    if res.get("project") is None:
+        rows.append(("projection GEMMs >= 85% of BLIS sgemm", "bench_project "
+                     "not built", "not measured"))
+    elif not fr:
+        rows.append(("projection GEMMs >= 85% of BLIS sgemm", "see "
+                     "Projections", "not parsed"))
+    else:
+        worst = min(v for _, v in fr)
+        rows.append(("projection GEMMs >= 85% of BLIS sgemm",
+                     f"lowest {100 * worst:.0f}% of {len(fr)}",
+                     status(worst >= 0.85)))
+    # 3. peers
+    for name, p, label, need in (("pytorch2", "fwd+bwd", "PyTorch 2.x", 1.0),
+                                 ("onnxruntime", "fwd", "ONNX Runtime", 1.0)):
+        table = peers.get(name) or {}
+        for s in shapes:
+            r = times.get((s, p))
+            q = table.get((s, p))
+            lim = need
+            if name == "pytorch2" and s == shapes[0] and not quick:
+                lim = 1.5
+            what = f"{p} faster than {label}" + \
+                (f" by {lim}x" if lim > 1 else "") + f", {s}"
+            if not q or not r:
+                rows.append((what, "peer not run", "not measured"))
+                continue
+            vd, vm = q["ms"] / r["dense_ms"], q["ms"] / r["masa_ms"]
+            rows.append((what, f"{vd:.2f}x dense, {vm:.2f}x MASA",
+                         status(min(vd, vm) > lim if lim == 1.0
+                                else min(vd, vm) >= lim)))
+    # 4. peak memory
+    pk = res["peak"]
+    if pk:
+        rows.append((f"peak memory {pk['shape']} fwd+bwd < 2x (inputs + "
+                     "outputs + parameters + reserve)",
+                     f"{pk['ratio_without_workspace']:.2f}x",
+                     status(pk["ratio_without_workspace"] < 2.0)))
+    else:
+        rows.append(("peak memory < 2x", "–", "not measured"))
+    # 5. decode
+    dec = res.get("decode_rows")
+    llc = llc_bytes()
+    if res.get("decode") is None:
+        rows.append(("decode: MASA per-token <= dense when the dictionary "
+                     "fits in cache", "bench_decode not built",
+                     "not measured"))
+    elif not dec:
+        rows.append(("decode: MASA per-token <= dense when the dictionary "
+                     "fits in cache", "see Decode", "not parsed"))
+    else:
+        for d, dict_mib, dense_mib, dms, mms, rt in dec:
+            fits = (llc is None or dict_mib is None
+                    or dict_mib * 1024 * 1024 <= llc)
+            if not fits:
+                continue
+            rows.append((f"decode d={d}: MASA ms/token <= dense (dictionaries"
+                         f" {fmt(dict_mib, 1)} MiB fit the "
+                         f"{(llc or 0) // 2 ** 20} MiB LLC)",
+                         f"{fmt(mms, 3)} vs {fmt(dms, 3)} ms ({rt:.2f}x)",
+                         status(mms <= dms)))
+    return rows
+
+
+# ------------------------------------------------------------ main
+
+def peers_venv_python():
+    venv = os.environ.get("MASA_PEERS_VENV",
+                          os.path.expanduser("~/.cache/masa/peers-venv"))
+    py = os.path.join(venv, "bin", "python")
+    return py if os.access(py, os.X_OK) else None
+
+
+def run_peer(python, name, args, res):
+    cmd = [python, os.path.join(HERE, "peers.py"), "--peer", name,
+           "--threads", str(args.threads), "--budget", str(args.peer_budget),
+           "--min-reps", "1", "--with-self-check"]
+    if args.quick:
+        cmd.append("--quick")
+    rc, out, err, secs = run(cmd, args.peer_timeout)
+    recs = json_lines(out)
+    checks = [r for r in recs if r.get("kind") == "self_check"]
+    bad = [c for c in checks if c.get("status") == "MISMATCH"]
+    t = {(r["shape"], r["pass"]): r for r in recs if r.get("kind") == "time"}
+    if rc == 3 or any(r.get("kind") == "unavailable" for r in recs):
+        why = next((r.get("reason") for r in recs
+                    if r.get("kind") == "unavailable"), "")
+        res["peer_notes"].append(f"{PEER_LABEL[name]}: skipped, not "
+                                 f"available in {python} ({why})")
+        return
+    if bad:
+        res["peer_notes"].append(f"{PEER_LABEL[name]}: self-check MISMATCH "
+                                 f"{bad}; its times are not reported")
+        return
+    if rc != 0:
+        res["peer_notes"].append(f"{PEER_LABEL[name]}: exited {rc} after "
+                                 f"{secs:.0f} s ({err.strip()[-200:]}); the "
+                                 f"{len(t)} results it printed are kept")
+    skipped = [r["shape"] for r in recs if r.get("kind") == "skipped"]
+    impl = next((r.get("impl") for r in recs if r.get("impl")), name)
+    note = (f"{PEER_LABEL[name]} ({impl}, {python}): self-check against "
+            f"numpy {'ok' if checks else 'not run'}"
+            f" ({', '.join(c['shape'] + ' ' + c['status'] for c in checks)})")
+    op = next((r.get("op") for r in recs if r.get("op")), None)
+    if op:
+        note += f"; op {op}"
+    if skipped:
+        note += f"; skipped {', '.join(skipped)} (no GQA in its API)"
+    res["peer_notes"].append(note + f"; {secs:.0f} s")
+    res["peers"][name] = t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out")
+    ap.add_argument("--layer-budget", type=float, default=12.0,
+                    help="bench_layer --budget (s per shape and pass)")
+    ap.add_argument("--peer-budget", type=float, default=6.0,
+                    help="peers.py --budget (s per shape and pass)")
+    ap.add_argument("--peer-timeout", type=float, default=240.0,
+                    help="seconds before a peer's run is stopped")
+    ap.add_argument("--torch1-python", default="/usr/bin/python3")
+    ap.add_argument("--validate-layer", metavar="BENCH_LAYER")
+    args = ap.parse_args()
+    if args.validate_layer:
+        return validate_layer(os.path.abspath(args.validate_layer))
+
+    t_start = time.monotonic()
+    bdir = os.path.join(args.build, "benchmarks")
+    res = {"peers": {}, "peer_notes": [], "peak": None,
+           "load_start": os.getloadavg()[0],
+           "command": "benchmarks/run.py " + " ".join(
+               shlex.quote(a) for a in sys.argv[1:])}
+    res["cpu"] = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.*)", f.read())
+            res["cpu"] = m.group(1).strip() if m else res["cpu"]
+        with open("/proc/meminfo") as f:
+            res["mem_gib"] = int(f.readline().split()[1]) / 2 ** 20
+    except OSError:
+        res["mem_gib"] = 0
+    problems = []
+
+    layer = os.path.join(bdir, "bench_layer")
+    if not os.access(layer, os.X_OK):
+        print(f"run.py: {layer} not found; build first (scripts/build.sh)",
+              file=sys.stderr)
+        return 2
+    cmd = [layer, "--json", "--threads", str(args.threads), "--budget",
+           str(args.layer_budget)] + (["--quick"] if args.quick else [])
+    rc, out, err, _ = run(cmd, 900)
+    res["layer"] = json_lines(out)
+    problems += [f"bench_layer exit {rc}"] if rc else []
+    problems += check_layer(res["layer"],
+                            QUICK_SHAPES if args.quick else LAYER_SHAPES)
+
+    cmd = [layer, "--peak-memory", "--json", "--threads",
+           str(args.threads)] + (["--quick"] if args.quick else [])
+    rc, out, err, _ = run(cmd, 300)
+    pk = json_lines(out)
+    problems += [f"bench_layer --peak-memory exit {rc}"] if rc else []
+    problems += check_peak(pk)
+    res["peak"] = next((r for r in pk if r.get("kind") == "peak_memory"),
+                       None)
+
+    for key in ("project", "decode"):
+        exe = os.path.join(bdir, "bench_" + key)
+        if not os.access(exe, os.X_OK):
+            log(f"bench_{key} not built: skipped")
+            res[key] = None
+            continue
+        rc, out, err, secs = run([exe] + args_for(exe, args.quick,
+                                                  args.threads), 600)
+        if rc != 0:
+            problems.append(f"bench_{key} exit {rc}")
+            out += f"\n\n(bench_{key} exited {rc}: {err.strip()[-300:]})\n"
+        res[key] = out
+    if res.get("decode") is not None:
+        res["decode_rows"] = decode_rows(res["decode"], args.threads)
+    if res.get("project") is not None:
+        res["project_fractions"] = project_fractions(res["project"])
+
+    if args.no_peers:
+        res["peer_notes"].append("peers not run (--no-peers)")
+    else:
+        venv_py = peers_venv_python()
+        if venv_py:
+            for name in ("pytorch2", "onnxruntime"):
+                run_peer(venv_py, name, args, res)
+        else:
+            res["peer_notes"].append(
+                "PyTorch 2.x and ONNX Runtime: skipped, no venv (run "
+                "benchmarks/setup-peers.sh)")
+        if os.access(args.torch1_python, os.X_OK):
+            run_peer(args.torch1_python, "pytorch1", args, res)
+        else:
+            res["peer_notes"].append(f"PyTorch 1.13: skipped, no "
+                                     f"{args.torch1_python}")
+
+    wall = time.monotonic() - t_start
+    report = build_report(res, args, wall)
+    print(report)
+    if args.out:
+        notes = ""
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                old = f.read()
+            if MARKER in old:
+                notes = old[old.index(MARKER) + len(MARKER):]
+        with open(args.out, "w") as f:
+            f.write(report.rstrip() + "\n\n" + MARKER + (notes or "\n"))
+        log(f"wrote {args.out}")
+    log(f"done in {wall:.0f} s")
+    for p in problems:
+        log("problem: " + p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
