@@ -12,12 +12,14 @@
 
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
-/* Forward's per-thread scratch: Q^T packed, a key tile packed, the score
- * tile, P packed, a value tile packed, the row sums. The scores come as
- * S^T = K Q^T written transposed: packing K and V rows reads memory
- * contiguously, and the one strided pack (Q^T) serves every key tile. */
+/* Forward's per-thread scratch: Q^T packed, the key tiles packed (K as A,
+ * V as B, one slot per key tile), the score tile, P packed, the row sums.
+ * The scores come as S^T = K Q^T written transposed: packing K and V rows
+ * reads memory contiguously, and the one strided pack (Q^T) serves every
+ * key tile. */
 typedef struct fwd_scratch {
-    float *qtb, *ka, *s, *pp, *vp, *sum;
+    float *qtb, *ka, *s, *pp, *vb, *sum;
+    size_t ka_tile, vb_tile; /* floats per key tile slot */
 } fwd_scratch;
 
 /* Carves the scratch from `at` (NULL: only counts); returns its floats. */
@@ -25,11 +27,13 @@ static size_t fwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
                          fwd_scratch *f)
 {
     size_t bq = min_size(MASA_FLASH_BQ, seq), bk = min_size(MASA_FLASH_BK, seq);
-    size_t n[6] = {masa__pack_b_floats(u, hd, bq),
-                   masa__pack_a_floats(u, bk, hd), bq * bk,
-                   masa__pack_a_floats(u, bq, bk),
-                   masa__pack_b_floats(u, bk, hd), bq};
-    float **dst[6] = {&f->qtb, &f->ka, &f->s, &f->pp, &f->vp, &f->sum};
+    size_t key_tiles = (seq + MASA_FLASH_BK - 1) / MASA_FLASH_BK;
+    f->ka_tile = masa__pack_a_floats(u, bk, hd);
+    f->vb_tile = masa__pack_b_floats(u, bk, hd);
+    size_t n[6] = {masa__pack_b_floats(u, hd, bq), key_tiles * f->ka_tile,
+                   bq * bk, masa__pack_a_floats(u, bq, bk),
+                   key_tiles * f->vb_tile, bq};
+    float **dst[6] = {&f->qtb, &f->ka, &f->s, &f->pp, &f->vb, &f->sum};
     size_t total = 0;
     for (int i = 0; i < 6; i++) {
         total += n[i] + MASA_ATTN_ALIGN_SLACK;
@@ -60,31 +64,38 @@ static size_t n_query_tiles(size_t seq)
     return (seq + MASA_FLASH_BQ - 1) / MASA_FLASH_BQ;
 }
 
-static void forward_task(void *p, size_t task, size_t thread)
+/* Packs key tile t of key/value head g of sequence b into its slots. */
+static void pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
+                          const fwd_scratch *f, size_t b, size_t g, size_t t)
 {
-    masa_attn_args *a = p;
+    const masa_layer *L = a->layer;
+    size_t T = a->seq, hd = L->head_dim, j0 = t * MASA_FLASH_BK;
+    size_t n = min_size(T - j0, MASA_FLASH_BK);
+    const float *k = a->k + (b * T + j0) * L->dkv + g * hd;
+    const float *v = a->v + (b * T + j0) * L->dkv + g * hd;
+    masa__pack_a(u, n, hd, k, L->dkv, 1, f->ka + t * f->ka_tile);
+    masa__pack_b(u, n, hd, v, L->dkv, 1, f->vb + t * f->vb_tile);
+}
+
+/* Query tile `tile` of head h of sequence b. packed: the key tiles are in
+ * their slots already; otherwise each is packed here. */
+static void forward_tile(const masa_attn_args *a, const masa_ukr *u,
+                         const fwd_scratch *fs, size_t b, size_t h,
+                         size_t tile, bool packed)
+{
     const masa_layer *L = a->layer;
     size_t T = a->seq, hd = L->head_dim, H = L->n_heads;
-    size_t tiles = n_query_tiles(T);
-    /* the longest causal tiles first, so the short ones fill the gaps */
-    size_t tile = tiles - 1 - task / (a->batch * H);
-    size_t h = task % H;
-    size_t b = task / H % a->batch;
     size_t g = h / (H / L->n_kv_heads);
+    const fwd_scratch f = *fs;
 
     size_t i0 = tile * MASA_FLASH_BQ;
     size_t m = min_size(T - i0, MASA_FLASH_BQ);
     size_t kend = L->causal ? i0 + m : T;
 
     const float *q = a->q + (b * T + i0) * L->dq + h * hd;
-    const float *k = a->k + b * T * L->dkv + g * hd;
     const float *v = a->v + b * T * L->dkv + g * hd;
     float *out = a->attn + (b * T + i0) * L->dq + h * hd;
     float *lse = a->lse + (b * H + h) * T + i0;
-    masa_ukr u;
-    masa__ukr_query(&u);
-    fwd_scratch f;
-    fwd_layout(&u, T, hd, a->tiles + thread * a->tile_floats, &f);
     float *mx = lse, *s = f.s, *sum = f.sum; /* running max kept in lse */
 
     for (size_t r = 0; r < m; r++) {
@@ -92,18 +103,21 @@ static void forward_task(void *p, size_t task, size_t thread)
         mx[r] = -INFINITY;
         sum[r] = 0.0f;
     }
-    masa__pack_b(&u, hd, m, q, 1, L->dq, f.qtb);
+    masa__pack_b(u, hd, m, q, 1, L->dq, f.qtb);
     for (size_t j0 = 0; j0 < kend; j0 += MASA_FLASH_BK) {
         size_t n = min_size(kend - j0, MASA_FLASH_BK);
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
                                (ptrdiff_t)i0 - (ptrdiff_t)j0};
-        const float *kt = k + j0 * L->dkv, *vt = v + j0 * L->dkv;
+        size_t t = j0 / MASA_FLASH_BK;
+        const float *vt = v + j0 * L->dkv;
+        float *ka = f.ka + t * f.ka_tile, *vb = f.vb + t * f.vb_tile;
+        if (!packed)
+            pack_key_tile(a, u, &f, b, g, t);
         /* S = scale Q_tile K_tile^T, m x n, row stride n, as S^T = K Q^T
          * (masked entries are computed but never used) */
-        masa__pack_a(&u, n, hd, kt, L->dkv, 1, f.ka);
-        masa__tile_product(&u, &(masa_tile_product){
+        masa__tile_product(u, &(masa_tile_product){
             .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
-            .alpha = L->scale, .beta = 0.0f, .ap = f.ka, .bp = f.qtb, .c = s,
+            .alpha = L->scale, .beta = 0.0f, .ap = ka, .bp = f.qtb, .c = s,
             .ldc = 1, .csc = n});
         for (size_t r = 0; r < m; r++) {
             size_t nv = masa__mask_row_len(mask, r, n);
@@ -124,11 +138,10 @@ static void forward_task(void *p, size_t task, size_t thread)
             }
         }
         /* O += P V_tile */
-        masa__pack_a(&u, m, n, s, n, 1, f.pp);
-        masa__pack_b(&u, n, hd, vt, L->dkv, 1, f.vp);
-        masa__tile_product(&u, &(masa_tile_product){
+        masa__pack_a(u, m, n, s, n, 1, f.pp);
+        masa__tile_product(u, &(masa_tile_product){
             .kind = MASA_PRODUCT_ROWS, .mask = mask, .m = m, .n = hd, .k = n,
-            .alpha = 1.0f, .beta = 1.0f, .ap = f.pp, .bp = f.vp, .c = out,
+            .alpha = 1.0f, .beta = 1.0f, .ap = f.pp, .bp = vb, .c = out,
             .ldc = L->dq, .a = s, .lda = n, .b = vt, .ldb = L->dkv});
     }
     for (size_t r = 0; r < m; r++) {
@@ -140,9 +153,49 @@ static void forward_task(void *p, size_t task, size_t thread)
     }
 }
 
+/* One task per (sequence, head, query tile), packing key tiles as they
+ * come: for few heads, so every thread has work. */
+static void tile_task(void *p, size_t task, size_t thread)
+{
+    masa_attn_args *a = p;
+    size_t H = a->layer->n_heads, tiles = n_query_tiles(a->seq);
+    masa_ukr u;
+    masa__ukr_query(&u);
+    fwd_scratch f;
+    fwd_layout(&u, a->seq, a->layer->head_dim,
+               a->tiles + thread * a->tile_floats, &f);
+    /* the longest causal tiles first, so the short ones fill the gaps */
+    forward_tile(a, &u, &f, task / H % a->batch, task % H,
+                 tiles - 1 - task / (a->batch * H), false);
+}
+
+/* One task per (sequence, head): its key tiles are packed once and serve
+ * every query tile. */
+static void head_task(void *p, size_t task, size_t thread)
+{
+    masa_attn_args *a = p;
+    const masa_layer *L = a->layer;
+    size_t H = L->n_heads, b = task / H, h = task % H;
+    masa_ukr u;
+    masa__ukr_query(&u);
+    fwd_scratch f;
+    fwd_layout(&u, a->seq, L->head_dim, a->tiles + thread * a->tile_floats,
+               &f);
+    size_t g = h / (H / L->n_kv_heads);
+    for (size_t t = 0; t * MASA_FLASH_BK < a->seq; t++)
+        pack_key_tile(a, &u, &f, b, g, t);
+    for (size_t tile = 0; tile < n_query_tiles(a->seq); tile++)
+        forward_tile(a, &u, &f, b, h, tile, true);
+}
+
 void masa__attention_forward(masa_attn_args *args)
 {
     const masa_layer *L = args->layer;
-    size_t n_tasks = args->batch * L->n_heads * n_query_tiles(args->seq);
-    masa__pool_run(L->ctx->pool, n_tasks, forward_task, args);
+    size_t heads = args->batch * L->n_heads, nt = L->ctx->n_threads;
+    /* whole heads balance well from two per thread (equal work each) */
+    if (heads >= 2 * nt || nt == 1)
+        masa__pool_run(L->ctx->pool, heads, head_task, args);
+    else
+        masa__pool_run(L->ctx->pool, heads * n_query_tiles(args->seq),
+                       tile_task, args);
 }
