@@ -22,13 +22,15 @@ static size_t n_query_tiles(size_t seq)
     return (seq + MASA_FLASH_BQ - 1) / MASA_FLASH_BQ;
 }
 
-/* Per-thread scratch: Q^T, dO^T, Q and dO packed as B, K and V of a key
- * tile packed as A and K as B, the P and dP tiles, dS, P^T and dS^T packed,
- * delta, and the partial dK and dV of a key split. S and dP come as
- * S^T = K Q^T and dP^T = V dO^T written transposed (as in forward). */
+/* Per-thread scratch: Q^T, dO^T, Q and dO packed as B, the key tiles
+ * packed (K and V as A, K as B; one slot per key tile), the P and dP tiles,
+ * dS, P^T and dS^T packed, delta, and the partial dK and dV of a key split.
+ * S and dP come as S^T = K Q^T and dP^T = V dO^T written transposed (as in
+ * forward). */
 typedef struct bwd_scratch {
     float *qtb, *dotb, *qb, *dob, *ka, *va, *kb, *p, *dp, *dsa, *pta, *dsta;
     float *delta, *dk, *dv;
+    size_t a_tile, b_tile; /* floats per key tile slot (ka, va; kb) */
 } bwd_scratch;
 
 /* Carves the scratch from `at` (NULL: only counts); returns its floats. */
@@ -38,9 +40,12 @@ static size_t bwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
     size_t bq = min_size(MASA_FLASH_BQ, seq), bk = min_size(MASA_FLASH_BK, seq);
     size_t b_hq = masa__pack_b_floats(u, hd, bq);
     size_t b_qh = masa__pack_b_floats(u, bq, hd);
-    size_t a_kh = masa__pack_a_floats(u, bk, hd);
-    size_t n[15] = {b_hq, b_hq, b_qh, b_qh, a_kh, a_kh,
-                    masa__pack_b_floats(u, bk, hd), bq * bk, bq * bk,
+    size_t key_tiles = (seq + MASA_FLASH_BK - 1) / MASA_FLASH_BK;
+    s->a_tile = masa__pack_a_floats(u, bk, hd);
+    s->b_tile = masa__pack_b_floats(u, bk, hd);
+    size_t n[15] = {b_hq, b_hq, b_qh, b_qh, key_tiles * s->a_tile,
+                    key_tiles * s->a_tile, key_tiles * s->b_tile, bq * bk,
+                    bq * bk,
                     masa__pack_a_floats(u, bq, bk),
                     masa__pack_a_floats(u, bk, bq),
                     masa__pack_a_floats(u, bk, bq), bq, seq * hd, seq * hd};
@@ -72,12 +77,27 @@ static bwd_scratch scratch_of(const masa_attn_args *a, const masa_ukr *u,
     return s;
 }
 
+/* Packs key tile t of key/value head g of sequence b into its slots. */
+static void pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
+                          const bwd_scratch *s, size_t b, size_t g, size_t t)
+{
+    const masa_layer *L = a->layer;
+    size_t T = a->seq, hd = L->head_dim, j0 = t * MASA_FLASH_BK;
+    size_t n = min_size(T - j0, MASA_FLASH_BK);
+    const float *k = a->k + (b * T + j0) * L->dkv + g * hd;
+    const float *v = a->v + (b * T + j0) * L->dkv + g * hd;
+    masa__pack_a(u, n, hd, k, L->dkv, 1, s->ka + t * s->a_tile);
+    masa__pack_a(u, n, hd, v, L->dkv, 1, s->va + t * s->a_tile);
+    masa__pack_b(u, n, hd, k, L->dkv, 1, s->kb + t * s->b_tile);
+}
+
 /* Query tile `tile` of head h of sequence b; dK, dV rows of key 0 at dk, dv
- * with row stride ld. */
+ * with row stride ld. packed: the key tiles are in their slots already;
+ * otherwise each is packed here. */
 static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
                           size_t b, size_t h, size_t tile,
                           const bwd_scratch *s, float *dk, float *dv,
-                          size_t ld)
+                          size_t ld, bool packed)
 {
     const masa_layer *L = a->layer;
     size_t T = a->seq, hd = L->head_dim;
@@ -89,7 +109,6 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
     size_t row0 = (b * T + i0) * L->dq + h * hd;
     const float *q = a->q + row0, *d_o = a->d_attn + row0, *o = a->attn + row0;
     const float *k = a->k + b * T * L->dkv + g * hd;
-    const float *v = a->v + b * T * L->dkv + g * hd;
     const float *lse = a->lse + (b * L->n_heads + h) * T + i0;
     float *dq = a->dq + row0;
 
@@ -110,19 +129,21 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         size_t n = min_size(kend - j0, MASA_FLASH_BK);
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
                                (ptrdiff_t)i0 - (ptrdiff_t)j0};
-        const float *kt = k + j0 * L->dkv, *vt = v + j0 * L->dkv;
-        masa__pack_a(u, n, hd, kt, L->dkv, 1, s->ka);
-        masa__pack_a(u, n, hd, vt, L->dkv, 1, s->va);
-        masa__pack_b(u, n, hd, kt, L->dkv, 1, s->kb);
+        const float *kt = k + j0 * L->dkv;
+        size_t t = j0 / MASA_FLASH_BK;
+        const float *ka = s->ka + t * s->a_tile, *va = s->va + t * s->a_tile;
+        const float *kb = s->kb + t * s->b_tile;
+        if (!packed)
+            pack_key_tile(a, u, s, b, g, t);
         /* S = scale Q K^T and dP = dO V^T, m x n, row stride n (masked
          * entries computed, unused) */
         masa__tile_product(u, &(masa_tile_product){
             .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
-            .alpha = L->scale, .beta = 0.0f, .ap = s->ka, .bp = s->qtb,
+            .alpha = L->scale, .beta = 0.0f, .ap = ka, .bp = s->qtb,
             .c = s->p, .ldc = 1, .csc = n});
         masa__tile_product(u, &(masa_tile_product){
             .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
-            .alpha = 1.0f, .beta = 0.0f, .ap = s->va, .bp = s->dotb,
+            .alpha = 1.0f, .beta = 0.0f, .ap = va, .bp = s->dotb,
             .c = s->dp, .ldc = 1, .csc = n});
         for (size_t r = 0; r < m; r++) {
             size_t nv = masa__mask_row_len(mask, r, n);
@@ -148,7 +169,7 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
             .ldb = L->dq});
         masa__tile_product(u, &(masa_tile_product){
             .kind = MASA_PRODUCT_ROWS, .mask = mask, .m = m, .n = hd, .k = n,
-            .alpha = L->scale, .beta = 1.0f, .ap = s->dsa, .bp = s->kb,
+            .alpha = L->scale, .beta = 1.0f, .ap = s->dsa, .bp = kb,
             .c = dq, .ldc = L->dq, .a = s->dp, .lda = n, .b = kt,
             .ldb = L->dkv});
     }
@@ -172,10 +193,12 @@ static void pair_task(void *p, size_t task, size_t thread)
         memset(dk + t * L->dkv, 0, hd * sizeof(float));
         memset(dv + t * L->dkv, 0, hd * sizeof(float));
     }
+    for (size_t t = 0; t * MASA_FLASH_BK < T; t++)
+        pack_key_tile(a, &u, &s, b, g, t);
     size_t rep = L->n_heads / L->n_kv_heads, tiles = n_query_tiles(T);
     for (size_t h = g * rep; h < (g + 1) * rep; h++)
         for (size_t tile = 0; tile < tiles; tile++)
-            backward_tile(a, &u, b, h, tile, &s, dk, dv, L->dkv);
+            backward_tile(a, &u, b, h, tile, &s, dk, dv, L->dkv, true);
 }
 
 /* Key split of one pair (b, g). */
@@ -196,7 +219,7 @@ static void split_task(void *p, size_t task, size_t thread)
     bwd_scratch s = scratch_of(sa->a, &u, thread);
     /* the longest causal tiles first */
     backward_tile(sa->a, &u, sa->b, sa->g * rep + task % rep,
-                  tiles - 1 - task / rep, &s, s.dk, s.dv, L->head_dim);
+                  tiles - 1 - task / rep, &s, s.dk, s.dv, L->head_dim, false);
 }
 
 static void reduce_task(void *p, size_t task, size_t thread)
