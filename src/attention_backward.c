@@ -81,14 +81,8 @@ static bwd_scratch scratch_of(const masa_attn_args *a, const masa_ukr *u,
 static void pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
                           const bwd_scratch *s, size_t b, size_t g, size_t t)
 {
-    const masa_layer *L = a->layer;
-    size_t T = a->seq, hd = L->head_dim, j0 = t * MASA_FLASH_BK;
-    size_t n = min_size(T - j0, MASA_FLASH_BK);
-    const float *k = a->k + (b * T + j0) * L->dkv + g * hd;
-    const float *v = a->v + (b * T + j0) * L->dkv + g * hd;
-    masa__pack_a(u, n, hd, k, L->dkv, 1, s->ka + t * s->a_tile);
-    masa__pack_a(u, n, hd, v, L->dkv, 1, s->va + t * s->a_tile);
-    masa__pack_b(u, n, hd, k, L->dkv, 1, s->kb + t * s->b_tile);
+    masa__pack_key_tile(a, u, b, g, t, s->ka + t * s->a_tile,
+                        s->va + t * s->a_tile, NULL, s->kb + t * s->b_tile);
 }
 
 /* Query tile `tile` of head h of sequence b; dK, dV rows of key 0 at dk, dv

@@ -52,6 +52,12 @@ void masa__pack_a(const masa_ukr *u, size_t m, size_t k, const float *a,
 void masa__pack_b(const masa_ukr *u, size_t k, size_t n, const float *b,
                   size_t rsb, size_t csb, float *dst);
 
+/* Key tile t (keys t BK ...) of key/value head g of sequence b: K and V
+ * packed as A (ka, va) and as B (kb, vb); NULL outputs are skipped. */
+void masa__pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
+                         size_t b, size_t g, size_t t, float *ka, float *va,
+                         float *vb, float *kb);
+
 typedef enum masa_product_kind {
     /* C rows are query rows, the inner index runs over keys: row r of C
      * uses keys [0, masa__mask_row_len(r)) (O += P V, dQ += dS K) */

@@ -68,13 +68,8 @@ static size_t n_query_tiles(size_t seq)
 static void pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
                           const fwd_scratch *f, size_t b, size_t g, size_t t)
 {
-    const masa_layer *L = a->layer;
-    size_t T = a->seq, hd = L->head_dim, j0 = t * MASA_FLASH_BK;
-    size_t n = min_size(T - j0, MASA_FLASH_BK);
-    const float *k = a->k + (b * T + j0) * L->dkv + g * hd;
-    const float *v = a->v + (b * T + j0) * L->dkv + g * hd;
-    masa__pack_a(u, n, hd, k, L->dkv, 1, f->ka + t * f->ka_tile);
-    masa__pack_b(u, n, hd, v, L->dkv, 1, f->vb + t * f->vb_tile);
+    masa__pack_key_tile(a, u, b, g, t, f->ka + t * f->ka_tile, NULL,
+                        f->vb + t * f->vb_tile, NULL);
 }
 
 /* Query tile `tile` of head h of sequence b. packed: the key tiles are in

@@ -148,6 +148,25 @@ void masa__pack_b(const masa_ukr *u, size_t k, size_t n, const float *b,
     }
 }
 
+void masa__pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
+                         size_t b, size_t g, size_t t, float *ka, float *va,
+                         float *vb, float *kb)
+{
+    const masa_layer *L = a->layer;
+    size_t T = a->seq, hd = L->head_dim, j0 = t * MASA_FLASH_BK;
+    size_t n = T - j0 < MASA_FLASH_BK ? T - j0 : MASA_FLASH_BK;
+    const float *k = a->k + (b * T + j0) * L->dkv + g * hd;
+    const float *v = a->v + (b * T + j0) * L->dkv + g * hd;
+    if (ka)
+        masa__pack_a(u, n, hd, k, L->dkv, 1, ka);
+    if (va)
+        masa__pack_a(u, n, hd, v, L->dkv, 1, va);
+    if (vb)
+        masa__pack_b(u, n, hd, v, L->dkv, 1, vb);
+    if (kb)
+        masa__pack_b(u, n, hd, k, L->dkv, 1, kb);
+}
+
 static void axpy(size_t n, float a, const float *x, float *y)
 {
     for (size_t i = 0; i < n; i++)
