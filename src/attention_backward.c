@@ -22,16 +22,19 @@ static size_t n_query_tiles(size_t seq)
     return (seq + MASA_FLASH_BQ - 1) / MASA_FLASH_BQ;
 }
 
-/* Per-thread scratch: Q^T, dO^T, Q and dO packed as B, the key tiles
- * packed (K and V as A, K as B; one slot per key tile), the P and dP tiles,
- * dS, P^T and dS^T packed, delta, and the partial dK and dV of a key split.
- * S and dP come as S^T = K Q^T and dP^T = V dO^T written transposed (as in
- * forward). */
+/* Per-thread scratch: Q^T, dO^T, Q and dO packed as B, the P and dP tiles,
+ * dS, P^T and dS^T packed, delta, and a region that holds either the key
+ * tiles packed (one slot per key tile: K and V as A, K as B), when a task
+ * owns a whole (sequence, key/value head), or one such slot followed by the
+ * partial dK and dV of a key split. S and dP come as S^T = K Q^T and
+ * dP^T = V dO^T written transposed (as in forward). */
 typedef struct bwd_scratch {
-    float *qtb, *dotb, *qb, *dob, *ka, *va, *kb, *p, *dp, *dsa, *pta, *dsta;
-    float *delta, *dk, *dv;
-    size_t a_tile, b_tile; /* floats per key tile slot (ka, va; kb) */
+    float *qtb, *dotb, *qb, *dob, *p, *dp, *dsa, *pta, *dsta, *delta;
+    float *slots, *dk, *dv;
+    size_t a_tile, b_tile, slot; /* floats: K or V as A, K as B, a slot */
 } bwd_scratch;
+
+static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
 /* Carves the scratch from `at` (NULL: only counts); returns its floats. */
 static size_t bwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
@@ -41,22 +44,27 @@ static size_t bwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
     size_t b_hq = masa__pack_b_floats(u, hd, bq);
     size_t b_qh = masa__pack_b_floats(u, bq, hd);
     size_t key_tiles = (seq + MASA_FLASH_BK - 1) / MASA_FLASH_BK;
-    s->a_tile = masa__pack_a_floats(u, bk, hd);
-    s->b_tile = masa__pack_b_floats(u, bk, hd);
-    size_t n[15] = {b_hq, b_hq, b_qh, b_qh, key_tiles * s->a_tile,
-                    key_tiles * s->a_tile, key_tiles * s->b_tile, bq * bk,
-                    bq * bk,
+    /* slot parts stay 64-byte aligned: packed B is read with aligned loads */
+    s->a_tile = round16(masa__pack_a_floats(u, bk, hd));
+    s->b_tile = round16(masa__pack_b_floats(u, bk, hd));
+    s->slot = 2 * s->a_tile + s->b_tile;
+    size_t all = key_tiles * s->slot, split = s->slot + 2 * seq * hd;
+    size_t n[11] = {b_hq, b_hq, b_qh, b_qh, bq * bk, bq * bk,
                     masa__pack_a_floats(u, bq, bk),
                     masa__pack_a_floats(u, bk, bq),
-                    masa__pack_a_floats(u, bk, bq), bq, seq * hd, seq * hd};
-    float **dst[15] = {&s->qtb, &s->dotb, &s->qb, &s->dob, &s->ka, &s->va,
-                       &s->kb, &s->p, &s->dp, &s->dsa, &s->pta, &s->dsta,
-                       &s->delta, &s->dk, &s->dv};
+                    masa__pack_a_floats(u, bk, bq), bq,
+                    all > split ? all : split};
+    float **dst[11] = {&s->qtb, &s->dotb, &s->qb, &s->dob, &s->p, &s->dp,
+                       &s->dsa, &s->pta, &s->dsta, &s->delta, &s->slots};
     size_t total = 0;
-    for (int i = 0; i < 15; i++) {
+    for (int i = 0; i < 11; i++) {
         total += n[i] + MASA_ATTN_ALIGN_SLACK;
         if (at)
             *dst[i] = masa__attn_carve(&at, n[i]);
+    }
+    if (at) {
+        s->dk = s->slots + s->slot;
+        s->dv = s->dk + seq * hd;
     }
     return total;
 }
@@ -77,17 +85,19 @@ static bwd_scratch scratch_of(const masa_attn_args *a, const masa_ukr *u,
     return s;
 }
 
-/* Packs key tile t of key/value head g of sequence b into its slots. */
+/* Packs key tile t of key/value head g of sequence b into slot `slot`. */
 static void pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
-                          const bwd_scratch *s, size_t b, size_t g, size_t t)
+                          const bwd_scratch *s, size_t b, size_t g, size_t t,
+                          size_t slot)
 {
-    masa__pack_key_tile(a, u, b, g, t, s->ka + t * s->a_tile,
-                        s->va + t * s->a_tile, NULL, s->kb + t * s->b_tile);
+    float *at = s->slots + slot * s->slot;
+    masa__pack_key_tile(a, u, b, g, t, at, at + s->a_tile, NULL,
+                        at + 2 * s->a_tile);
 }
 
 /* Query tile `tile` of head h of sequence b; dK, dV rows of key 0 at dk, dv
- * with row stride ld. packed: the key tiles are in their slots already;
- * otherwise each is packed here. */
+ * with row stride ld. packed: key tile t is in slot t already; otherwise
+ * each is packed here into slot 0. */
 static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
                           size_t b, size_t h, size_t tile,
                           const bwd_scratch *s, float *dk, float *dv,
@@ -124,11 +134,11 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
                                (ptrdiff_t)i0 - (ptrdiff_t)j0};
         const float *kt = k + j0 * L->dkv;
-        size_t t = j0 / MASA_FLASH_BK;
-        const float *ka = s->ka + t * s->a_tile, *va = s->va + t * s->a_tile;
-        const float *kb = s->kb + t * s->b_tile;
+        size_t t = j0 / MASA_FLASH_BK, slot = packed ? t : 0;
         if (!packed)
-            pack_key_tile(a, u, s, b, g, t);
+            pack_key_tile(a, u, s, b, g, t, 0);
+        const float *ka = s->slots + slot * s->slot, *va = ka + s->a_tile;
+        const float *kb = ka + 2 * s->a_tile;
         /* S = scale Q K^T and dP = dO V^T, m x n, row stride n (masked
          * entries computed, unused) */
         masa__tile_product(u, &(masa_tile_product){
@@ -188,7 +198,7 @@ static void pair_task(void *p, size_t task, size_t thread)
         memset(dv + t * L->dkv, 0, hd * sizeof(float));
     }
     for (size_t t = 0; t * MASA_FLASH_BK < T; t++)
-        pack_key_tile(a, &u, &s, b, g, t);
+        pack_key_tile(a, &u, &s, b, g, t, t);
     size_t rep = L->n_heads / L->n_kv_heads, tiles = n_query_tiles(T);
     for (size_t h = g * rep; h < (g + 1) * rep; h++)
         for (size_t tile = 0; tile < tiles; tile++)
