@@ -1,10 +1,15 @@
-/* Attention core, forward, in the flash style: one task per (sequence, head,
- * query tile) walks the key tiles it may see with an online softmax (running
- * row max m, sum l, and the unnormalised output rescaled when m grows), so
- * no T x T matrix is ever formed: scratch is one BQ x BK score tile per
- * thread. Causal tiles past the diagonal are skipped. The log-sum-exp of each
- * row is saved so backward can rebuild P. BLIS runs single-threaded inside
- * the pool's tasks. */
+/* Attention core, forward, in the flash style: a query tile walks the key
+ * tiles it may see with an online softmax (running row max m, sum l, and the
+ * unnormalised output rescaled when m grows), so no T x T matrix is ever
+ * formed: scratch is one BQ x BK score tile per thread plus the packed key
+ * tiles (linear in seq). Causal tiles past the diagonal are skipped. The
+ * log-sum-exp of each row is saved so backward can rebuild P.
+ *
+ * Parallel split on the library's pool: one task per (sequence, head) when
+ * there are at least two per thread (its key tiles are packed once for all
+ * its query tiles), else one per (sequence, head, query tile), longest
+ * causal tiles first. The products run on BLIS's micro-kernel inside the
+ * tasks (attention_tiles.c), never on BLIS threads. */
 #include <math.h>
 #include <string.h>
 
