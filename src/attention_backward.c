@@ -174,6 +174,7 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         masa__tile_product(u, &(masa_tile_product){
             .kind = MASA_PRODUCT_ROWS, .mask = mask, .m = m, .n = hd, .k = n,
             .alpha = L->scale, .beta = 1.0f, .ap = s->dsa, .bp = kb,
+            .bp_k = min_size(T - j0, MASA_FLASH_BK),
             .c = dq, .ldc = L->dq, .a = s->dp, .lda = n, .b = kt,
             .ldb = L->dkv});
     }

@@ -74,13 +74,16 @@ typedef enum masa_product_kind {
  * row stride ldc and column stride csc. With a mask, masked inner terms are never read: the triangle
  * the micro-kernel cannot take is added from the unpacked operands: a, the
  * row-major query x key tile (lda), and b, the rows of the other operand
- * indexed by the inner index (ldb). beta must be 1 with a mask. */
+ * indexed by the inner index (ldb). beta must be 1 with a mask. B may have
+ * been packed with a longer inner length bp_k (a whole key tile of which
+ * the causal range uses the first k keys): its panels are bp_k * NR apart. */
 typedef struct masa_tile_product {
     masa_product_kind kind;
     masa_tile_mask mask;
     size_t m, n, k;
     float alpha, beta;
     const float *ap, *bp;
+    size_t bp_k; /* inner length B was packed with (>= k), 0: k */
     float *c;
     size_t ldc, csc; /* csc 0: 1 */
     const float *a, *b;

@@ -141,8 +141,9 @@ static void forward_tile(const masa_attn_args *a, const masa_ukr *u,
         masa__pack_a(u, m, n, s, n, 1, f.pp);
         masa__tile_product(u, &(masa_tile_product){
             .kind = MASA_PRODUCT_ROWS, .mask = mask, .m = m, .n = hd, .k = n,
-            .alpha = 1.0f, .beta = 1.0f, .ap = f.pp, .bp = vb, .c = out,
-            .ldc = L->dq, .a = s, .lda = n, .b = vt, .ldb = L->dkv});
+            .alpha = 1.0f, .beta = 1.0f, .ap = f.pp, .bp = vb,
+            .bp_k = min_size(T - j0, MASA_FLASH_BK), .c = out, .ldc = L->dq,
+            .a = s, .lda = n, .b = vt, .ldb = L->dkv});
     }
     for (size_t r = 0; r < m; r++) {
         float inv = 1.0f / sum[r];

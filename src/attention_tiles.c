@@ -178,6 +178,7 @@ void masa__tile_product(const masa_ukr *u, const masa_tile_product *p)
     sgemm_ukr_ft ukr = (sgemm_ukr_ft)u->fn;
     size_t mr = u->mr, nr = u->nr, m = p->m, n = p->n, k = p->k;
     float alpha = p->alpha, beta = p->beta;
+    size_t bk = p->bp_k ? p->bp_k : k; /* B's panel stride / NR */
     auxinfo_t aux;
     memset(&aux, 0, sizeof aux);
     for (size_t r0 = 0; r0 < m; r0 += mr) {
@@ -193,7 +194,7 @@ void masa__tile_product(const masa_ukr *u, const masa_tile_product *p)
         size_t csc = p->csc ? p->csc : 1;
         for (size_t c0 = 0; c0 < n; c0 += nr) {
             size_t cols = n - c0 < nr ? n - c0 : nr;
-            float *bp = (float *)p->bp + c0 * k + klo * nr;
+            float *bp = (float *)p->bp + c0 * bk + klo * nr;
             bli_auxinfo_set_next_ab((void *)ap, bp, &aux);
             if (khi > klo || beta != 1.0f)
                 ukr((dim_t)rows, (dim_t)cols, (dim_t)(khi - klo), &alpha,
