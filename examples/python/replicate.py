@@ -46,13 +46,13 @@ QUICK_VARIANTS = ("dense", "masa-qkvo")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 240
+    steps: int = 160
     batch_size: int = 8
     lr: float = 3e-3
     warmup_fraction: float = 0.1  # of the steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 30
+    eval_every: int = 20
     eval_windows: int = 16       # validation windows for the curve
     final_eval_windows: int = 128  # validation windows for the table
     threads: int = 1             # torch threads and libmasa threads
