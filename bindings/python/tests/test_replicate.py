@@ -149,3 +149,6 @@ def test_table_plot_and_resume(runs, tmp_path):
     assert replicate.main(argv) == 0
     log = (tmp_path / "log.txt").read_text()
     assert "[masa-qkvo seed 0] kept from" in log and "trained 0 run(s)" in log
+    (tmp_path / "table.md").unlink()
+    assert replicate.main(argv + ["--report-only"]) == 0
+    assert (tmp_path / "table.md").read_text() == table
