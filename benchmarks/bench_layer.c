@@ -220,6 +220,7 @@ static void make_masa(variant *v, masa_context *ctx, const shape *s)
     memset(v, 0, sizeof *v);
     v->masa = 1;
     v->layer = make_layer(ctx, s);
+    OK(masa_layer_set_weight_policy(v->layer, MASA_WEIGHTS_ON_THE_FLY));
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
         size_t rows, cols;
         OK(masa_layer_projection_shape(v->layer, p, &rows, &cols));

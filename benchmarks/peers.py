@@ -320,16 +320,22 @@ def load_peer(name, threads):
 # ---------------------------------------------------------------- modes
 
 def time_fn(fn, reps, budget, min_reps):
+    """(times, cold): a warm-up run, then as many as fit in budget seconds
+    (at least min_reps, at most reps). With min_reps <= 1, a warm-up longer
+    than the budget is the one measurement (cold: True), so the slowest
+    peers fit in the run's time."""
     t0 = time.perf_counter()
     fn()  # warm-up
     warm = time.perf_counter() - t0
+    if min_reps <= 1 and warm > budget:
+        return [warm], True
     n = max(min_reps, min(reps, int(budget / max(warm, 1e-9))))
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, False
 
 
 def bench(peer, args):
@@ -357,12 +363,13 @@ def bench(peer, args):
         for p, fn in fns.items():
             print(f"peers.py: {peer.name} {name} {p}", file=sys.stderr,
                   flush=True)
-            times = time_fn(fn, args.reps, args.budget, args.min_reps)
+            times, cold = time_fn(fn, args.reps, args.budget,
+                                  args.min_reps)
             ms = 1e3 * statistics.median(times)
             rec = {**base, "kind": "time", "pass": p, "flop": fl[p],
                    "reps": len(times), "ms": round(ms, 4),
                    "min_ms": round(1e3 * min(times), 4),
-                   "gflops": round(fl[p] / ms * 1e-6, 3)}
+                   "gflops": round(fl[p] / ms * 1e-6, 3), "cold": cold}
             if getattr(peer, "op", None):
                 rec["op"] = peer.op
             print(json.dumps(rec), flush=True)

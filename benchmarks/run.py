@@ -13,11 +13,13 @@ scripts/build.sh). It runs, each when present:
                          /usr/bin/python3; each peer is optional and skipped
                          with a note when its interpreter or package is absent
 and prints the report (targets of issue 5 first) to stdout, progress to
-stderr. With --out FILE the report replaces FILE's text above the marker line
+stderr. The run's time (--max-seconds) is shared among the programs; one
+that overruns its share is stopped and what it printed so far is kept (the
+report says so). With --out FILE the report replaces FILE's text above the marker line
 "<!-- notes -->"; what stands below the marker is kept.
 
   benchmarks/run.py [--build DIR] [--threads 2] [--quick] [--no-peers]
-                    [--out benchmarks/RESULTS.md]
+                    [--max-seconds 540] [--out benchmarks/RESULTS.md]
   benchmarks/run.py --validate-layer BENCH_LAYER   (smoke test: runs
                     BENCH_LAYER --quick --json and checks every line)
 
@@ -54,17 +56,20 @@ def log(msg):
 
 
 def run(cmd, timeout):
-    """(returncode, stdout, stderr, seconds); stderr is passed through."""
+    """(returncode, stdout, seconds); the program's stderr (its progress)
+    goes straight to ours."""
     log("$ " + " ".join(shlex.quote(c) for c in cmd))
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, timeout=timeout, cwd=ROOT)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                           timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout
-        return -1, out or "", f"timed out after {timeout} s", timeout
-    sys.stderr.write(p.stderr)
-    return p.returncode, p.stdout, p.stderr, time.monotonic() - t0
+        log(f"stopped after {timeout:.0f} s")
+        return -1, out or "", timeout
+    secs = time.monotonic() - t0
+    log(f"exit {p.returncode} after {secs:.0f} s")
+    return p.returncode, p.stdout, secs
 
 
 def json_lines(text):
@@ -139,12 +144,12 @@ def check_peak(records):
 
 
 def validate_layer(exe):
-    rc, out, err, _ = run([exe, "--quick", "--json"], 120)
+    rc, out, _ = run([exe, "--quick", "--json"], 120)
     if rc != 0:
         print(f"bench_layer --quick failed ({rc})", file=sys.stderr)
         return 1
     problems = check_layer(json_lines(out), QUICK_SHAPES)
-    rc, out, err, _ = run([exe, "--peak-memory", "--quick", "--json"], 120)
+    rc, out, _ = run([exe, "--peak-memory", "--quick", "--json"], 120)
     problems += [f"--peak-memory exit {rc}"] if rc else []
     problems += check_peak(json_lines(out))
     for p in problems:
@@ -215,30 +220,27 @@ def decode_rows(text, threads):
 
 
 def project_fractions(text):
-    """Fractions of BLIS's sgemm rate reported by bench_project: JSON
-    fields whose name mentions sgemm, or a markdown column whose header
-    does."""
-    fr = []
+    """{column: [(rows, d, fraction), ...]} from bench_project's table: the
+    cells "GFLOP/s (NN%)" give the share of BLIS's own sgemm rate that a
+    MASA projection reaches (JSON lines with a field named *sgemm* are
+    read as well, should the program print them)."""
+    fr = {}
     for r in json_lines(text):
         for k, v in r.items():
             if "sgemm" in k and isinstance(v, (int, float)) and 0 < v < 3:
-                fr.append((r.get("shape") or r.get("name") or "?", v))
-    if fr:
-        return fr
+                fr.setdefault(k, []).append((r.get("rows"), r.get("d"), v))
     header = None
     for cells in markdown_rows(text):
-        if any("sgemm" in c.lower() and ("%" in c or "/" in c or "of" in c)
-               for c in cells) and not any(number(c) for c in cells):
+        if cells and cells[0] == "rows":
             header = cells
-            col = next(i for i, c in enumerate(cells)
-                       if "sgemm" in c.lower() and ("%" in c or "/" in c
-                                                    or "of" in c))
-            pct = "%" in header[col]
             continue
-        if header and len(cells) == len(header):
-            v = number(cells[col].rstrip("%"))
-            if v is not None:
-                fr.append((cells[0], v / 100 if pct else v))
+        if not header or len(cells) != len(header) or not cells[0].isdigit():
+            continue
+        for name, cell in zip(header, cells):
+            m = re.search(r"\(([0-9.]+)%\)", cell)
+            if m:
+                fr.setdefault(name, []).append(
+                    (int(cells[0]), int(cells[1]), float(m.group(1)) / 100))
     return fr
 
 
@@ -259,6 +261,17 @@ def build_report(res, args, wall):
       f"; libmasa {info.get('version', '?')}; {args.threads} threads for "
       f"every program. Load average (1 min) {res['load_start']:.2f} at the "
       f"start, {os.getloadavg()[0]:.2f} at the end.\n")
+    if res.get("git"):
+        w(f"Source: {res['git']}.\n")
+    load_end = os.getloadavg()[0]
+    if max(res["load_start"], load_end) > 0.5 * (os.cpu_count() or 1):
+        w(f"**The machine was busy**: a load average of "
+          f"{max(res['load_start'], load_end):.1f} on {os.cpu_count()} CPUs "
+          f"means other work shared the cores with these programs. Absolute "
+          f"times are slower than on a quiet machine and noisy, and "
+          f"comparisons between programs that ran at different moments "
+          f"(the peers against libmasa) are unreliable; libmasa's MASA / "
+          f"dense ratios, measured in interleaved pairs, suffer least.\n")
     w("Times are medians of repetitions (count in the tables); ratios of "
       "libmasa MASA / dense are medians of A B B A pair ratios measured in one "
       "process; peer ratios are peer time / libmasa time (> 1: libmasa is "
@@ -311,13 +324,15 @@ def build_report(res, args, wall):
                     if not q:
                         row += " – | | |"
                         continue
-                    row += f" {fmt(q['ms'])} ({q['reps']}) |"
+                    cold = ", cold" if q.get("cold") else ""
+                    row += f" {fmt(q['ms'])} ({q['reps']}{cold}) |"
                     row += f" {ratio(q['ms'], r.get('dense_ms'))} |"
                     row += f" {ratio(q['ms'], r.get('masa_ms'))} |"
                 w(row)
         w("")
-        w("Peer ms with its repetition count in parentheses; `/ dense` and "
-          "`/ MASA`: peer time over libmasa's.\n")
+        w("Peer ms with its repetition count in parentheses (`cold`: one "
+          "run longer than the budget, timed without a warm-up run); "
+          "`/ dense` and `/ MASA`: peer time over libmasa's.\n")
     for note in res["peer_notes"]:
         w(f"- {note}")
     if res["peer_notes"]:
@@ -358,6 +373,11 @@ def build_report(res, args, wall):
             body = re.sub(r"^(#+) ", lambda m: "#" * max(3, len(m.group(1)))
                           + " ", body, flags=re.M)
             w(body + "\n")
+    if res.get("notes"):
+        w("## Run notes\n")
+        for note in res["notes"]:
+            w(f"- {note}")
+        w("")
     return "\n".join(out)
 
 
@@ -388,21 +408,27 @@ def targets(res, times, shapes, peers):
         v = r["masa_over_dense"] if r else None
         rows.append((f"MASA/dense fwd+bwd {s} ({tokens} tokens) <= "
                      f"{fmt(limit) if limit else '(no target)'}",
-                     fmt(v, 3), status(None if v is None or limit is None
-                                       else v <= limit)))
-    # 2. projection GEMMs
+                     fmt(v, 3), "not measured" if v is None else
+                     status(None if limit is None else v <= limit)))
+    # 2. projection GEMMs: the large ones (rows >= 2048)
     fr = res.get("project_fractions")
+    what = "projection GEMMs >= 85% of BLIS sgemm"
     if res.get("project") is None:
-        rows.append(("projection GEMMs >= 85% of BLIS sgemm", "bench_project "
-                     "not built", "not measured"))
+        rows.append((what, "bench_project not built", "not measured"))
     elif not fr:
-        rows.append(("projection GEMMs >= 85% of BLIS sgemm", "see "
-                     "Projections", "not parsed"))
+        rows.append((what, "see Projections", "not parsed"))
     else:
-        worst = min(v for _, v in fr)
-        rows.append(("projection GEMMs >= 85% of BLIS sgemm",
-                     f"lowest {100 * worst:.0f}% of {len(fr)}",
-                     status(worst >= 0.85)))
+        for col, vals in fr.items():
+            big = [v for v in vals if v[0] is None or v[0] >= 2048]
+            if not big:
+                rows.append((f"{what}: {col}, rows >= 2048", "no such shape "
+                             "measured", "not measured"))
+                continue
+            worst = min(big, key=lambda v: v[2])
+            rows.append((f"{what}: {col}, rows >= 2048",
+                         f"lowest {100 * worst[2]:.0f}% (rows {worst[0]}, d "
+                         f"{worst[1]}) of {len(big)}",
+                         status(worst[2] >= 0.85)))
     # 3. peers
     for name, p, label, need in (("pytorch2", "fwd+bwd", "PyTorch 2.x", 1.0),
                                  ("onnxruntime", "fwd", "ONNX Runtime", 1.0)):
@@ -457,6 +483,23 @@ def targets(res, times, shapes, peers):
 
 # ------------------------------------------------------------ main
 
+class Clock:
+    """Splits what is left of the run's time among the steps still to run,
+    in proportion to their weights, so the whole run ends in time however
+    long each step takes (a step that ends early leaves its time to the
+    next ones)."""
+
+    def __init__(self, total, weights):
+        self.t0 = time.monotonic()
+        self.total = total
+        self.left = dict(weights)
+
+    def share(self, name):
+        remaining = self.total - (time.monotonic() - self.t0)
+        w = self.left.pop(name)
+        return max(15.0, remaining * w / (w + sum(self.left.values())))
+
+
 def peers_venv_python():
     venv = os.environ.get("MASA_PEERS_VENV",
                           os.path.expanduser("~/.cache/masa/peers-venv"))
@@ -464,13 +507,14 @@ def peers_venv_python():
     return py if os.access(py, os.X_OK) else None
 
 
-def run_peer(python, name, args, res):
+def run_peer(python, name, args, res, share):
+    budget = min(args.peer_budget, share / 20)
     cmd = [python, os.path.join(HERE, "peers.py"), "--peer", name,
-           "--threads", str(args.threads), "--budget", str(args.peer_budget),
+           "--threads", str(args.threads), "--budget", f"{budget:.1f}",
            "--min-reps", "1", "--with-self-check"]
     if args.quick:
         cmd.append("--quick")
-    rc, out, err, secs = run(cmd, args.peer_timeout)
+    rc, out, secs = run(cmd, share)
     recs = json_lines(out)
     checks = [r for r in recs if r.get("kind") == "self_check"]
     bad = [c for c in checks if c.get("status") == "MISMATCH"]
@@ -487,8 +531,9 @@ def run_peer(python, name, args, res):
         return
     if rc != 0:
         res["peer_notes"].append(f"{PEER_LABEL[name]}: exited {rc} after "
-                                 f"{secs:.0f} s ({err.strip()[-200:]}); the "
-                                 f"{len(t)} results it printed are kept")
+                                 f"{secs:.0f} s (-1: stopped at its share "
+                                 f"of --max-seconds); the {len(t)} results "
+                                 f"it printed are kept")
     skipped = [r["shape"] for r in recs if r.get("kind") == "skipped"]
     impl = next((r.get("impl") for r in recs if r.get("impl")), name)
     note = (f"{PEER_LABEL[name]} ({impl}, {python}): self-check against "
@@ -510,12 +555,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out")
-    ap.add_argument("--layer-budget", type=float, default=12.0,
+    ap.add_argument("--layer-budget", type=float, default=10.0,
                     help="bench_layer --budget (s per shape and pass)")
     ap.add_argument("--peer-budget", type=float, default=6.0,
                     help="peers.py --budget (s per shape and pass)")
-    ap.add_argument("--peer-timeout", type=float, default=240.0,
-                    help="seconds before a peer's run is stopped")
+    ap.add_argument("--max-seconds", type=float, default=540.0,
+                    help="the whole run's time, shared among the programs; "
+                    "one that overruns its share is stopped (default 540)")
     ap.add_argument("--torch1-python", default="/usr/bin/python3")
     ap.add_argument("--validate-layer", metavar="BENCH_LAYER")
     args = ap.parse_args()
@@ -524,7 +570,7 @@ def main():
 
     t_start = time.monotonic()
     bdir = os.path.join(args.build, "benchmarks")
-    res = {"peers": {}, "peer_notes": [], "peak": None,
+    res = {"peers": {}, "peer_notes": [], "peak": None, "notes": [],
            "load_start": os.getloadavg()[0],
            "command": "benchmarks/run.py " + " ".join(
                shlex.quote(a) for a in sys.argv[1:])}
@@ -537,76 +583,111 @@ def main():
             res["mem_gib"] = int(f.readline().split()[1]) / 2 ** 20
     except OSError:
         res["mem_gib"] = 0
+    try:
+        res["git"] = "commit " + subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     problems = []
+    notes = res["notes"]
 
     layer = os.path.join(bdir, "bench_layer")
     if not os.access(layer, os.X_OK):
         print(f"run.py: {layer} not found; build first (scripts/build.sh)",
               file=sys.stderr)
         return 2
-    cmd = [layer, "--json", "--threads", str(args.threads), "--budget",
-           str(args.layer_budget)] + (["--quick"] if args.quick else [])
-    rc, out, err, _ = run(cmd, 900)
-    res["layer"] = json_lines(out)
-    problems += [f"bench_layer exit {rc}"] if rc else []
-    problems += check_layer(res["layer"],
-                            QUICK_SHAPES if args.quick else LAYER_SHAPES)
+    # The steps that can run, each with its share of --max-seconds.
+    steps = {"layer": 30, "peak": 5}
+    if not args.no_peers:
+        venv_py = peers_venv_python()
+        if venv_py:
+            steps.update({"pytorch2": 12, "onnxruntime": 6})
+        else:
+            res["peer_notes"].append(
+                "PyTorch 2.x and ONNX Runtime: skipped, no venv (run "
+                "benchmarks/setup-peers.sh)")
+        if os.access(args.torch1_python, os.X_OK):
+            steps["pytorch1"] = 14
+        else:
+            res["peer_notes"].append(f"PyTorch 1.13: skipped, no "
+                                     f"{args.torch1_python}")
+    else:
+        res["peer_notes"].append("peers not run (--no-peers)")
+    for key in ("project", "decode"):
+        res[key] = None
+        if os.access(os.path.join(bdir, "bench_" + key), os.X_OK):
+            steps[key] = 10
+        else:
+            log(f"bench_{key} not built: skipped")
+    clock = Clock(args.max_seconds, steps)
 
+    def stopped(what, rc, share):
+        if rc == -1:
+            notes.append(f"{what} was stopped at its share of --max-seconds "
+                         f"({share:.0f} s); what it printed before is kept, "
+                         f"the rest is missing")
+        return rc == -1
+
+    share = clock.share("layer")
+    budget = min(args.layer_budget, share / 20)
+    cmd = [layer, "--json", "--threads", str(args.threads), "--budget",
+           f"{budget:.1f}"] + (["--quick"] if args.quick else [])
+    rc, out, _ = run(cmd, share)
+    res["layer"] = json_lines(out)
+    if not stopped("bench_layer", rc, share):
+        problems += [f"bench_layer exit {rc}"] if rc else []
+        problems += check_layer(res["layer"],
+                                QUICK_SHAPES if args.quick else LAYER_SHAPES)
+
+    share = clock.share("peak")
     cmd = [layer, "--peak-memory", "--json", "--threads",
            str(args.threads)] + (["--quick"] if args.quick else [])
-    rc, out, err, _ = run(cmd, 300)
+    rc, out, _ = run(cmd, share)
     pk = json_lines(out)
-    problems += [f"bench_layer --peak-memory exit {rc}"] if rc else []
-    problems += check_peak(pk)
+    if not stopped("bench_layer --peak-memory", rc, share):
+        problems += [f"bench_layer --peak-memory exit {rc}"] if rc else []
+        problems += check_peak(pk)
     res["peak"] = next((r for r in pk if r.get("kind") == "peak_memory"),
                        None)
 
+    for name in ("pytorch2", "onnxruntime"):
+        if name in steps:
+            run_peer(venv_py, name, args, res, clock.share(name))
+    if "pytorch1" in steps:
+        run_peer(args.torch1_python, "pytorch1", args, res,
+                 clock.share("pytorch1"))
+
     for key in ("project", "decode"):
-        exe = os.path.join(bdir, "bench_" + key)
-        if not os.access(exe, os.X_OK):
-            log(f"bench_{key} not built: skipped")
-            res[key] = None
+        if key not in steps:
             continue
-        rc, out, err, secs = run([exe] + args_for(exe, args.quick,
-                                                  args.threads), 600)
-        if rc != 0:
+        exe = os.path.join(bdir, "bench_" + key)
+        share = clock.share(key)
+        rc, out, secs = run([exe] + args_for(exe, args.quick, args.threads),
+                            share)
+        if not stopped(f"bench_{key}", rc, share) and rc != 0:
             problems.append(f"bench_{key} exit {rc}")
-            out += f"\n\n(bench_{key} exited {rc}: {err.strip()[-300:]})\n"
+        if rc != 0:
+            out += f"\n\n(bench_{key} exited {rc})\n"
         res[key] = out
     if res.get("decode") is not None:
         res["decode_rows"] = decode_rows(res["decode"], args.threads)
     if res.get("project") is not None:
         res["project_fractions"] = project_fractions(res["project"])
 
-    if args.no_peers:
-        res["peer_notes"].append("peers not run (--no-peers)")
-    else:
-        venv_py = peers_venv_python()
-        if venv_py:
-            for name in ("pytorch2", "onnxruntime"):
-                run_peer(venv_py, name, args, res)
-        else:
-            res["peer_notes"].append(
-                "PyTorch 2.x and ONNX Runtime: skipped, no venv (run "
-                "benchmarks/setup-peers.sh)")
-        if os.access(args.torch1_python, os.X_OK):
-            run_peer(args.torch1_python, "pytorch1", args, res)
-        else:
-            res["peer_notes"].append(f"PyTorch 1.13: skipped, no "
-                                     f"{args.torch1_python}")
-
     wall = time.monotonic() - t_start
     report = build_report(res, args, wall)
     print(report)
     if args.out:
-        notes = ""
+        kept = ""
         if os.path.exists(args.out):
             with open(args.out) as f:
                 old = f.read()
             if MARKER in old:
-                notes = old[old.index(MARKER) + len(MARKER):]
+                kept = old[old.index(MARKER) + len(MARKER):]
         with open(args.out, "w") as f:
-            f.write(report.rstrip() + "\n\n" + MARKER + (notes or "\n"))
+            f.write(report.rstrip() + "\n\n" + MARKER + (kept or "\n"))
         log(f"wrote {args.out}")
     log(f"done in {wall:.0f} s")
     for p in problems:
