@@ -1,8 +1,9 @@
 /*
  * bench_decode: per-token decode time of a stack of L causal attention
  * layers (a residual add between layers), MASA (S atoms per projection
- * type, the factored on-the-fly path) against dense, after a prefill of
- * `ctx` cached tokens. Widths: one where the four MASA dictionaries fit in
+ * type) with both weight policies -- on the fly (the factored path at one
+ * token) and cached (composed weights, read as dense ones) -- against
+ * dense, after a prefill of `ctx` cached tokens. Widths: one where the four MASA dictionaries fit in
  * the 32 MiB last-level cache and the dense weights do not, and a larger
  * one. A second table times the two ways of a MASA projection at a few rows
  * (factored [c_1 X | ... | c_S X] R against composing W first) to check the
@@ -86,9 +87,15 @@ typedef struct stack {
     size_t ws_bytes;
 } stack;
 
+/* The three stacks of a width. */
+enum { DENSE, MASA_FLY, MASA_CACHED, N_STACKS };
+static const char *const stack_names[N_STACKS] = {"dense", "MASA on the fly",
+                                                  "MASA cached"};
+
 static void stack_init(stack *s, masa_context *ctx, size_t L, size_t d,
-                       int masa, size_t max_seq, size_t max_new)
+                       int kind, size_t max_seq, size_t max_new)
 {
+    int masa = kind != DENSE;
     memset(s, 0, sizeof *s);
     s->L = L;
     s->d = d;
@@ -119,6 +126,9 @@ static void stack_init(stack *s, masa_context *ctx, size_t L, size_t d,
             if (masa) {
                 OK(masa_layer_set_masa(s->layer[l], (masa_projection)p,
                                        s->dict[p], s->coef[p], l));
+                if (kind == MASA_CACHED)
+                    OK(masa_layer_set_weight_policy(s->layer[l],
+                                                    MASA_WEIGHTS_CACHED));
             } else {
                 float *w = xalloc(d * d * sizeof(float));
                 for (size_t i = 0; i < d * d; i++)
@@ -192,7 +202,7 @@ static double time_tokens(stack *s, size_t ctx, size_t tokens, float *h,
 
 typedef struct row {
     size_t d, threads;
-    double dense_ms, masa_ms, prefill_dense_ms, prefill_masa_ms;
+    double ms[N_STACKS], prefill_ms[N_STACKS];
 } row;
 
 static row run_width(size_t d, size_t L, size_t ctx_len, size_t tokens,
@@ -205,13 +215,13 @@ static row run_width(size_t d, size_t L, size_t ctx_len, size_t tokens,
     OK(masa_context_create(&co, &ctx));
     row r = {.d = d, .threads = masa_context_threads(ctx)};
     size_t max_seq = ctx_len + tokens;
-    stack st[2]; /* 0 dense, 1 MASA */
+    stack st[N_STACKS];
     float *h = xalloc(ctx_len * d * sizeof(float));
     float *y = xalloc(ctx_len * d * sizeof(float));
-    double prefill[2];
-    for (int m = 0; m < 2; m++) {
+    double prefill[N_STACKS];
+    for (int m = 0; m < N_STACKS; m++) {
         fprintf(stderr, "  d=%zu threads=%zu: building the %s stack\n", d,
-                r.threads, m ? "MASA" : "dense");
+                r.threads, stack_names[m]);
         stack_init(&st[m], ctx, L, d, m, max_seq, ctx_len);
         for (size_t i = 0; i < ctx_len * d; i++)
             h[i] = unif();
@@ -219,33 +229,33 @@ static row run_width(size_t d, size_t L, size_t ctx_len, size_t tokens,
         stack_step(&st[m], ctx_len, h, y); /* prefill */
         prefill[m] = now() - t0;
     }
-    double *t[2];
-    t[0] = calloc(reps, sizeof(double));
-    t[1] = calloc(reps, sizeof(double));
-    /* warm-up, then alternate so drifting load hits both alike */
-    for (int m = 0; m < 2; m++)
-        time_tokens(&st[m], ctx_len, 1, h, y);
+    double *t[N_STACKS];
+    for (int m = 0; m < N_STACKS; m++) {
+        t[m] = calloc(reps, sizeof(double));
+        time_tokens(&st[m], ctx_len, 1, h, y); /* warm-up */
+    }
+    /* interleaved, in forward and reversed order on alternate rounds, so
+     * drifting load hits all stacks alike */
     for (size_t k = 0; k < reps; k++)
-        for (int m = 0; m < 2; m++) {
+        for (int i = 0; i < N_STACKS; i++) {
+            int m = k % 2 ? N_STACKS - 1 - i : i;
             t[m][k] = time_tokens(&st[m], ctx_len, tokens, h, y);
             fprintf(stderr, "  d=%zu %s rep %zu: %.3f ms/token\n", d,
-                    m ? "MASA " : "dense", k, 1e3 * t[m][k]);
+                    stack_names[m], k, 1e3 * t[m][k]);
         }
     for (size_t i = 0; i < d; i++)
         if (!isfinite(h[i])) {
             fprintf(stderr, "bench_decode: non-finite output\n");
             exit(1);
         }
-    r.dense_ms = 1e3 * median(t[0], reps);
-    r.masa_ms = 1e3 * median(t[1], reps);
-    r.prefill_dense_ms = 1e3 * prefill[0];
-    r.prefill_masa_ms = 1e3 * prefill[1];
-    free(t[0]);
-    free(t[1]);
+    for (int m = 0; m < N_STACKS; m++) {
+        r.ms[m] = 1e3 * median(t[m], reps);
+        r.prefill_ms[m] = 1e3 * prefill[m];
+        free(t[m]);
+        stack_fini(&st[m]);
+    }
     free(h);
     free(y);
-    stack_fini(&st[0]);
-    stack_fini(&st[1]);
     masa_context_destroy(ctx);
     return r;
 }
@@ -371,27 +381,33 @@ int main(int argc, char **argv)
     printf("One token per step (batch 1) after %zu cached tokens, through %zu "
            "causal RoPE attention layers (head_dim 64) with a residual add "
            "between; MASA: S = %d atoms per projection type shared by all "
-           "layers, factored path (atoms read once per layer, W never formed). "
-           "Median over %zu repetitions of %zu tokens, CLOCK_MONOTONIC. BLIS "
-           "kernels: %s. Machine shared with other jobs: compare ratios within "
-           "a row.\n\n",
+           "layers. On the fly: the factored path (atoms read once per "
+           "layer, W never formed); cached: MASA_WEIGHTS_CACHED, the "
+           "composed weights read as dense ones (memory of dense). Median "
+           "over %zu repetitions of %zu tokens, the three stacks interleaved, "
+           "CLOCK_MONOTONIC. BLIS kernels: %s. Machine shared with other "
+           "jobs: compare ratios within a row.\n\n",
            ctx_len, L, S_ATOMS, reps, tokens, arch);
     printf("| d_model | threads | MASA dictionaries (MiB) | dense weights (MiB) "
-           "| dense ms/token | MASA ms/token | MASA / dense | prefill %zu "
-           "tokens dense / MASA (ms) |\n", ctx_len);
-    printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+           "| dense ms/token | MASA on the fly ms/token | MASA cached "
+           "ms/token | on the fly / dense | cached / dense | prefill %zu "
+           "tokens dense / on the fly / cached (ms) |\n", ctx_len);
+    printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (size_t i = 0; i < n_rows; i++) {
         double dd = (double)rows[i].d;
-        printf("| %zu | %zu | %.1f | %.1f | %.3f | %.3f | %.2f | %.0f / %.0f "
-               "|\n",
+        const double *ms = rows[i].ms, *pf = rows[i].prefill_ms;
+        printf("| %zu | %zu | %.1f | %.1f | %.3f | %.3f | %.3f | %.2f | %.2f "
+               "| %.0f / %.0f / %.0f |\n",
                rows[i].d, rows[i].threads, 4.0 * S_ATOMS * dd * dd * 4 / mib,
-               4.0 * (double)L * dd * dd * 4 / mib, rows[i].dense_ms,
-               rows[i].masa_ms, rows[i].masa_ms / rows[i].dense_ms,
-               rows[i].prefill_dense_ms, rows[i].prefill_masa_ms);
+               4.0 * (double)L * dd * dd * 4 / mib, ms[DENSE], ms[MASA_FLY],
+               ms[MASA_CACHED], ms[MASA_FLY] / ms[DENSE],
+               ms[MASA_CACHED] / ms[DENSE], pf[DENSE], pf[MASA_FLY],
+               pf[MASA_CACHED]);
     }
-    printf("\nBytes of weights read per token: dense 4 L d^2 floats, MASA "
-           "factored 4 L S d^2 floats (S = %d times more, from a dictionary "
-           "that is S/L of the dense size).\n\n", S_ATOMS);
+    printf("\nBytes of weights read per token: dense and cached 4 L d^2 "
+           "floats, MASA on the fly (factored) 4 L S d^2 floats (S = %d "
+           "times more, from a dictionary that is S/L of the dense size).\n\n",
+           S_ATOMS);
     printf("MASA projection at d = %zu, S = %d, one thread: factored "
            "[c_1 X | ... | c_S X] R against composing W first (median us):\n\n",
            d, S_ATOMS);

@@ -255,8 +255,8 @@ int main(int argc, char **argv)
     size_t n_rows = quick ? 2 : 4, n_d = quick ? 1 : 2;
     /* a run of every variant in a rotating order; rounds until each has
      * this much time (at least min_reps rounds) */
-    double budget = quick ? 0.05 : 1.5;
-    size_t min_reps = quick ? 3 : 7, max_reps = quick ? 5 : 41;
+    double budget = quick ? 0.05 : 0.5;
+    size_t min_reps = quick ? 3 : 5, max_reps = quick ? 5 : 41;
 
     masa_context *probe = NULL;
     masa_context_options co;

@@ -1,16 +1,18 @@
 /* Composition W_l = sum_s c[l, s] D_s and the atom gradients of backward,
  * each one pass over the atoms.
  *
- * Both are memory-bound (a multiply-add per float read), so the work is cut
- * into tiles of W small enough to stay in L1 while the S atom tiles stream
- * past, and contiguous ranges of tiles are spread over the context's pool:
- * each atom element is read from memory once, by one thread. */
+ * Both are memory-bound (a multiply-add per float read). Composition sums
+ * sixteen columns of W over all S atoms in registers and writes them once;
+ * backward works on tiles small enough for G's and W's tile to stay in L1
+ * while the S atom tiles stream past. Contiguous ranges of tiles are spread
+ * over the context's pool: each atom element is read from memory once, by
+ * one thread. */
 #include <string.h>
 
 #include "internal.h"
 
-/* Floats per tile: W's tile (and G's in backward) stays in L1 (32 KiB)
- * while S atom tiles stream through. */
+/* Floats per tile: G's and W's tiles stay in L1 (32 KiB) while S atom
+ * tiles stream through. */
 #define TILE 2048
 /* Atoms per call of the backward tile kernel (their dots on the stack). */
 #define GRAD_GROUP 64

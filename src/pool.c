@@ -1,7 +1,13 @@
 /* A fixed pool of worker threads owned by a context. One call runs at a
  * time: workers and the caller take task indices from a shared counter, so
  * uneven tasks balance themselves. A caller that finds the pool busy runs its
- * tasks alone instead of waiting (see "Threads" in masa.h). */
+ * tasks alone instead of waiting (see "Threads" in masa.h).
+ *
+ * A call returns as soon as every task is done, without waiting for workers
+ * that never woke up for it: on a loaded machine a woken worker can wait
+ * milliseconds for a core, and waiting for all of them made every call cost
+ * that much. A late worker cannot take a task of a call that has returned:
+ * the counter it claims from carries the call's generation. */
 #include <pthread.h>
 #include <stdatomic.h>
 
@@ -14,14 +20,15 @@ struct masa_pool {
     pthread_mutex_t busy;    /* held by the call that owns the pool */
     pthread_mutex_t lock;    /* protects the fields below */
     pthread_cond_t wake, done;
-    uint64_t generation;     /* bumped for every call */
-    size_t n_active;         /* workers still in the current call */
+    uint32_t generation;     /* bumped for every call */
     bool stop;
     /* the current call */
     masa_task_fn task;
     void *arg;
     size_t n_tasks;
-    atomic_size_t next;
+    /* generation << 32 | next task index of the current call */
+    _Atomic uint64_t next;
+    atomic_size_t finished;  /* tasks of the current call completed */
 };
 
 typedef struct worker_start {
@@ -29,13 +36,24 @@ typedef struct worker_start {
     size_t index;
 } worker_start;
 
-static void run_tasks(masa_pool *pool, size_t thread)
+/* Runs tasks of call `gen` until none is left (or the call is over). */
+static void run_tasks(masa_pool *pool, uint32_t gen, masa_task_fn task,
+                      void *arg, size_t n_tasks, size_t thread)
 {
+    uint64_t cur = atomic_load(&pool->next);
     for (;;) {
-        size_t i = atomic_fetch_add(&pool->next, 1);
-        if (i >= pool->n_tasks)
-            break;
-        pool->task(pool->arg, i, thread);
+        if ((uint32_t)(cur >> 32) != gen || (cur & 0xffffffffu) >= n_tasks)
+            return;
+        if (!atomic_compare_exchange_weak(&pool->next, &cur, cur + 1))
+            continue; /* cur now holds the new value */
+        task(arg, (size_t)(cur & 0xffffffffu), thread);
+        if (atomic_fetch_add(&pool->finished, 1) + 1 == n_tasks) {
+            /* under the lock, so the caller cannot miss the signal */
+            pthread_mutex_lock(&pool->lock);
+            pthread_cond_signal(&pool->done);
+            pthread_mutex_unlock(&pool->lock);
+        }
+        cur = atomic_load(&pool->next);
     }
 }
 
@@ -43,7 +61,7 @@ static void *worker_main(void *p)
 {
     masa_pool *pool = ((worker_start *)p)->pool;
     size_t index = ((worker_start *)p)->index;
-    uint64_t seen = 0;
+    uint32_t seen = 0;
     pthread_mutex_lock(&pool->lock);
     for (;;) {
         while (!pool->stop && pool->generation == seen)
@@ -51,11 +69,12 @@ static void *worker_main(void *p)
         if (pool->stop)
             break;
         seen = pool->generation;
+        masa_task_fn task = pool->task;
+        void *arg = pool->arg;
+        size_t n_tasks = pool->n_tasks;
         pthread_mutex_unlock(&pool->lock);
-        run_tasks(pool, index);
+        run_tasks(pool, seen, task, arg, n_tasks, index);
         pthread_mutex_lock(&pool->lock);
-        if (--pool->n_active == 0)
-            pthread_cond_signal(&pool->done);
     }
     pthread_mutex_unlock(&pool->lock);
     return NULL;
@@ -93,6 +112,7 @@ masa_status masa__pool_create(const masa_context *ctx, size_t n_threads,
     masa_pool *pool = &block->pool;
     *pool = (masa_pool){.n_threads = n_threads, .workers = workers};
     atomic_init(&pool->next, 0);
+    atomic_init(&pool->finished, 0);
     pthread_mutex_init(&pool->busy, NULL);
     pthread_mutex_init(&pool->lock, NULL);
     pthread_cond_init(&pool->wake, NULL);
@@ -142,7 +162,8 @@ void masa__pool_run(masa_pool *pool, size_t n_tasks, masa_task_fn task,
 {
     if (n_tasks == 0)
         return;
-    if (pool->n_started == 0 || n_tasks == 1 ||
+    /* task indices share 32 bits with the generation */
+    if (pool->n_started == 0 || n_tasks == 1 || n_tasks > 0xffffffffu ||
         pthread_mutex_trylock(&pool->busy) != 0) {
         run_inline(n_tasks, task, arg);
         return;
@@ -151,16 +172,16 @@ void masa__pool_run(masa_pool *pool, size_t n_tasks, masa_task_fn task,
     pool->task = task;
     pool->arg = arg;
     pool->n_tasks = n_tasks;
-    atomic_store(&pool->next, 0);
-    pool->n_active = pool->n_started;
-    pool->generation++;
+    uint32_t gen = ++pool->generation;
+    atomic_store(&pool->finished, 0);
+    atomic_store(&pool->next, (uint64_t)gen << 32);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->lock);
 
-    run_tasks(pool, 0);
+    run_tasks(pool, gen, task, arg, n_tasks, 0);
 
     pthread_mutex_lock(&pool->lock);
-    while (pool->n_active > 0)
+    while (atomic_load(&pool->finished) < n_tasks)
         pthread_cond_wait(&pool->done, &pool->lock);
     pthread_mutex_unlock(&pool->lock);
     pthread_mutex_unlock(&pool->busy);

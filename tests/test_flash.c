@@ -60,6 +60,12 @@ static const fcase cases[] = {
       .n_layers = 1, .bias_mask = 0x5}, 1, BQ + BK / 2 + 1, 0},
     {"split_seq1", {.d_model = 8, .n_heads = 2, .n_kv_heads = 1,
       .causal = 1, .n_atoms = 1, .n_layers = 1}, 1, 1, 0},
+    /* head_dim past one micro-kernel panel (16 or 12 columns wide) */
+    {"wide_heads_causal", {.d_model = 80, .n_heads = 2, .causal = 1,
+      .rope = 1, .n_atoms = 1, .n_layers = 1}, 2, BQ + 9, 0},
+    {"wide_heads_split_noncausal", {.d_model = 96, .n_heads = 2,
+      .n_kv_heads = 1, .n_atoms = 1, .n_layers = 1, .bias_mask = 0x5}, 1,
+      BK + 5, 0},
     /* two pairs on three threads */
     {"split_three_threads_gqa", {.d_model = 16, .n_heads = 4,
       .n_kv_heads = 2, .causal = 1, .n_atoms = 1, .n_layers = 1}, 1,

@@ -8,7 +8,8 @@
  * invalid policy and allocation failures leave the layer as it was.
  *
  * Shapes include projections of 384 x 384 (147456 floats), large enough for
- * composition and the atom gradients to be split across the pool.
+ * composition and the atom gradients to be split across the pool, and
+ * products large enough to run as BLIS blocks on the pool.
  *
  * Tolerance: as tests/test_layer.c, max|got - ref| <= 1e-4 * max|ref|.
  */
@@ -55,6 +56,22 @@ static const pcase cases[] = {
     {"wide_s8_1thr", {.d_model = 384, .n_heads = 4, .causal = 1,
       .masa_mask = 0xB, .bias_mask = 0x1, .n_atoms = 8, .n_layers = 4,
       .layer_index = 2, .wrap = 0}, 1, 3, 1},
+    /* products of >= 8e6 multiply-adds run as BLIS blocks on the pool:
+     * 128 rows x 256 split by columns (and X^T dY, 256 x 256, by rows) */
+    {"pool_gemm_columns_2thr", {.d_model = 256, .n_heads = 4, .causal = 1,
+      .rope = 1, .masa_mask = 0x6, .bias_mask = 0x1, .n_atoms = 3,
+      .n_layers = 2, .layer_index = 1, .wrap = 0}, 2, 64, 2},
+    /* 512 rows x 128 split by rows */
+    {"pool_gemm_rows_2thr", {.d_model = 128, .n_heads = 2, .causal = 1,
+      .masa_mask = 0x9, .bias_mask = 0x8, .n_atoms = 2, .n_layers = 3,
+      .layer_index = 2, .wrap = 1}, 2, 256, 2},
+    /* 70 atoms: backward's tile kernel takes them in two groups */
+    {"many_atoms_70", {.d_model = 8, .n_heads = 2, .causal = 1,
+      .masa_mask = 0xF, .n_atoms = 70, .n_layers = 2, .layer_index = 1,
+      .wrap = 0}, 1, 3, 2},
+    /* more atoms than the scratch for dc's per-task sums holds */
+    {"atoms_past_partials", {.d_model = 4, .n_heads = 1, .masa_mask = 0x1,
+      .n_atoms = 2049, .n_layers = 1, .wrap = 1}, 2, 6, 2},
 };
 #define N_CASES (sizeof cases / sizeof cases[0])
 

@@ -14,7 +14,8 @@ libmasa through masa.torch.
 Writes to results/replicate/{quick,full}/: table.md, loss.png, runs/*.json
 (one per variant and seed) and log.txt. A run whose JSON exists with the same
 configuration is not trained again, so an interrupted --full resumes where it
-stopped (--fresh retrains everything).
+stopped when run again (--fresh retrains everything; --report-only trains
+nothing and rebuilds the table and plot from the JSONs).
 """
 
 import argparse
@@ -46,13 +47,13 @@ QUICK_VARIANTS = ("dense", "masa-qkvo")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 240
+    steps: int = 160
     batch_size: int = 8
     lr: float = 3e-3
     warmup_fraction: float = 0.1  # of the steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 30
+    eval_every: int = 20
     eval_windows: int = 16       # validation windows for the curve
     final_eval_windows: int = 128  # validation windows for the table
     threads: int = 1             # torch threads and libmasa threads
@@ -286,6 +287,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, help="context length (bytes)")
     ap.add_argument("--out", help="results directory (default results/replicate/<mode>)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that have a JSON")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: write table.md and loss.png from the runs' JSONs")
     ap.add_argument("--threads", type=int, default=1, help="torch and libmasa threads")
     args = ap.parse_args(argv)
 
@@ -306,7 +309,8 @@ def main(argv=None):
     out = args.out or os.path.join(REPO, "results", "replicate", mode_name)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     log = Log(os.path.join(out, "log.txt"))
-    command = "python3 examples/python/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python3 examples/python/replicate.py " + " ".join(a for a in argv if a != "--report-only")
 
     torch.set_num_threads(tcfg.threads)
     context = masa.Context(n_threads=tcfg.threads)
@@ -321,14 +325,20 @@ def main(argv=None):
     records, todo = [], []
     for v, s in jobs:
         path = os.path.join(out, "runs", f"{v}-seed{s}.json")
-        if not args.fresh and os.path.exists(path):
+        if (args.report_only or not args.fresh) and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 r = json.load(f)
             if r.get("model_config") == mcfg.dict() and r.get("train_config") == tcfg.dict():
                 log(f"[{v} seed {s}] kept from {os.path.relpath(path, out)}: val loss {r['val_loss']:.4f}")
                 records.append(r)
                 continue
-        todo.append((v, s, path))
+        if not args.report_only:
+            todo.append((v, s, path))
+
+    def report():
+        write_table(records, variants, os.path.join(out, "table.md"), mcfg, tcfg, command.strip())
+        write_plot(records, variants, os.path.join(out, "loss.png"),
+                   f"byte-level LM on fortunes, {mode_name} mode")
 
     start = time.time()
     durations = []
@@ -342,12 +352,10 @@ def main(argv=None):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(r, f, indent=1)
         records.append(r)
-        write_table(records, variants, os.path.join(out, "table.md"), mcfg, tcfg, command.strip())
+        report()  # after every run, so an interrupted invocation leaves its results
 
     wall = time.time() - start
-    write_table(records, variants, os.path.join(out, "table.md"), mcfg, tcfg, command.strip())
-    write_plot(records, variants, os.path.join(out, "loss.png"),
-               f"byte-level LM on fortunes, {mode_name} mode")
+    report()
     log(f"== trained {len(todo)} run(s) in {fmt_time(wall)}; results in {out}")
     with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
         log(f.read())

@@ -41,8 +41,8 @@
  *   its parameters: any number of threads may run them on the same layer at
  *   once, as long as each call has its own workspace, reserve and output
  *   buffers, and no thread modifies the parameters meanwhile.
- * - Everything that modifies an object (set_*, init_*, destroy) needs
- *   exclusive access to that object. Backward calls that write to the same
+ * - Everything that modifies an object (set_*, init_*, refresh_weights,
+ *   destroy) needs exclusive access to that object. Backward calls that write to the same
  *   gradient buffer (e.g. layers sharing a dictionary) must not run at once.
  *
  * ------------------------------------------------------------------------
@@ -264,7 +264,8 @@ MASA_API masa_status masa_coefficients_add_uniform(masa_coefficients *coef,
 
 /* Writes W_l = sum_s c[layer, s] * D_s into w (rows * cols floats,
  * row-major). The table's n_atoms must equal the dictionary's.
- * w_len is the capacity of w in floats. */
+ * w_len is the capacity of w in floats. One pass over the atoms, split
+ * across the threads of the dictionary's context (see "Threads"). */
 MASA_API masa_status masa_compose(const masa_dictionary *dict,
                                   const masa_coefficients *coef, size_t layer,
                                   float *w, size_t w_len);
@@ -638,9 +639,10 @@ MASA_API masa_status masa_kv_cache_shape(const masa_kv_cache *cache,
 /* Bytes of workspace masa_layer_decode() needs for `n_new` tokens of each of
  * `batch` sequences. It depends on the layer's shapes, the number of atoms
  * of its MASA projections (query again after masa_layer_set_masa() with
- * another dictionary) and its context's thread count, not on the cache
- * length: one workspace serves a whole generation loop. A workspace sized
- * for n_new also serves every smaller n_new at the same batch.
+ * another dictionary) and its context's thread count, not on the weight
+ * policy or the cache length: one workspace serves a whole generation loop.
+ * A workspace sized for n_new also serves every smaller n_new at the same
+ * batch.
  * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer), NOT_READY (a
  * projection not set), BAD_SHAPE (batch or n_new 0), OVERFLOW. */
 MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,

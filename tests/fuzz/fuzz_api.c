@@ -3,14 +3,14 @@
  *
  * Each input is a little program: a context choice, then up to 32
  * operations (create/wrap dictionaries and coefficient tables, initialise
- * them, compose, set projections and biases, create layers with fuzzed
- * options and options-struct sizes, query sizes, run forward and backward
- * with fuzzed batch, seq, positions, buffer sizes, alignment, overlap,
- * gradient modes and gradient pointers, NULL arguments, bad projection and
- * layer indices...). The harness keeps its own model of what it created, so
- * it ALWAYS allocates every buffer as large as it tells the library it is
- * (plus a slack ASan treats as out of bounds, see own()): the only way to
- * crash, or to trip ASan/UBSan, is a library bug.
+ * them, compose, set projections, biases and the weight policy, create
+ * layers with fuzzed options and options-struct sizes, query sizes, run
+ * forward and backward with fuzzed batch, seq, positions, buffer sizes,
+ * alignment, overlap, gradient modes and gradient pointers, NULL arguments,
+ * bad projection and layer indices...). The harness keeps its own model of
+ * what it created, so it ALWAYS allocates every buffer as large as it tells
+ * the library it is (plus a slack ASan treats as out of bounds, see own()):
+ * the only way to crash, or to trip ASan/UBSan, is a library bug.
  *
  * Besides crashes, the harness aborts (reported by libFuzzer as a crash) when
  * the library breaks a documented rule it can check cheaply:
@@ -777,7 +777,9 @@ static void op_set_masa(reader *r, state *s, int forced)
                 s->coefs[ci].n_atoms == s->dicts[di].n_atoms &&
                 li < s->coefs[ci].n_layers;
     if (st != MASA_OK) {
-        REQUIRE(!valid || st == MASA_ERROR_NULL_ARGUMENT,
+        /* under MASA_WEIGHTS_CACHED set_masa allocates the composed W */
+        REQUIRE(!valid || st == MASA_ERROR_NULL_ARGUMENT ||
+                    (s->hooked && st == MASA_ERROR_OUT_OF_MEMORY),
                 "valid set_masa rejected");
         return;
     }
@@ -862,6 +864,37 @@ static void op_bias(reader *r, state *s)
     if (!b)
         fill(r, got, s->dout[w], &s->tame);
     s->proj[w].has_bias = 1;
+}
+
+/* Weight policy: 0 and 1 are valid, 2 and 3 not; now and then a refresh.
+ * Forward and backward then read cached weights, which the checks below
+ * (calls compared with each other) treat as any other weights. */
+static void op_policy(reader *r, state *s)
+{
+    if (!s->layer)
+        return;
+    masa_layer *l = chance(r, 3) ? NULL : s->layer;
+    if (chance(r, 30)) {
+        masa_status st = CALL(masa_layer_refresh_weights(l));
+        REQUIRE((st == MASA_OK) == (l != NULL), "refresh_weights");
+        return;
+    }
+    unsigned v = u8(r) % 4;
+    masa_status st =
+        CALL(masa_layer_set_weight_policy(l, (masa_weight_policy)v));
+    if (!l || v > 1) {
+        REQUIRE(st == (!l ? MASA_ERROR_NULL_ARGUMENT
+                          : MASA_ERROR_INVALID_ARGUMENT),
+                "set_weight_policy(%p, %u)", (void *)l, v);
+        return;
+    }
+    REQUIRE(st == MASA_OK || (s->hooked && st == MASA_ERROR_OUT_OF_MEMORY),
+            "valid set_weight_policy rejected");
+    masa_weight_policy got;
+    REQUIRE(CALL(masa_layer_weight_policy(l, &got)) == MASA_OK,
+            "weight_policy");
+    REQUIRE(st != MASA_OK || got == (masa_weight_policy)v,
+            "policy read back");
 }
 
 /* masa_*_default(ptr, size) into a buffer of exactly `size` bytes: the
@@ -1312,7 +1345,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     make_context(&r, &s);
 
     for (int op = 0; op < 32 && r.n > 0; op++) {
-        switch (pick(&r, 14)) {
+        switch (pick(&r, 15)) {
         case 0:
             op_dict_create(&r, &s);
             break;
@@ -1343,6 +1376,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 9:
         case 10:
             op_build(&r, &s);
+            break;
+        case 11:
+            op_policy(&r, &s);
             break;
         default:
             op_run(&r, &s);
