@@ -197,25 +197,42 @@ def llc_bytes():
 
 
 def decode_rows(text, threads):
-    """(d, dict MiB, dense MiB, dense ms, MASA ms, ratio) from bench_decode's
-    per-token table, for the rows at `threads`; or JSON lines if it has
-    them."""
-    rows = []
-    for r in json_lines(text):
-        if "masa_ms" in r and "dense_ms" in r and "d" in r:
-            rows.append(r)
-    if rows:
-        return [(r["d"], r.get("dict_mib"), r.get("dense_mib"),
-                 r["dense_ms"], r["masa_ms"], r["masa_ms"] / r["dense_ms"])
-                for r in rows if r.get("threads", threads) == threads]
-    out = []
+    """[(d, variant, dictionaries MiB, dense ms, MASA ms)] from bench_decode's
+    per-token table, for the rows at `threads`. Columns are found by their
+    headers: "d_model", "threads", "MASA dictionaries (MiB)",
+    "dense ms/token" and every "MASA ... ms/token" (one per MASA variant,
+    e.g. on the fly and cached)."""
+    out, cols = [], None
     for cells in markdown_rows(text):
-        if len(cells) >= 7 and cells[0].isdigit():
-            vals = [number(c) for c in cells[:7]]
-            if None in vals or int(vals[1]) != threads:
-                continue
-            out.append((int(vals[0]), vals[2], vals[3], vals[4], vals[5],
-                        vals[6]))
+        low = [c.lower() for c in cells]
+        if "dense ms/token" in low:
+            cols = {"d": low.index("d_model") if "d_model" in low else 0,
+                    "threads": low.index("threads") if "threads" in low
+                    else None,
+                    "dict": next((i for i, c in enumerate(low)
+                                  if c.startswith("masa dictionaries")),
+                                 None),
+                    "dense": low.index("dense ms/token"),
+                    "masa": [(i, c[len("masa"):-len("ms/token")].strip())
+                             for i, c in enumerate(low)
+                             if c.startswith("masa")
+                             and c.endswith("ms/token")]}
+            continue
+        if not cols or not cells or not cells[0].isdigit():
+            if cells and not cells[0].isdigit():
+                cols = None if "rows" in low else cols
+            continue
+        if len(cells) <= max([cols["dense"]] + [i for i, _ in cols["masa"]]):
+            continue
+        if cols["threads"] is not None and \
+                number(cells[cols["threads"]]) != threads:
+            continue
+        d = int(cells[cols["d"]])
+        dict_mib = number(cells[cols["dict"]]) if cols["dict"] is not None \
+            else None
+        for i, name in cols["masa"]:
+            out.append((d, name, dict_mib, number(cells[cols["dense"]]),
+                        number(cells[i])))
     return out
 
 
@@ -468,16 +485,17 @@ def targets(res, times, shapes, peers):
         rows.append(("decode: MASA per-token <= dense when the dictionary "
                      "fits in cache", "see Decode", "not parsed"))
     else:
-        for d, dict_mib, dense_mib, dms, mms, rt in dec:
+        for d, variant, dict_mib, dms, mms in dec:
             fits = (llc is None or dict_mib is None
                     or dict_mib * 1024 * 1024 <= llc)
-            if not fits:
+            if not fits or dms is None or mms is None:
                 continue
-            rows.append((f"decode d={d}: MASA ms/token <= dense (dictionaries"
-                         f" {fmt(dict_mib, 1)} MiB fit the "
+            rows.append((f"decode d={d}, MASA{' ' + variant if variant else ''}"
+                         f": ms/token <= dense "
+                         f"(dictionaries {fmt(dict_mib, 1)} MiB fit the "
                          f"{(llc or 0) // 2 ** 20} MiB LLC)",
-                         f"{fmt(mms, 3)} vs {fmt(dms, 3)} ms ({rt:.2f}x)",
-                         status(mms <= dms)))
+                         f"{fmt(mms, 3)} vs {fmt(dms, 3)} ms "
+                         f"({mms / dms:.2f}x)", status(mms <= dms)))
     return rows
 
 
