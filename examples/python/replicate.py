@@ -81,6 +81,12 @@ class Log:
         self.file.close()
 
 
+def shown_path(path):
+    """A path relative to the repository when inside it (for the log)."""
+    rel = os.path.relpath(os.path.abspath(path), REPO)
+    return path if rel.startswith("..") else rel
+
+
 def fmt_time(seconds):
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -318,7 +324,7 @@ def main(argv=None):
     log(f"== {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {command.strip()}")
     log(f"data: {len(splits[0]):,} training bytes, {len(splits[1]):,} validation bytes from "
         f"{len(data.fortune_files())} files in {data.FORTUNES_DIR}")
-    log(f"libmasa {masa.version()} ({masa.library_path()}), torch {torch.__version__}, "
+    log(f"libmasa {masa.version()} ({shown_path(masa.library_path())}), torch {torch.__version__}, "
         f"{tcfg.threads} thread(s)")
 
     jobs = [(v, s) for s in seeds for v in variants]  # seed-major: every variant early
@@ -356,7 +362,7 @@ def main(argv=None):
 
     wall = time.time() - start
     report()
-    log(f"== trained {len(todo)} run(s) in {fmt_time(wall)}; results in {out}")
+    log(f"== trained {len(todo)} run(s) in {fmt_time(wall)}; results in {shown_path(out)}")
     with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
         log(f.read())
     context.close()
