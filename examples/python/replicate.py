@@ -208,7 +208,8 @@ def write_table(records, variants, path, mcfg, tcfg, command):
         f"(warmup {tcfg.warmup} steps, cosine to 10%), weight decay {tcfg.weight_decay}, "
         f"{tcfg.threads} torch + {tcfg.threads} libmasa thread(s).",
         f"Data: Debian `fortunes` (every 10th fortune held out); validation on "
-        f"{tcfg.final_eval_windows} windows of {mcfg.context} bytes.",
+        f"{tcfg.final_eval_windows} windows of {mcfg.context} bytes (the plot's curves: "
+        f"{tcfg.eval_windows} windows every {tcfg.eval_every} steps).",
         f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample standard deviation)"
                                                    if multi else "") + ".",
         f"Wall time: {fmt_time(sum(r['wall_seconds'] for r in records))} "
