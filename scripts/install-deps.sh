@@ -1,8 +1,10 @@
 #!/bin/sh
 # Installs what libmasa needs to build and test, from Debian's packages:
 # compiler and meson, BLIS, Check, valgrind, and Python with numpy, pytest and
-# PyTorch (Debian's python3-torch) for the Python binding's tests. Rust comes
-# from the machine's rustup or, when there is none, Debian's cargo.
+# PyTorch (Debian's python3-torch) for the Python binding's tests, and the
+# fortunes texts and matplotlib for the replication experiment
+# (examples/python/replicate.py). Rust comes from the machine's rustup or,
+# when there is none, Debian's cargo.
 set -eu
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi

@@ -81,6 +81,12 @@ class Log:
         self.file.close()
 
 
+def shown_path(path):
+    """A path relative to the repository when inside it (for the log)."""
+    rel = os.path.relpath(os.path.abspath(path), REPO)
+    return path if rel.startswith("..") else rel
+
+
 def fmt_time(seconds):
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -202,7 +208,8 @@ def write_table(records, variants, path, mcfg, tcfg, command):
         f"(warmup {tcfg.warmup} steps, cosine to 10%), weight decay {tcfg.weight_decay}, "
         f"{tcfg.threads} torch + {tcfg.threads} libmasa thread(s).",
         f"Data: Debian `fortunes` (every 10th fortune held out); validation on "
-        f"{tcfg.final_eval_windows} windows of {mcfg.context} bytes.",
+        f"{tcfg.final_eval_windows} windows of {mcfg.context} bytes (the plot's curves: "
+        f"{tcfg.eval_windows} windows every {tcfg.eval_every} steps).",
         f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample standard deviation)"
                                                    if multi else "") + ".",
         f"Wall time: {fmt_time(sum(r['wall_seconds'] for r in records))} "
@@ -318,7 +325,7 @@ def main(argv=None):
     log(f"== {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {command.strip()}")
     log(f"data: {len(splits[0]):,} training bytes, {len(splits[1]):,} validation bytes from "
         f"{len(data.fortune_files())} files in {data.FORTUNES_DIR}")
-    log(f"libmasa {masa.version()} ({masa.library_path()}), torch {torch.__version__}, "
+    log(f"libmasa {masa.version()} ({shown_path(masa.library_path())}), torch {torch.__version__}, "
         f"{tcfg.threads} thread(s)")
 
     jobs = [(v, s) for s in seeds for v in variants]  # seed-major: every variant early
@@ -356,7 +363,7 @@ def main(argv=None):
 
     wall = time.time() - start
     report()
-    log(f"== trained {len(todo)} run(s) in {fmt_time(wall)}; results in {out}")
+    log(f"== trained {len(todo)} run(s) in {fmt_time(wall)}; results in {shown_path(out)}")
     with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
         log(f.read())
     context.close()

@@ -1,5 +1,5 @@
 """Byte-level text data for replicate.py: the English fortunes of Debian's
-`fortunes` package (about 2.4 MB written by people, none of it by this
+`fortunes` package (about 2.6 MB written by people, none of it by this
 project).
 
 Every plain-text file of the directory (not the `.dat` indexes nor the `.u8`
