@@ -280,11 +280,14 @@ def build_report(res, args, wall):
       f"start, {os.getloadavg()[0]:.2f} at the end.\n")
     if res.get("git"):
         w(f"Source: {res['git']}.\n")
+    # The load at the end counts the run's own threads; beyond those, and
+    # before the run, half a CPU's worth of other work makes times noisy.
     load_end = os.getloadavg()[0]
-    if max(res["load_start"], load_end) > 0.5 * (os.cpu_count() or 1):
-        w(f"**The machine was busy**: a load average of "
-          f"{max(res['load_start'], load_end):.1f} on {os.cpu_count()} CPUs "
-          f"means other work shared the cores with these programs. Absolute "
+    other = max(res["load_start"], load_end - args.threads)
+    if other > 0.5 * (os.cpu_count() or 1):
+        w(f"**The machine was busy**: a load average of {other:.1f} on "
+          f"{os.cpu_count()} CPUs besides this run's own {args.threads} "
+          f"threads means other work shared the cores with them. Absolute "
           f"times are slower than on a quiet machine and noisy, and "
           f"comparisons between programs that ran at different moments "
           f"(the peers against libmasa) are unreliable; libmasa's MASA / "
