@@ -22,56 +22,13 @@
 #include "internal.h"
 #include "masa/masa.h"
 
+#define BENCH_NAME "bench_decode"
+#include "bench_common.h"
+
 #define S_ATOMS 8
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static void die(const char *what, masa_status st)
-{
-    fprintf(stderr, "bench_decode: %s: %s (%s)\n", what,
-            masa_status_string(st), masa_last_error());
-    exit(1);
-}
-#define OK(call)                                                            \
-    do {                                                                    \
-        masa_status st_ = (call);                                           \
-        if (st_ != MASA_OK)                                                 \
-            die(#call, st_);                                                \
-    } while (0)
-
-static void *xalloc(size_t bytes)
-{
-    void *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!p) {
-        fprintf(stderr, "bench_decode: out of memory (%zu bytes)\n", bytes);
-        exit(1);
-    }
-    return p;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, size_t n)
-{
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static float unif(void)
-{
-    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((rng_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
-}
+static float unif(void) { return unif_from(&rng_state); }
 
 /* ---- one stack of L layers with their caches ---- */
 

@@ -52,6 +52,9 @@
 
 #include <masa/masa.h>
 
+#define BENCH_NAME "bench_layer"
+#include "bench_common.h"
+
 #define L_LAYERS 24
 #define S_ATOMS 8
 #define LAYER_INDEX 5 /* the stack layer the benchmarked layer is */
@@ -75,36 +78,6 @@ static const shape quick_shapes[] = {
 static const shape full_peak = {1, 8192, 512, 8, 8};
 static const shape quick_peak = {1, 256, 64, 4, 4};
 
-static void die(const char *what, masa_status st)
-{
-    fprintf(stderr, "bench_layer: %s: %s (%s)\n", what,
-            masa_status_string(st), masa_last_error());
-    exit(1);
-}
-#define OK(call)                                                            \
-    do {                                                                    \
-        masa_status st_ = (call);                                           \
-        if (st_ != MASA_OK)                                                 \
-            die(#call, st_);                                                \
-    } while (0)
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static void *xalloc(size_t bytes)
-{
-    void *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!p) {
-        fprintf(stderr, "bench_layer: out of memory (%zu bytes)\n", bytes);
-        exit(1);
-    }
-    return p;
-}
-
 static float *xfloats(size_t n)
 {
     float *p = xalloc(n * sizeof(float));
@@ -113,25 +86,7 @@ static float *xfloats(size_t n)
 }
 
 static uint64_t rng_state = 0x2545f4914f6cdd1dull;
-static float unif(void) /* U(-1, 1) */
-{
-    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((rng_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(const double *v, size_t n)
-{
-    double tmp[MAX_REPS];
-    memcpy(tmp, v, n * sizeof *v);
-    qsort(tmp, n, sizeof *tmp, cmp_double);
-    return n % 2 ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
-}
+static float unif(void) { return unif_from(&rng_state); }
 
 static void shape_name(const shape *s, char *buf, size_t len)
 {

@@ -37,51 +37,18 @@
 #include "internal.h"
 #include "masa/masa.h"
 
+#define BENCH_NAME "bench_project"
+#include "bench_common.h"
+
 #define S_ATOMS 8
 #define L_LAYERS 24
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static void die(const char *what, masa_status st)
-{
-    fprintf(stderr, "bench_project: %s: %s (%s)\n", what,
-            masa_status_string(st), masa_last_error());
-    exit(1);
-}
-#define OK(call)                                                            \
-    do {                                                                    \
-        masa_status st_ = (call);                                           \
-        if (st_ != MASA_OK)                                                 \
-            die(#call, st_);                                                \
-    } while (0)
-
 static float *falloc(size_t n)
 {
-    float *p = aligned_alloc(64, (n * sizeof(float) + 63) & ~(size_t)63);
-    if (!p) {
-        fprintf(stderr, "bench_project: out of memory (%zu floats)\n", n);
-        exit(1);
-    }
+    float *p = xalloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++)
         p[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
     return p;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, size_t n)
-{
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 /* BLIS's own sgemm: C = A op(B) with strides, default settings (its
