@@ -55,6 +55,26 @@ def log(msg):
     print(f"run.py: {msg}", file=sys.stderr, flush=True)
 
 
+def cpus_busy(seconds=2.0):
+    """CPUs' worth of work running now, from /proc/stat over `seconds`
+    (None where there is no /proc/stat). Unlike the load average, it does
+    not still count work that ended a minute ago."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v), idle
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 == t0:
+        return None
+    return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+
+
 def run(cmd, timeout):
     """(returncode, stdout, seconds); the program's stderr (its progress)
     goes straight to ours."""
@@ -277,17 +297,24 @@ def build_report(res, args, wall):
       f"{res['mem_gib']:.0f} GiB; BLIS kernels `{info.get('blis_arch', '?')}`"
       f"; libmasa {info.get('version', '?')}; {args.threads} threads for "
       f"every program. Load average (1 min) {res['load_start']:.2f} at the "
-      f"start, {os.getloadavg()[0]:.2f} at the end.\n")
+      f"start, {os.getloadavg()[0]:.2f} at the end"
+      + (f"; {res['busy_start']:.2f} CPUs busy just before the start"
+         if res["busy_start"] is not None else "") + ".\n")
     if res.get("git"):
         w(f"Source: {res['git']}.\n")
-    # The load at the end counts the run's own threads; beyond those, and
-    # before the run, half a CPU's worth of other work makes times noisy.
+    # Before the run: the CPUs busy right then (the 1-minute load average
+    # still counts work that just ended). At the end the load counts the
+    # run's own threads. Beyond those, half a CPU of other work makes times
+    # noisy.
     load_end = os.getloadavg()[0]
-    other = max(res["load_start"], load_end - args.threads)
+    before = res["busy_start"]
+    if before is None:
+        before = res["load_start"]
+    other = max(before, load_end - args.threads)
     if other > 0.5 * (os.cpu_count() or 1):
-        w(f"**The machine was busy**: a load average of {other:.1f} on "
-          f"{os.cpu_count()} CPUs besides this run's own {args.threads} "
-          f"threads means other work shared the cores with them. Absolute "
+        w(f"**The machine was busy**: about {other:.1f} of its "
+          f"{os.cpu_count()} CPUs ran other work besides this run's own "
+          f"{args.threads} threads, sharing the cores with them. Absolute "
           f"times are slower than on a quiet machine and noisy, and "
           f"comparisons between programs that ran at different moments "
           f"(the peers against libmasa) are unreliable; libmasa's MASA / "
@@ -592,7 +619,7 @@ def main():
     t_start = time.monotonic()
     bdir = os.path.join(args.build, "benchmarks")
     res = {"peers": {}, "peer_notes": [], "peak": None, "notes": [],
-           "load_start": os.getloadavg()[0],
+           "load_start": os.getloadavg()[0], "busy_start": cpus_busy(),
            "command": "benchmarks/run.py " + " ".join(
                shlex.quote(a) for a in sys.argv[1:])}
     res["cpu"] = platform.processor() or "?"
