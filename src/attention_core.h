@@ -110,8 +110,7 @@ float masa__row_max(const float *x, size_t n, float init);
 /* The plain versions (expf), used where AVX2+FMA are missing. */
 float masa__exp_shifted_portable(float *x, size_t n, float shift);
 float masa__row_max_portable(const float *x, size_t n, float init);
-/* Whether the CPU runs the AVX2 versions (then also callable directly). */
-bool masa__exp_has_avx2(void);
+/* Callable when masa__cpu_has_avx2_fma() (internal.h). */
 float masa__exp_shifted_avx2(float *x, size_t n, float shift);
 float masa__row_max_avx2(const float *x, size_t n, float init);
 

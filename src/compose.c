@@ -154,12 +154,6 @@ TARGET_AVX2 static void grad_avx2(const float *d, size_t stride, size_t S,
 {
     grad_body(d, stride, S, c, g, dd, add, w, w_first, dots, len);
 }
-
-static bool use_avx2(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
 
 typedef void (*compose_fn)(const float *, size_t, size_t, const float *,
@@ -171,7 +165,7 @@ typedef void (*grad_fn)(const float *, size_t, size_t, const float *,
 static compose_fn compose_kernel(void)
 {
 #if HAVE_AVX2_DISPATCH
-    if (use_avx2())
+    if (masa__cpu_has_avx2_fma())
         return compose_avx2;
 #endif
     return compose_base;
@@ -180,7 +174,7 @@ static compose_fn compose_kernel(void)
 static grad_fn grad_kernel(void)
 {
 #if HAVE_AVX2_DISPATCH
-    if (use_avx2())
+    if (masa__cpu_has_avx2_fma())
         return grad_avx2;
 #endif
     return grad_base;

@@ -121,7 +121,7 @@ static void detect(void)
     has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-bool masa__exp_has_avx2(void)
+bool masa__cpu_has_avx2_fma(void)
 {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, detect);
@@ -130,17 +130,17 @@ bool masa__exp_has_avx2(void)
 
 float masa__exp_shifted(float *x, size_t n, float shift)
 {
-    return masa__exp_has_avx2() ? masa__exp_shifted_avx2(x, n, shift)
+    return masa__cpu_has_avx2_fma() ? masa__exp_shifted_avx2(x, n, shift)
                                 : masa__exp_shifted_portable(x, n, shift);
 }
 
 float masa__row_max(const float *x, size_t n, float init)
 {
-    return masa__exp_has_avx2() ? masa__row_max_avx2(x, n, init)
+    return masa__cpu_has_avx2_fma() ? masa__row_max_avx2(x, n, init)
                                 : masa__row_max_portable(x, n, init);
 }
 #else
-bool masa__exp_has_avx2(void) { return false; }
+bool masa__cpu_has_avx2_fma(void) { return false; }
 
 float masa__exp_shifted(float *x, size_t n, float shift)
 {

@@ -116,6 +116,11 @@ struct masa_coefficients {
     bool owned;
 };
 
+/* Whether the CPU has AVX2 and FMA, checked once: the vector kernels of
+ * composition and softmax are compiled for them and chosen at run time
+ * (src/fast_exp.c). */
+bool masa__cpu_has_avx2_fma(void);
+
 /* W = sum_s c[layer, s] D_s, no argument checks. One pass over the atoms,
  * split across `pool` (NULL: on the calling thread). */
 void masa__compose(const masa_dictionary *dict, const masa_coefficients *coef,

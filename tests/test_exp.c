@@ -100,7 +100,7 @@ END_TEST
 START_TEST(test_avx2)
 {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (!masa__exp_has_avx2())
+    if (!masa__cpu_has_avx2_fma())
         return; /* nothing to test on this CPU */
     check_exp(masa__exp_shifted_avx2, "avx2");
     check_rows(masa__exp_shifted_avx2, masa__row_max_avx2, "avx2");
