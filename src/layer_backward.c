@@ -140,11 +140,10 @@ void masa__project_backward(const masa_layer *layer, int p, const float *in,
                             : NULL;
             masa__atom_grads(ps->dict, ps->coef, ps->layer_index, g_scratch,
                              dc, g->d_atoms[p], add,
-                             compose ? w_scratch : NULL, partials,
-                             layer->ctx->pool);
+                             compose ? w_scratch : NULL, partials, pool);
         } else if (compose) {
             masa__compose(ps->dict, ps->coef, ps->layer_index, w_scratch,
-                          layer->ctx->pool);
+                          pool);
         }
     }
     if (dx)

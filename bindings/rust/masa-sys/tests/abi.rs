@@ -71,19 +71,25 @@ fn status_strings_and_last_error() {
     }
 }
 
+/// A context and a layer with d_model 4 and 2 heads, no projection set.
+unsafe fn small_layer(causal: bool) -> (*mut masa_context, *mut masa_layer) {
+    let mut ctx = std::ptr::null_mut();
+    assert_eq!(masa_context_create(std::ptr::null(), &mut ctx), MASA_OK);
+    let mut o = MaybeUninit::<masa_layer_options>::zeroed();
+    masa_layer_options_default(o.as_mut_ptr(), size_of::<masa_layer_options>());
+    let mut o = o.assume_init();
+    o.d_model = 4;
+    o.n_heads = 2;
+    o.causal = causal as i32;
+    let mut layer = std::ptr::null_mut();
+    assert_eq!(masa_layer_create(ctx, &o, &mut layer), MASA_OK);
+    (ctx, layer)
+}
+
 #[test]
 fn decode_one_token_through_the_cache() {
     unsafe {
-        let mut ctx = std::ptr::null_mut();
-        assert_eq!(masa_context_create(std::ptr::null(), &mut ctx), MASA_OK);
-        let mut o = MaybeUninit::<masa_layer_options>::zeroed();
-        masa_layer_options_default(o.as_mut_ptr(), size_of::<masa_layer_options>());
-        let mut o = o.assume_init();
-        o.d_model = 4;
-        o.n_heads = 2;
-        o.causal = 1;
-        let mut layer = std::ptr::null_mut();
-        assert_eq!(masa_layer_create(ctx, &o, &mut layer), MASA_OK);
+        let (ctx, layer) = small_layer(true);
         for p in [MASA_PROJ_Q, MASA_PROJ_K, MASA_PROJ_V, MASA_PROJ_O] {
             assert_eq!(masa_layer_set_dense(layer, p, std::ptr::null_mut()), MASA_OK);
             let w = masa_layer_weight(layer, p);
@@ -129,15 +135,7 @@ fn decode_one_token_through_the_cache() {
 #[test]
 fn weight_policy_round_trip() {
     unsafe {
-        let mut ctx = std::ptr::null_mut();
-        assert_eq!(masa_context_create(std::ptr::null(), &mut ctx), MASA_OK);
-        let mut o = MaybeUninit::<masa_layer_options>::zeroed();
-        masa_layer_options_default(o.as_mut_ptr(), size_of::<masa_layer_options>());
-        let mut o = o.assume_init();
-        o.d_model = 4;
-        o.n_heads = 2;
-        let mut layer = std::ptr::null_mut();
-        assert_eq!(masa_layer_create(ctx, &o, &mut layer), MASA_OK);
+        let (ctx, layer) = small_layer(false);
         let mut pol: masa_weight_policy = 99;
         assert_eq!(masa_layer_weight_policy(layer, &mut pol), MASA_OK);
         assert_eq!(pol, MASA_WEIGHTS_ON_THE_FLY);
