@@ -102,10 +102,7 @@ fn decode_one_token_through_the_cache() {
         assert_eq!(bytes, 2 * 2 * 4 * 4);
         let mut mem = vec![0f32; bytes / 4];
         let mut cache = std::ptr::null_mut();
-        assert_eq!(
-            masa_kv_cache_create(layer, 1, 2, mem.as_mut_ptr().cast(), bytes, &mut cache),
-            MASA_OK
-        );
+        assert_eq!(masa_kv_cache_create(layer, 1, 2, mem.as_mut_ptr().cast(), bytes, &mut cache), MASA_OK);
         let mut ws_bytes = 0usize;
         assert_eq!(masa_layer_decode_workspace_size(layer, 1, 1, &mut ws_bytes), MASA_OK);
         let mut ws = vec![0f32; ws_bytes / 4 + 1];
@@ -113,7 +110,14 @@ fn decode_one_token_through_the_cache() {
         let x = [1.0f32, 2.0, 3.0, 4.0];
         let mut y = [0f32; 4];
         let st = masa_layer_decode(
-            layer, cache, 1, 1, x.as_ptr(), y.as_mut_ptr(), ws.as_mut_ptr().cast(), ws_bytes,
+            layer,
+            cache,
+            1,
+            1,
+            x.as_ptr(),
+            y.as_mut_ptr(),
+            ws.as_mut_ptr().cast(),
+            ws_bytes,
         );
         assert_eq!(st, MASA_OK);
         assert_eq!(y, x);
