@@ -19,7 +19,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "internal.h"
+#include "common/internal.h"
 #include "masa/masa.h"
 
 #define BENCH_NAME "bench_decode"

@@ -34,7 +34,7 @@
 
 #include <blis.h>
 
-#include "internal.h"
+#include "common/internal.h"
 #include "masa/masa.h"
 
 #define BENCH_NAME "bench_project"

@@ -17,7 +17,7 @@
 
 #include <check.h>
 
-#include "attention_core.h"
+#include "attention/attention_core.h"
 
 typedef float (*exp_fn)(float *, size_t, float);
 typedef float (*max_fn)(const float *, size_t, float);

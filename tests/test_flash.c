@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "attention_core.h" /* MASA_FLASH_BQ, MASA_FLASH_BK of this build */
+#include "attention/attention_core.h" /* MASA_FLASH_BQ, MASA_FLASH_BK of this build */
 #include "test_util.h"
 
 #define RTOL 1e-4

@@ -20,7 +20,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 #define TILE_ROWS 64        /* rows per unit */
 #define KEY_BLOCK 256       /* keys per online-softmax step */

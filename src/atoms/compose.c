@@ -9,7 +9,7 @@
  * one thread. */
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 /* Floats per tile: G's and W's tiles stay in L1 (32 KiB) while S atom
  * tiles stream through. */

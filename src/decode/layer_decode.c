@@ -4,7 +4,7 @@
  * (decode_attention.c) and projects the result. */
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 /* Offsets (floats) of the decode workspace's parts. */
 typedef struct decode_layout {

@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 /* Query rows and keys per tile. Per thread, forward keeps a BQ x BK score
  * tile and backward two (P and dP) plus three packed copies (dS, P^T,

@@ -28,7 +28,7 @@
  * calling thread. */
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 /* Products of at least this many rows are split by rows (no partial
  * sums); fewer rows split the inner dimension. */

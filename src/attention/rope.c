@@ -2,7 +2,7 @@
  * backward pass applies the inverse rotation to the gradients. */
 #include <math.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 void masa__rope(float *x, size_t batch, size_t seq, size_t row_stride,
                 size_t n_heads, size_t head_dim, size_t pos_offset,

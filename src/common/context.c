@@ -2,7 +2,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 masa_status masa__check_struct_size(const char *fn, const void *opts,
                                     size_t given, size_t known_size)

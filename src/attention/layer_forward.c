@@ -3,7 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 bool masa__overlaps(const void *a, size_t a_bytes, const void *b,
                     size_t b_bytes)

@@ -5,7 +5,7 @@
  * pass over the atoms (masa__atom_grads). */
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 static const char *const names[4] = {"Q", "K", "V", "O"};
 

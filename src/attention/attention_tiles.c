@@ -19,7 +19,7 @@
 
 #include <blis.h>
 
-#include "attention_core.h"
+#include "attention/attention_core.h"
 
 static size_t clamp(ptrdiff_t v, size_t hi)
 {

@@ -3,7 +3,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 static masa_layer_options layer_defaults(void)
 {

@@ -1,6 +1,6 @@
 /* Key/value caches for incremental decoding: a handle over caller memory
  * holding the keys (RoPE applied) and values of the tokens seen so far. */
-#include "internal.h"
+#include "common/internal.h"
 
 masa_status masa__check_decodable(const char *fn, const masa_layer *layer)
 {

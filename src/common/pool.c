@@ -11,7 +11,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 struct masa_pool {
     size_t n_threads;        /* workers + the calling thread */

@@ -12,7 +12,7 @@
 #include <math.h>
 #include <pthread.h>
 
-#include "attention_core.h"
+#include "attention/attention_core.h"
 
 float masa__exp_shifted_portable(float *x, size_t n, float shift)
 {

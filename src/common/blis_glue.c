@@ -9,7 +9,7 @@
 
 #include <blis.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 int masa__blis_arch_choice(const char *user_arch_type, const char *masa_opt,
                            bool cpu_has_avx512)

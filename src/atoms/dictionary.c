@@ -1,7 +1,7 @@
 /* Dictionaries: S atoms of rows x cols, owned or wrapping caller memory. */
 #include <math.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 static masa_status dictionary_new(const char *fn, masa_context *ctx,
                                   size_t n_atoms, size_t rows, size_t cols,

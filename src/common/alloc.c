@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 bool masa__mul(size_t a, size_t b, size_t *out)
 {

@@ -1,5 +1,5 @@
 /* Run-time version of the library actually loaded. */
-#include "internal.h"
+#include "common/internal.h"
 
 MASA_API unsigned masa_version_number(void)
 {

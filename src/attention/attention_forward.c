@@ -13,7 +13,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "attention_core.h"
+#include "attention/attention_core.h"
 
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 

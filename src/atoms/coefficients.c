@@ -2,7 +2,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "internal.h"
+#include "common/internal.h"
 
 static masa_status coefficients_new(const char *fn, masa_context *ctx,
                                     size_t n_layers, size_t n_atoms,

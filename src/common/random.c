@@ -1,7 +1,7 @@
 /* Seeded, platform-independent uniform numbers for the initialisers:
  * element i gets splitmix64(seed, i), so results do not depend on threads or
  * on the order of calls. */
-#include "internal.h"
+#include "common/internal.h"
 
 static uint64_t splitmix64(uint64_t x)
 {
