@@ -41,18 +41,18 @@ static size_t bwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
                          bwd_scratch *s)
 {
     size_t bq = min_size(MASA_FLASH_BQ, seq), bk = min_size(MASA_FLASH_BK, seq);
-    size_t b_hq = masa__pack_b_floats(u, hd, bq);
-    size_t b_qh = masa__pack_b_floats(u, bq, hd);
+    size_t b_hq = masa__pack_floats(u, bq, hd);
+    size_t b_qh = masa__pack_floats(u, hd, bq);
     size_t key_tiles = (seq + MASA_FLASH_BK - 1) / MASA_FLASH_BK;
     /* slot parts stay 64-byte aligned: packed B is read with aligned loads */
-    s->a_tile = round16(masa__pack_a_floats(u, bk, hd));
-    s->b_tile = round16(masa__pack_b_floats(u, bk, hd));
+    s->a_tile = round16(masa__pack_floats(u, bk, hd));
+    s->b_tile = round16(masa__pack_floats(u, hd, bk));
     s->slot = 2 * s->a_tile + s->b_tile;
     size_t all = key_tiles * s->slot, split = s->slot + 2 * seq * hd;
     size_t n[11] = {b_hq, b_hq, b_qh, b_qh, bq * bk, bq * bk,
-                    masa__pack_a_floats(u, bq, bk),
-                    masa__pack_a_floats(u, bk, bq),
-                    masa__pack_a_floats(u, bk, bq), bq,
+                    masa__pack_floats(u, bq, bk),
+                    masa__pack_floats(u, bk, bq),
+                    masa__pack_floats(u, bk, bq), bq,
                     all > split ? all : split};
     float **dst[11] = {&s->qtb, &s->dotb, &s->qb, &s->dob, &s->p, &s->dp,
                        &s->dsa, &s->pta, &s->dsta, &s->delta, &s->slots};
@@ -117,18 +117,15 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
     float *dq = a->dq + row0;
 
     for (size_t r = 0; r < m; r++) {
-        const float *dor = d_o + r * L->dq, *orow = o + r * L->dq;
-        float d = 0.0f;
-        for (size_t c = 0; c < hd; c++)
-            d += dor[c] * orow[c];
-        s->delta[r] = d;
+        s->delta[r] = masa__dot(d_o + r * L->dq, o + r * L->dq, hd);
         memset(dq + r * L->dq, 0, hd * sizeof(float));
     }
     /* Q and dO serve every key tile */
-    masa__pack_b(u, hd, m, q, 1, L->dq, s->qtb);
-    masa__pack_b(u, hd, m, d_o, 1, L->dq, s->dotb);
-    masa__pack_b(u, m, hd, q, L->dq, 1, s->qb);
-    masa__pack_b(u, m, hd, d_o, L->dq, 1, s->dob);
+    masa_orient oc = u->c_cols, orow = u->c_rows;
+    masa__pack_b(oc.wb, hd, m, q, 1, L->dq, s->qtb);
+    masa__pack_b(oc.wb, hd, m, d_o, 1, L->dq, s->dotb);
+    masa__pack_b(orow.wb, m, hd, q, L->dq, 1, s->qb);
+    masa__pack_b(orow.wb, m, hd, d_o, L->dq, 1, s->dob);
     for (size_t j0 = 0; j0 < kend; j0 += MASA_FLASH_BK) {
         size_t n = min_size(kend - j0, MASA_FLASH_BK);
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
@@ -142,38 +139,36 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         /* S = scale Q K^T and dP = dO V^T, m x n, row stride n (masked
          * entries computed, unused) */
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
+            .kind = MASA_PRODUCT_ROWS, .o = oc, .m = n, .n = m, .k = hd,
             .alpha = L->scale, .beta = 0.0f, .ap = ka, .bp = s->qtb,
             .c = s->p, .ldc = 1, .csc = n});
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
+            .kind = MASA_PRODUCT_ROWS, .o = oc, .m = n, .n = m, .k = hd,
             .alpha = 1.0f, .beta = 0.0f, .ap = va, .bp = s->dotb,
             .c = s->dp, .ldc = 1, .csc = n});
         for (size_t r = 0; r < m; r++) {
             size_t nv = masa__mask_row_len(mask, r, n);
             float *pr = s->p + r * n, *ds = s->dp + r * n;
             masa__exp_shifted(pr, nv, lse[r]);
-            float d = s->delta[r];
-            for (size_t j = 0; j < nv; j++)
-                ds[j] = pr[j] * (ds[j] - d);
+            masa__softmax_grad_row(pr, ds, nv, s->delta[r]);
         }
-        masa__pack_a(u, n, m, s->p, 1, n, s->pta);
-        masa__pack_a(u, n, m, s->dp, 1, n, s->dsta);
-        masa__pack_a(u, m, n, s->dp, n, 1, s->dsa);
+        masa__pack_a(orow.wa, n, m, s->p, 1, n, s->pta);
+        masa__pack_a(orow.wa, n, m, s->dp, 1, n, s->dsta);
+        masa__pack_a(orow.wa, m, n, s->dp, n, 1, s->dsa);
         /* dV += P^T dO ; dK += scale dS^T Q ; dQ += scale dS K */
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_COLS, .mask = mask, .m = n, .n = hd, .k = m,
-            .alpha = 1.0f, .beta = 1.0f, .ap = s->pta, .bp = s->dob,
+            .kind = MASA_PRODUCT_COLS, .o = orow, .mask = mask, .m = n,
+            .n = hd, .k = m, .alpha = 1.0f, .beta = 1.0f, .ap = s->pta, .bp = s->dob,
             .c = dv + j0 * ld, .ldc = ld, .a = s->p, .lda = n, .b = d_o,
             .ldb = L->dq});
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_COLS, .mask = mask, .m = n, .n = hd, .k = m,
-            .alpha = L->scale, .beta = 1.0f, .ap = s->dsta, .bp = s->qb,
+            .kind = MASA_PRODUCT_COLS, .o = orow, .mask = mask, .m = n,
+            .n = hd, .k = m, .alpha = L->scale, .beta = 1.0f, .ap = s->dsta, .bp = s->qb,
             .c = dk + j0 * ld, .ldc = ld, .a = s->dp, .lda = n, .b = q,
             .ldb = L->dq});
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .mask = mask, .m = m, .n = hd, .k = n,
-            .alpha = L->scale, .beta = 1.0f, .ap = s->dsa, .bp = kb,
+            .kind = MASA_PRODUCT_ROWS, .o = orow, .mask = mask, .m = m,
+            .n = hd, .k = n, .alpha = L->scale, .beta = 1.0f, .ap = s->dsa, .bp = kb,
             .bp_k = min_size(T - j0, MASA_FLASH_BK),
             .c = dq, .ldc = L->dq, .a = s->dp, .lda = n, .b = kt,
             .ldb = L->dkv});

@@ -37,26 +37,53 @@ size_t masa__mask_col_start(masa_tile_mask mask, size_t j, size_t m);
 
 /* ---- tile products on BLIS's micro-kernel (attention_tiles.c) ---- */
 
-/* BLIS's single-precision gemm micro-kernel for this CPU and its register
- * block MR x NR. */
+/* How a product C = A B runs on the micro-kernel, given how C is stored.
+ * Stored as the kernel prefers: directly, A packed in MR-row panels and B in
+ * NR-column panels. Stored the other way (the kernel would compute into a
+ * temporary and copy it out with a scalar strided loop): as the transposed
+ * product C^T = B^T A^T, which the kernel sees stored as it prefers, with A
+ * packed in NR panels and B in MR panels. A panel of A of width w is laid
+ * out exactly as a panel of A^T of width w, so the packers serve both. */
+typedef struct masa_orient {
+    size_t wa, wb; /* panel widths of A and of B */
+    bool swap;     /* run as C^T = B^T A^T */
+} masa_orient;
+
+/* BLIS's single-precision gemm micro-kernel for this CPU and its blocking,
+ * all as BLIS's context reports them at run time (skx: 32 x 12, prefers
+ * column-stored C; haswell, zen3: 6 x 16, prefers rows; sandybridge: 8 x 8,
+ * columns). c_rows / c_cols: the orientation of a product whose C is stored
+ * by rows (column stride 1) / by columns (row stride 1). */
 typedef struct masa_ukr {
     void (*fn)(void);
     void *cntx;
-    size_t mr, nr;
+    size_t mr, nr, kc;
+    bool prefers_cols;
+    masa_orient c_rows, c_cols;
 } masa_ukr;
 void masa__ukr_query(masa_ukr *u);
 
-/* Packed operands: A (m x k) in MR-row panels, B (k x n) in NR-column
- * panels, zero-padded; sizes in floats. */
-size_t masa__pack_a_floats(const masa_ukr *u, size_t m, size_t k);
-size_t masa__pack_b_floats(const masa_ukr *u, size_t k, size_t n);
-void masa__pack_a(const masa_ukr *u, size_t m, size_t k, const float *a,
-                  size_t rsa, size_t csa, float *dst);
-void masa__pack_b(const masa_ukr *u, size_t k, size_t n, const float *b,
-                  size_t rsb, size_t csb, float *dst);
+/* Packed operands, k-major panels of width w (an orientation's wa or wb),
+ * zero-padded: A (m x k) in w-row panels, B (k x n) in w-column panels.
+ * masa__pack_floats: floats for either operand with `outer` rows (A) or
+ * columns (B) in any orientation. */
+size_t masa__pack_floats(const masa_ukr *u, size_t outer, size_t k);
+void masa__pack_a(size_t w, size_t m, size_t k, const float *a, size_t rsa,
+                  size_t csa, float *dst);
+void masa__pack_b(size_t w, size_t k, size_t n, const float *b, size_t rsb,
+                  size_t csb, float *dst);
+/* The portable packer (panels of width w over `outer` lines of k floats,
+ * line i at x + i rs_outer, element l at + l rs_inner) and the AVX-512 one,
+ * callable when masa__cpu_has_avx512(); the tests compare them. */
+void masa__pack_portable(size_t w, size_t outer, size_t k, const float *x,
+                         size_t rs_outer, size_t rs_inner, float *dst);
+void masa__pack_avx512(size_t w, size_t outer, size_t k, const float *x,
+                       size_t rs_outer, size_t rs_inner, float *dst);
 
 /* Key tile t (keys t BK ...) of key/value head g of sequence b: K and V
- * packed as A (ka, va) and as B (kb, vb); NULL outputs are skipped. */
+ * packed as A of a product with C stored by columns (ka, va: S^T = K Q^T,
+ * dP^T = V dO^T) and as B of one with C stored by rows (vb, kb: O += P V,
+ * dQ += dS K); NULL outputs are skipped. */
 void masa__pack_key_tile(const masa_attn_args *a, const masa_ukr *u,
                          size_t b, size_t g, size_t t, float *ka, float *va,
                          float *vb, float *kb);
@@ -70,15 +97,18 @@ typedef enum masa_product_kind {
     MASA_PRODUCT_COLS
 } masa_product_kind;
 
-/* C[m x n] = alpha A B + beta C with A, B packed (m x k, k x n), C with
- * row stride ldc and column stride csc. With a mask, masked inner terms are never read: the triangle
+/* C[m x n] = alpha A B + beta C with A, B packed (m x k, k x n) as the
+ * orientation o says, C with row stride ldc and column stride csc (o must be
+ * the ukr's c_rows when csc is 1, its c_cols when ldc is 1). The inner index
+ * is split in blocks of KC. With a mask, masked inner terms are never read: the triangle
  * the micro-kernel cannot take is added from the unpacked operands: a, the
  * row-major query x key tile (lda), and b, the rows of the other operand
  * indexed by the inner index (ldb). beta must be 1 with a mask. B may have
  * been packed with a longer inner length bp_k (a whole key tile of which
- * the causal range uses the first k keys): its panels are bp_k * NR apart. */
+ * the causal range uses the first k keys): its panels are bp_k * wb apart. */
 typedef struct masa_tile_product {
     masa_product_kind kind;
+    masa_orient o;
     masa_tile_mask mask;
     size_t m, n, k;
     float alpha, beta;
@@ -113,5 +143,23 @@ float masa__row_max_portable(const float *x, size_t n, float init);
 /* Callable when masa__cpu_has_avx2_fma() (internal.h). */
 float masa__exp_shifted_avx2(float *x, size_t n, float shift);
 float masa__row_max_avx2(const float *x, size_t n, float init);
+/* Callable when masa__cpu_has_avx512() (internal.h). */
+float masa__exp_shifted_avx512(float *x, size_t n, float shift);
+float masa__row_max_avx512(const float *x, size_t n, float init);
+
+/* x[i] *= a; <x, y>; dp[i] = p[i] (dp[i] - delta), for i < n: the AVX-512
+ * version when the CPU has it, else the portable one (both exported for the
+ * tests). */
+void masa__scale_row(float *x, size_t n, float a);
+float masa__dot(const float *x, const float *y, size_t n);
+void masa__softmax_grad_row(const float *p, float *dp, size_t n, float delta);
+void masa__scale_row_portable(float *x, size_t n, float a);
+float masa__dot_portable(const float *x, const float *y, size_t n);
+void masa__softmax_grad_row_portable(const float *p, float *dp, size_t n,
+                                     float delta);
+void masa__scale_row_avx512(float *x, size_t n, float a);
+float masa__dot_avx512(const float *x, const float *y, size_t n);
+void masa__softmax_grad_row_avx512(const float *p, float *dp, size_t n,
+                                   float delta);
 
 #endif

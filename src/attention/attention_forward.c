@@ -33,10 +33,10 @@ static size_t fwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
 {
     size_t bq = min_size(MASA_FLASH_BQ, seq), bk = min_size(MASA_FLASH_BK, seq);
     size_t key_tiles = (seq + MASA_FLASH_BK - 1) / MASA_FLASH_BK;
-    f->ka_tile = masa__pack_a_floats(u, bk, hd);
-    f->vb_tile = masa__pack_b_floats(u, bk, hd);
-    size_t n[6] = {masa__pack_b_floats(u, hd, bq), key_tiles * f->ka_tile,
-                   bq * bk, masa__pack_a_floats(u, bq, bk),
+    f->ka_tile = masa__pack_floats(u, bk, hd);
+    f->vb_tile = masa__pack_floats(u, hd, bk);
+    size_t n[6] = {masa__pack_floats(u, bq, hd), key_tiles * f->ka_tile,
+                   bq * bk, masa__pack_floats(u, bq, bk),
                    key_tiles * f->vb_tile, bq};
     float **dst[6] = {&f->qtb, &f->ka, &f->s, &f->pp, &f->vb, &f->sum};
     size_t total = 0;
@@ -103,7 +103,8 @@ static void forward_tile(const masa_attn_args *a, const masa_ukr *u,
         mx[r] = -INFINITY;
         sum[r] = 0.0f;
     }
-    masa__pack_b(u, hd, m, q, 1, L->dq, f.qtb);
+    masa_orient oc = u->c_cols, orow = u->c_rows;
+    masa__pack_b(oc.wb, hd, m, q, 1, L->dq, f.qtb);
     for (size_t j0 = 0; j0 < kend; j0 += MASA_FLASH_BK) {
         size_t n = min_size(kend - j0, MASA_FLASH_BK);
         masa_tile_mask mask = {L->causal && j0 + n - 1 > i0,
@@ -116,7 +117,7 @@ static void forward_tile(const masa_attn_args *a, const masa_ukr *u,
         /* S = scale Q_tile K_tile^T, m x n, row stride n, as S^T = K Q^T
          * (masked entries are computed but never used) */
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .m = n, .n = m, .k = hd,
+            .kind = MASA_PRODUCT_ROWS, .o = oc, .m = n, .n = m, .k = hd,
             .alpha = L->scale, .beta = 0.0f, .ap = ka, .bp = f.qtb, .c = s,
             .ldc = 1, .csc = n});
         for (size_t r = 0; r < m; r++) {
@@ -131,25 +132,19 @@ static void forward_tile(const masa_attn_args *a, const masa_ukr *u,
             float rescale = expf(mx[r] - m_new);
             sum[r] = sum[r] * rescale + part;
             mx[r] = m_new;
-            if (rescale != 1.0f) {
-                float *o = out + r * L->dq;
-                for (size_t c = 0; c < hd; c++)
-                    o[c] *= rescale;
-            }
+            if (rescale != 1.0f)
+                masa__scale_row(out + r * L->dq, hd, rescale);
         }
         /* O += P V_tile */
-        masa__pack_a(u, m, n, s, n, 1, f.pp);
+        masa__pack_a(orow.wa, m, n, s, n, 1, f.pp);
         masa__tile_product(u, &(masa_tile_product){
-            .kind = MASA_PRODUCT_ROWS, .mask = mask, .m = m, .n = hd, .k = n,
-            .alpha = 1.0f, .beta = 1.0f, .ap = f.pp, .bp = vb,
+            .kind = MASA_PRODUCT_ROWS, .o = orow, .mask = mask, .m = m,
+            .n = hd, .k = n, .alpha = 1.0f, .beta = 1.0f, .ap = f.pp, .bp = vb,
             .bp_k = min_size(T - j0, MASA_FLASH_BK), .c = out, .ldc = L->dq,
             .a = s, .lda = n, .b = vt, .ldb = L->dkv});
     }
     for (size_t r = 0; r < m; r++) {
-        float inv = 1.0f / sum[r];
-        float *o = out + r * L->dq;
-        for (size_t c = 0; c < hd; c++)
-            o[c] *= inv;
+        masa__scale_row(out + r * L->dq, hd, 1.0f / sum[r]);
         lse[r] = mx[r] + logf(sum[r]);
     }
 }

@@ -6,9 +6,14 @@
  * relative error at most 1.2e-7 (2 ulp); tests/test_exp.c checks 4e-7
  * against expf. Below ln(FLT_MIN) =
  * -87.337 (where e^x is no longer a normal float) the result is 0; above 88.37 it
- * is +inf; NaN stays NaN. Chosen at run time: the library is built for the
- * baseline x86-64, so AVX2 code is compiled for that function only and used
- * only when the CPU has AVX2 and FMA. */
+ * is +inf; NaN stays NaN. The AVX-512 version is the same evaluation on
+ * sixteen lanes, with masked loads and stores for the tails. Chosen at run
+ * time: the library is built for the baseline x86-64, so AVX2 and AVX-512
+ * code is compiled for those functions only and used only when the CPU has
+ * AVX-512 F, or else AVX2 and FMA.
+ *
+ * Also here: the other row operations of the attention core (scaling a row,
+ * a dot product, dS = P (dP - delta)), in the same three versions. */
 #include <math.h>
 #include <pthread.h>
 
@@ -31,6 +36,27 @@ float masa__row_max_portable(const float *x, size_t n, float init)
         if (x[i] > m) /* NaN is skipped: it propagates through exp instead */
             m = x[i];
     return m;
+}
+
+void masa__scale_row_portable(float *x, size_t n, float a)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] *= a;
+}
+
+float masa__dot_portable(const float *x, const float *y, size_t n)
+{
+    float d = 0.0f;
+    for (size_t i = 0; i < n; i++)
+        d += x[i] * y[i];
+    return d;
+}
+
+void masa__softmax_grad_row_portable(const float *p, float *dp, size_t n,
+                                     float delta)
+{
+    for (size_t i = 0; i < n; i++)
+        dp[i] = p[i] * (dp[i] - delta);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -114,33 +140,171 @@ AVX2 float masa__row_max_avx2(const float *x, size_t n, float init)
     return masa__row_max_portable(x + i, n - i, _mm_cvtss_f32(h));
 }
 
-static int has_avx2;
+#define AVX512 __attribute__((target("avx512f")))
+
+AVX512 static inline __m512 exp16(__m512 x)
+{
+    const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+    const __m512 lo = _mm512_set1_ps(-87.33654475f); /* ln FLT_MIN */
+    /* as exp8: x second in min/max so a NaN survives the clamp */
+    __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+    __m512 n = _mm512_roundscale_ps(
+        _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r2 = _mm512_mul_ps(r, r);
+    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    /* below the normal range: 0; above it: inf (NaN compares false) */
+    y = _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y);
+    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ),
+                              _mm512_set1_ps(INFINITY));
+}
+
+AVX512 static inline __mmask16 tail_mask(size_t n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
+
+AVX512 float masa__exp_shifted_avx512(float *x, size_t n, float shift)
+{
+    __m512 sh = _mm512_set1_ps(shift);
+    __m512 acc = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 y = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+        _mm512_storeu_ps(x + i, y);
+        acc = _mm512_add_ps(acc, y);
+    }
+    if (i < n) { /* never touches x[n..) */
+        __mmask16 m = tail_mask(n - i);
+        __m512 y = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh));
+        _mm512_mask_storeu_ps(x + i, m, y);
+        acc = _mm512_mask_add_ps(acc, m, acc, y);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+AVX512 float masa__row_max_avx512(const float *x, size_t n, float init)
+{
+    __m512 m = _mm512_set1_ps(init);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        m = _mm512_max_ps(_mm512_loadu_ps(x + i), m); /* NaN in x skipped */
+    if (i < n)
+        m = _mm512_mask_max_ps(m, tail_mask(n - i),
+                               _mm512_maskz_loadu_ps(tail_mask(n - i), x + i),
+                               m);
+    return _mm512_reduce_max_ps(m);
+}
+
+AVX512 void masa__scale_row_avx512(float *x, size_t n, float a)
+{
+    __m512 va = _mm512_set1_ps(a);
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(
+            x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), va));
+    }
+}
+
+AVX512 float masa__dot_avx512(const float *x, const float *y, size_t n)
+{
+    __m512 acc = _mm512_setzero_ps();
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i),
+                              _mm512_maskz_loadu_ps(m, y + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+AVX512 void masa__softmax_grad_row_avx512(const float *p, float *dp,
+                                          size_t n, float delta)
+{
+    __m512 d = _mm512_set1_ps(delta);
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + i), d);
+        _mm512_mask_storeu_ps(
+            dp + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + i), v));
+    }
+}
+
+static int has_avx2, has_avx512;
 static void detect(void)
 {
     __builtin_cpu_init();
     has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    /* GCC's check includes the OS saving the AVX-512 state (XCR0) */
+    has_avx512 = __builtin_cpu_supports("avx512f");
 }
+
+static pthread_once_t detect_once = PTHREAD_ONCE_INIT;
 
 bool masa__cpu_has_avx2_fma(void)
 {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, detect);
+    pthread_once(&detect_once, detect);
     return has_avx2;
+}
+
+bool masa__cpu_has_avx512(void)
+{
+    pthread_once(&detect_once, detect);
+    return has_avx512;
 }
 
 float masa__exp_shifted(float *x, size_t n, float shift)
 {
+    if (masa__cpu_has_avx512())
+        return masa__exp_shifted_avx512(x, n, shift);
     return masa__cpu_has_avx2_fma() ? masa__exp_shifted_avx2(x, n, shift)
-                                : masa__exp_shifted_portable(x, n, shift);
+                                    : masa__exp_shifted_portable(x, n, shift);
 }
 
 float masa__row_max(const float *x, size_t n, float init)
 {
+    if (masa__cpu_has_avx512())
+        return masa__row_max_avx512(x, n, init);
     return masa__cpu_has_avx2_fma() ? masa__row_max_avx2(x, n, init)
-                                : masa__row_max_portable(x, n, init);
+                                    : masa__row_max_portable(x, n, init);
+}
+
+/* The short row operations: AVX-512 or the portable loop, which the
+ * compiler vectorises for the baseline (AVX2 would gain little here). */
+void masa__scale_row(float *x, size_t n, float a)
+{
+    if (masa__cpu_has_avx512())
+        masa__scale_row_avx512(x, n, a);
+    else
+        masa__scale_row_portable(x, n, a);
+}
+
+float masa__dot(const float *x, const float *y, size_t n)
+{
+    return masa__cpu_has_avx512() ? masa__dot_avx512(x, y, n)
+                                  : masa__dot_portable(x, y, n);
+}
+
+void masa__softmax_grad_row(const float *p, float *dp, size_t n, float delta)
+{
+    if (masa__cpu_has_avx512())
+        masa__softmax_grad_row_avx512(p, dp, n, delta);
+    else
+        masa__softmax_grad_row_portable(p, dp, n, delta);
 }
 #else
 bool masa__cpu_has_avx2_fma(void) { return false; }
+bool masa__cpu_has_avx512(void) { return false; }
 
 float masa__exp_shifted(float *x, size_t n, float shift)
 {
@@ -150,5 +314,20 @@ float masa__exp_shifted(float *x, size_t n, float shift)
 float masa__row_max(const float *x, size_t n, float init)
 {
     return masa__row_max_portable(x, n, init);
+}
+
+void masa__scale_row(float *x, size_t n, float a)
+{
+    masa__scale_row_portable(x, n, a);
+}
+
+float masa__dot(const float *x, const float *y, size_t n)
+{
+    return masa__dot_portable(x, y, n);
+}
+
+void masa__softmax_grad_row(const float *p, float *dp, size_t n, float delta)
+{
+    masa__softmax_grad_row_portable(p, dp, n, delta);
 }
 #endif

@@ -120,6 +120,10 @@ struct masa_coefficients {
  * composition and softmax are compiled for them and chosen at run time
  * (src/fast_exp.c). */
 bool masa__cpu_has_avx2_fma(void);
+/* Whether the CPU (and the OS) have AVX-512 F, checked once: packing, the
+ * softmax row kernels and composition have AVX-512 versions chosen at run
+ * time (src/attention/fast_exp.c). */
+bool masa__cpu_has_avx512(void);
 
 /* W = sum_s c[layer, s] D_s, no argument checks. One pass over the atoms,
  * split across `pool` (NULL: on the calling thread). */
