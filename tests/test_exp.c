@@ -1,7 +1,7 @@
 /*
  * The softmax row kernels of src/fast_exp.c (compiled into this test) against
- * the C library's expf, for both the AVX2 version (when the CPU has it) and
- * the portable one.
+ * the C library's expf, for the AVX-512 and AVX2 versions (when the CPU has
+ * them; skipped with a printed line otherwise) and the portable one.
  *
  * Tolerance: |got - expf(x)| <= 4e-7 * expf(x) + FLT_MIN, i.e. about 3 ulp.
  * The polynomial's own error is about 1 ulp plus the rounding of the range
@@ -13,6 +13,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include <check.h>
@@ -100,10 +101,26 @@ END_TEST
 START_TEST(test_avx2)
 {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (!masa__cpu_has_avx2_fma())
-        return; /* nothing to test on this CPU */
+    if (!masa__cpu_has_avx2_fma()) {
+        printf("test_exp: AVX2 kernels skipped, this CPU has no AVX2+FMA\n");
+        return;
+    }
     check_exp(masa__exp_shifted_avx2, "avx2");
     check_rows(masa__exp_shifted_avx2, masa__row_max_avx2, "avx2");
+#endif
+}
+END_TEST
+
+START_TEST(test_avx512)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (!masa__cpu_has_avx512()) {
+        printf("test_exp: AVX-512 kernels skipped, this CPU has no "
+               "AVX-512\n");
+        return;
+    }
+    check_exp(masa__exp_shifted_avx512, "avx512");
+    check_rows(masa__exp_shifted_avx512, masa__row_max_avx512, "avx512");
 #endif
 }
 END_TEST
@@ -121,6 +138,7 @@ int main(void)
     TCase *tc = tcase_create("exp");
     tcase_add_test(tc, test_portable);
     tcase_add_test(tc, test_avx2);
+    tcase_add_test(tc, test_avx512);
     tcase_add_test(tc, test_dispatch);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
