@@ -233,12 +233,21 @@ int main(int argc, char **argv)
     threads = masa_context_threads(probe);
     masa_context_destroy(probe);
 
+    const char *arch = masa_blis_arch(); /* initialises BLIS */
+    cntx_t *cntx = bli_gks_query_cntx();
     printf("## Projections vs BLIS sgemm (bench_project)\n\n");
     printf("One projection X (rows x d) times W (d x d), MASA L = %d, "
-           "S = %d; %zu threads, BLIS kernels %s. Medians of interleaved "
+           "S = %d; %zu threads, BLIS kernels %s (sgemm micro-kernel %d x "
+           "%d, prefers %s-stored C). Medians of interleaved "
            "calls; GFLOP/s counts the dense GEMMs only (2 rows d^2 each); "
            "percentages: the better BLIS time / MASA time.%s\n\n",
-           L_LAYERS, S_ATOMS, threads, masa_blis_arch(),
+           L_LAYERS, S_ATOMS, threads, arch,
+           (int)bli_cntx_get_blksz_def_dt(BLIS_FLOAT, BLIS_MR, cntx),
+           (int)bli_cntx_get_blksz_def_dt(BLIS_FLOAT, BLIS_NR, cntx),
+           bli_cntx_l3_nat_ukr_prefers_cols_dt(BLIS_FLOAT, BLIS_GEMM_UKR,
+                                               cntx)
+               ? "column"
+               : "row",
            quick ? " Quick run (--quick): fewer shapes and repetitions." : "");
     printf("| rows | d | BLIS fwd GFLOP/s: own threads / pool blocks | "
            "MASA fwd on the fly | MASA fwd cached | BLIS fwd+bwd GFLOP/s: "

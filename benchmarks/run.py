@@ -15,8 +15,10 @@ scripts/build.sh). It runs, each when present:
 and prints the report (targets of issue 5 first) to stdout, progress to
 stderr. The run's time (--max-seconds) is shared among the programs; one
 that overruns its share is stopped and what it printed so far is kept (the
-report says so). With --out FILE the report replaces FILE's text above the marker line
-"<!-- notes -->"; what stands below the marker is kept.
+report says so). With --out FILE the report replaces, in FILE, the section
+of this kind of CPU (vendor, vector ISA, BLIS kernels; added when missing)
+above its marker line "<!-- notes -->"; the section's notes below the
+marker and the other CPU kinds' sections are kept.
 
   benchmarks/run.py [--build DIR] [--threads 2] [--quick] [--no-peers]
                     [--max-seconds 540] [--out benchmarks/RESULTS.md]
@@ -73,6 +75,75 @@ def cpus_busy(seconds=2.0):
     if t1 == t0:
         return None
     return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+
+
+SIMD_FLAGS = re.compile(r"^(sse4_2|avx|avx2|fma|avx512\w*|avx_vnni|amx\w*)$")
+
+
+def cpu_info():
+    """The CPU as /proc/cpuinfo describes its first processor: model name,
+    vendor, family and model, its SIMD flags, and the vector ISA class the
+    library dispatches on (avx512, avx2 or baseline)."""
+    info = {"model": platform.processor() or "?", "vendor": "?",
+            "family": "?", "model_no": "?", "flags": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n")[0]
+    except OSError:
+        text = ""
+    fields = dict((k.strip(), v.strip()) for k, _, v in
+                  (line.partition(":") for line in text.splitlines()))
+    info["model"] = fields.get("model name", info["model"])
+    info["vendor"] = fields.get("vendor_id", "?")
+    info["family"] = fields.get("cpu family", "?")
+    info["model_no"] = fields.get("model", "?")
+    info["flags"] = sorted(f for f in fields.get("flags", "").split()
+                           if SIMD_FLAGS.match(f))
+    info["isa"] = ("avx512" if "avx512f" in info["flags"] else
+                   "avx2" if "avx2" in info["flags"] else "baseline")
+    return info
+
+
+def section_key(cpu, blis_arch):
+    """What makes a kind of CPU for RESULTS.md: vendor, vector ISA and the
+    BLIS kernels that run there (the same machine forced to other kernels
+    with BLIS_ARCH_TYPE is another kind)."""
+    return f"{cpu['vendor']} {cpu['isa']} {blis_arch}"
+
+
+def merge_results(old, key, title, report):
+    """RESULTS.md with the section of `key` replaced by `report` under
+    `title` (its text below the section's notes marker kept), or added at
+    the end; other CPU kinds' sections are left as they are. A file without
+    sections is kept whole below the new section."""
+    begin, end = f"<!-- cpu: {key} -->", "<!-- end cpu -->"
+    # the report's own headings one level down, under the section title
+    body = re.sub(r"^(#+) ", r"#\1 ", report.split("\n", 1)[1],
+                  flags=re.M).strip()
+    notes = "\n"
+    head = ("# libmasa benchmark results\n\n"
+            "One section per kind of CPU measured (vendor, vector ISA, BLIS "
+            "kernels): `benchmarks/run.py --out benchmarks/RESULTS.md` "
+            "replaces the section of the CPU it runs on and keeps the "
+            "others. Figures of one kind say nothing about another.\n")
+    rest = ""
+    if begin in old:
+        i = old.index(begin)
+        j = old.index(end, i) if end in old[i:] else len(old)
+        section = old[i:j]
+        if MARKER in section:
+            notes = section[section.index(MARKER) + len(MARKER):]
+        before, after = old[:i], old[j + len(end):]
+    elif "<!-- cpu: " in old:
+        before, after = old.rstrip() + "\n\n", "\n"
+    else:
+        before, after, rest = head + "\n", "\n", old
+    new = (f"{begin}\n## {title}\n\n{body}\n\n{MARKER}{notes.rstrip()}"
+           f"\n\n{end}")
+    out = before + new + after
+    if rest.strip():
+        out = out.rstrip() + "\n\n" + rest
+    return out.rstrip() + "\n"
 
 
 def run(cmd, timeout):
@@ -293,13 +364,18 @@ def build_report(res, args, wall):
     w("# libmasa benchmark results\n")
     w(f"Measured {now:%Y-%m-%d %H:%M} UTC with `{res['command']}` "
       f"({wall:.0f} s wall time{', --quick shapes' if args.quick else ''}).\n")
-    w(f"Machine: {res['cpu']}, {os.cpu_count()} CPUs, "
+    cpu = res["cpu_info"]
+    ukr = res.get("ukr") or "micro-kernel not reported (no bench_project)"
+    w(f"Machine: {cpu['model']} ({cpu['vendor']}, family {cpu['family']}, "
+      f"model {cpu['model_no']}), {os.cpu_count()} CPUs, "
       f"{res['mem_gib']:.0f} GiB; BLIS kernels `{info.get('blis_arch', '?')}`"
+      f" ({ukr})"
       f"; libmasa {info.get('version', '?')}; {args.threads} threads for "
       f"every program. Load average (1 min) {res['load_start']:.2f} at the "
       f"start, {os.getloadavg()[0]:.2f} at the end"
       + (f"; {res['busy_start']:.2f} CPUs busy just before the start"
          if res["busy_start"] is not None else "") + ".\n")
+    w(f"CPU SIMD flags: {' '.join(cpu['flags']) or 'none'}.\n")
     if res.get("git"):
         w(f"Source: {res['git']}.\n")
     # Before the run: the CPUs busy right then (the 1-minute load average
@@ -549,10 +625,21 @@ class Clock:
 
 
 def peers_venv_python():
-    venv = os.environ.get("MASA_PEERS_VENV",
-                          os.path.expanduser("~/.cache/masa/peers-venv"))
-    py = os.path.join(venv, "bin", "python")
-    return py if os.access(py, os.X_OK) else None
+    """The peers' interpreter: $MASA_PEERS_VENV, else setup-peers.sh's
+    default venv, else the project's venv of install-deps.sh ($MASA_VENV,
+    default ~/.cache/libmasa/venv), which has torch 2.x (ONNX Runtime is
+    then optional: the peer is skipped with a note where it is missing)."""
+    if "MASA_PEERS_VENV" in os.environ:
+        venvs = [os.environ["MASA_PEERS_VENV"]]
+    else:
+        venvs = [os.path.expanduser("~/.cache/masa/peers-venv"),
+                 os.environ.get("MASA_VENV", os.path.expanduser(
+                     "~/.cache/libmasa/venv"))]
+    for venv in venvs:
+        py = os.path.join(venv, "bin", "python")
+        if os.access(py, os.X_OK):
+            return py
+    return None
 
 
 def run_peer(python, name, args, res, share):
@@ -622,11 +709,8 @@ def main():
            "load_start": os.getloadavg()[0], "busy_start": cpus_busy(),
            "command": "benchmarks/run.py " + " ".join(
                shlex.quote(a) for a in sys.argv[1:])}
-    res["cpu"] = platform.processor() or "?"
+    res["cpu_info"] = cpu_info()
     try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-            res["cpu"] = m.group(1).strip() if m else res["cpu"]
         with open("/proc/meminfo") as f:
             res["mem_gib"] = int(f.readline().split()[1]) / 2 ** 20
     except OSError:
@@ -723,20 +807,34 @@ def main():
         res["decode_rows"] = decode_rows(res["decode"], args.threads)
     if res.get("project") is not None:
         res["project_fractions"] = project_fractions(res["project"])
+        m = re.search(r"sgemm micro-kernel (\d+) x (\d+), prefers (\w+)",
+                      res["project"])
+        if m:
+            res["ukr"] = (f"sgemm micro-kernel {m.group(1)} x {m.group(2)}, "
+                          f"prefers {m.group(3)}-stored C")
 
     wall = time.monotonic() - t_start
     report = build_report(res, args, wall)
     print(report)
     if args.out:
-        kept = ""
+        old = ""
         if os.path.exists(args.out):
             with open(args.out) as f:
                 old = f.read()
-            if MARKER in old:
-                kept = old[old.index(MARKER) + len(MARKER):]
-        with open(args.out, "w") as f:
-            f.write(report.rstrip() + "\n\n" + MARKER + (kept or "\n"))
-        log(f"wrote {args.out}")
+        cpu = res["cpu_info"]
+        arch = next((r.get("blis_arch") for r in res["layer"]
+                     if r.get("kind") == "info"), None) or "unknown"
+        isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(cpu["isa"],
+                                                       "no AVX2")
+        title = f"{cpu['model']} ({cpu['vendor']}, {isa}), BLIS {arch}"
+        text = merge_results(old, section_key(cpu, arch), title, report)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.out)
+        log(f"wrote {args.out} (section {section_key(cpu, arch)})")
     log(f"done in {wall:.0f} s")
     for p in problems:
         log("problem: " + p)
