@@ -127,7 +127,7 @@ typedef struct gemm_job {
     const float *a, *b;
     float *c;
     size_t rsa, csa, rsb, csb, rsc, csc;
-    size_t blocks;
+    size_t blocks, unit;
     bool by_rows;
 } gemm_job;
 
@@ -136,10 +136,9 @@ static void gemm_task(void *arg, size_t task, size_t thread)
     (void)thread;
     const gemm_job *j = arg;
     size_t dim = j->by_rows ? j->m : j->n;
-    /* block edges on multiples of 16 (BLIS's micro-tiles are 6..16 wide) */
-    size_t units = (dim + 15) / 16;
-    size_t i0 = units * task / j->blocks * 16;
-    size_t i1 = units * (task + 1) / j->blocks * 16;
+    size_t units = (dim + j->unit - 1) / j->unit;
+    size_t i0 = units * task / j->blocks * j->unit;
+    size_t i1 = units * (task + 1) / j->blocks * j->unit;
     if (i1 > dim)
         i1 = dim;
     if (i0 >= i1)
@@ -160,7 +159,7 @@ void masa__gemm_pool(masa_pool *pool, size_t n_threads, size_t m, size_t n,
                      float beta, float *c, size_t rsc, size_t csc)
 {
     gemm_job j = {m, n, k, alpha, beta, a, b, c, rsa, csa, rsb, csb, rsc,
-                  csc, n_threads, false};
+                  csc, .blocks = n_threads};
     /* each block packs its own copy of the operand it shares with the
      * others: split the dimension that makes the shared one the smaller
      * (rows share B, k x n; columns share A, m x k) */
@@ -172,7 +171,24 @@ void masa__gemm_pool(masa_pool *pool, size_t n_threads, size_t m, size_t n,
                    csc, 1);
         return;
     }
-    if (j.blocks > dim / 16)
-        j.blocks = dim / 16;
+    /* Block edges on multiples of the micro-kernel's MR and NR (BLIS may
+     * map C's rows to either, as it runs C or C^T to give the kernel the
+     * storage it prefers), so no block adds a partial micro-tile; 16 where
+     * that leaves fewer units than blocks. */
+    masa__blis_init();
+    cntx_t *cntx = bli_gks_query_cntx();
+    size_t mr = (size_t)bli_cntx_get_blksz_def_dt(BLIS_FLOAT, BLIS_MR, cntx);
+    size_t nr = (size_t)bli_cntx_get_blksz_def_dt(BLIS_FLOAT, BLIS_NR, cntx);
+    size_t gcd = mr, rem = nr;
+    while (rem) {
+        size_t t = gcd % rem;
+        gcd = rem;
+        rem = t;
+    }
+    j.unit = mr / gcd * nr;
+    if (dim / j.unit < j.blocks)
+        j.unit = 16;
+    if (j.blocks > dim / j.unit)
+        j.blocks = dim / j.unit;
     masa__pool_run(pool, j.blocks, gemm_task, &j);
 }
