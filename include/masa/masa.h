@@ -458,8 +458,8 @@ MASA_API masa_status masa_layer_workspace_size(const masa_layer *layer,
                                                size_t *bytes);
 
 /* Bytes of reserve: what forward saves for backward (the projected and
- * rotated Q, K, V, the attention output and the softmax log-sum-exp, after a
- * small stamp naming the forward call). */
+ * rotated Q, K, V, the attention output and each softmax row's maximum and
+ * log-sum, after a small stamp naming the forward call). */
 MASA_API masa_status masa_layer_reserve_size(const masa_layer *layer,
                                              size_t batch, size_t seq,
                                              size_t *bytes);

@@ -443,8 +443,8 @@ masa_status masa__reserve_layout(const char *fn, const masa_layer *layer,
     ok = ok && masa__add(&at, nkv);
     r.attn = at;
     ok = ok && masa__add(&at, nq);
-    r.lse = at;
-    ok = ok && masa__add(&at, nlse);
+    r.softmax = at; /* row maxima, then the logs of the row sums */
+    ok = ok && masa__add(&at, nlse) && masa__add(&at, nlse);
     r.total = at;
     size_t bytes;
     if (!ok || !masa__mul(r.total, sizeof(float), &bytes))
@@ -462,8 +462,8 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     if (st != MASA_OK)
         return st;
     size_t bt = batch * seq;
-    /* forward without reserve keeps Q, K, V, A and lse here; backward keeps
-     * dA, dQ, dK, dV: never both at once. */
+    /* forward without reserve keeps Q, K, V, A and the softmax rows' maxima
+     * and log-sums here; backward keeps dA, dQ, dK, dV: never both at once. */
     size_t grads = 2 * bt * layer->dq + 2 * bt * layer->dkv; /* <= r.total */
     size_t region = r.total > grads ? r.total : grads;
     size_t wmax = 0;

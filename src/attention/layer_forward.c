@@ -63,7 +63,7 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     float *ws = workspace;
     float *base = reserve ? (float *)reserve : ws + wl.fwd_qkv;
     float *q = base + rl.q, *k = base + rl.k, *v = base + rl.v;
-    float *attn = base + rl.attn, *lse = base + rl.lse;
+    float *attn = base + rl.attn, *softmax = base + rl.softmax;
     float *wscratch = ws + wl.weight;
 
     masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch);
@@ -77,7 +77,8 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     }
     masa_attn_args args = {
         .layer = layer, .batch = batch, .seq = seq, .q = q, .k = k, .v = v,
-        .attn = attn, .lse = lse, .tiles = ws + wl.tiles,
+        .attn = attn, .row_max = softmax, .row_log_sum = softmax + bt *
+        layer->n_heads, .tiles = ws + wl.tiles,
         .tile_floats = wl.tile_floats,
     };
     masa__attention_forward(&args);
