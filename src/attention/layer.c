@@ -497,6 +497,23 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     return MASA_OK;
 }
 
+masa_status masa__check_positions(const char *fn, const masa_layer *layer,
+                                  size_t first, size_t count)
+{
+    if (count > SIZE_MAX - first)
+        return masa__fail(MASA_ERROR_OVERFLOW,
+                          "%s: position %zu + %zu tokens overflows size_t", fn,
+                          first, count);
+    /* RoPE angles lose accuracy beyond it (masa.h, "Positions") */
+    if (layer->rope && count > 0 && first + count - 1 > MASA_MAX_POSITION)
+        return masa__fail(MASA_ERROR_OUT_OF_RANGE,
+                          "%s: the last token's position %zu is beyond "
+                          "MASA_MAX_POSITION (%zu), where RoPE angles are no "
+                          "longer accurate", fn, first + count - 1,
+                          (size_t)MASA_MAX_POSITION);
+    return MASA_OK;
+}
+
 masa_status masa__check_call_buffers(const char *fn, const masa_layer *layer,
                                      size_t batch, size_t seq,
                                      const void *workspace,

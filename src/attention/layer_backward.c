@@ -167,7 +167,8 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
                           !layer ? "layer" : !x ? "x" : !dy ? "dy"
                           : !workspace ? "workspace" : "reserve");
     masa_status st = masa__check_ready(fn, layer);
-    if (st != MASA_OK)
+    if (st != MASA_OK ||
+        (st = masa__check_positions(fn, layer, pos_offset, seq)) != MASA_OK)
         return st;
     masa_layer_grads none;
     masa_layer_grads_init(&none);

@@ -46,7 +46,8 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                           !layer ? "layer" : !x ? "x" : !y ? "y"
                                                            : "workspace");
     masa_status st = masa__check_ready(fn, layer);
-    if (st != MASA_OK)
+    if (st != MASA_OK ||
+        (st = masa__check_positions(fn, layer, pos_offset, seq)) != MASA_OK)
         return st;
     masa_workspace_layout wl;
     masa_reserve_layout rl;

@@ -205,6 +205,11 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
                                    size_t batch, size_t seq,
                                    masa_workspace_layout *out);
 
+/* Tokens at positions first .. first + count - 1: OVERFLOW when that passes
+ * SIZE_MAX, OUT_OF_RANGE (RoPE layers) beyond MASA_MAX_POSITION. */
+masa_status masa__check_positions(const char *fn, const masa_layer *layer,
+                                  size_t first, size_t count);
+
 /* Layouts for (batch, seq), then the workspace's and (when not NULL) the
  * reserve's size and alignment: the checks forward and backward share. */
 masa_status masa__check_call_buffers(const char *fn, const masa_layer *layer,
