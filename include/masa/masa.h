@@ -618,7 +618,8 @@ typedef struct masa_kv_cache masa_kv_cache;
 /* Bytes of cache memory for `batch` sequences of up to `max_seq` tokens:
  * 2 * batch * n_kv_heads * max_seq * head_dim * sizeof(float).
  * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer), BAD_SHAPE
- * (batch or max_seq 0), OVERFLOW. */
+ * (batch or max_seq 0), OUT_OF_RANGE (RoPE layer and max_seq - 1 >
+ * MASA_MAX_POSITION), OVERFLOW. */
 MASA_API masa_status masa_kv_cache_size(const masa_layer *layer,
                                         size_t batch, size_t max_seq,
                                         size_t *bytes);
@@ -630,8 +631,8 @@ MASA_API masa_status masa_kv_cache_size(const masa_layer *layer,
  * destroyed; its contents on entry do not matter. The handle itself comes
  * from the layer's context allocator. *out is NULL on failure.
  * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer, memory not
- * aligned for float), BAD_SHAPE, OVERFLOW, BUFFER_TOO_SMALL (memory_bytes),
- * OUT_OF_MEMORY (the handle). */
+ * aligned for float), BAD_SHAPE, OUT_OF_RANGE (as masa_kv_cache_size()),
+ * OVERFLOW, BUFFER_TOO_SMALL (memory_bytes), OUT_OF_MEMORY (the handle). */
 MASA_API masa_status masa_kv_cache_create(const masa_layer *layer,
                                           size_t batch, size_t max_seq,
                                           void *memory, size_t memory_bytes,
