@@ -1,5 +1,6 @@
 """masa.torch gradients against float64 torch autograd where the softmax
-saturates or is peaked (issue 12), on random layers of several shapes.
+saturates or is peaked (issue 12), on random layers of several shapes; and
+the errors for positions beyond masa.MAX_POSITION or size_t.
 
 Each output and each parameter gradient is compared with its own magnitude:
 err = max|got - ref| / max|ref|. The bound is what float32 arithmetic can
@@ -17,6 +18,8 @@ float32 torch returns 0: so must masa (before issue 12's fix it returned
 import math
 
 import pytest
+
+import masa
 
 try:
     import torch
@@ -175,3 +178,30 @@ def test_peaked_layers_are_peaked():
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     top = torch.softmax(s, dim=-1).max(dim=-1).values
     assert top.median().item() > 0.99
+
+
+def test_positions():
+    """A RoPE layer takes tokens up to masa.MAX_POSITION (2^32 - 1), through
+    masa.torch as through the numpy API; beyond it OutOfRangeError, and
+    pos_offset + seq beyond size_t SizeOverflowError. Without RoPE any
+    position that does not overflow."""
+    assert masa.MAX_POSITION == 2**32 - 1
+    torch.manual_seed(0)
+    shared, m = make_layer(PEAKED["causal-rope-bias"])
+    x = torch.randn(1, 5, m.d_model, requires_grad=True)
+    last_ok = masa.MAX_POSITION - 4
+    y = m(x, pos_offset=last_ok)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(masa.OutOfRangeError, match="MASA_MAX_POSITION"):
+        m(x, pos_offset=last_ok + 1)
+    with pytest.raises(masa.SizeOverflowError, match="overflows"):
+        m(x, pos_offset=2**64 - 5)
+
+    layer = masa.Layer(masa.default_context(), 8, 2, causal=True)
+    for p in "qkvo":
+        layer.set_dense(p)
+    xn = x.detach().numpy()[:, :, :8].copy()
+    layer.forward(xn, pos_offset=2**64 - 6)  # no RoPE: only the sum must fit
+    with pytest.raises(masa.SizeOverflowError):
+        layer.forward(xn, pos_offset=2**64 - 5)
