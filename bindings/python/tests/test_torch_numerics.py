@@ -151,9 +151,9 @@ def k_like_q(shared, m, rng_seed):
                                             (1000.0, True)])
 def test_peaked_and_one_hot_layers(name, x_scale, repeat):
     """Rows dominated by the query's own key: peaked (x scaled by 3 and 6:
-    the top key takes 0.99-0.9999 of the mass) and one-hot (by 1000: logits
-    of 1e6); with repeat, every token twice, so a row's top two keys are
-    equal and share the mass."""
+    the median row's top key takes 0.78 and 0.998 of the mass, measured for
+    the causal layer) and one-hot (by 1000: logits of 1e6); with repeat,
+    every token twice, so a row's top two keys are equal and share it."""
     shared, m, x = with_x_scale(x_scale, PEAKED[name], 7)
     k_like_q(shared, m, 8)
     if repeat:
