@@ -25,14 +25,14 @@ static masa_status half_floats(const char *fn, const masa_layer *layer,
         return masa__fail(MASA_ERROR_BAD_SHAPE,
                           "%s: batch and max_seq must be nonzero (got %zu, "
                           "%zu)", fn, batch, max_seq);
-    if ((st = masa__check_positions(fn, layer, 0, max_seq)) != MASA_OK)
-        return st;
     size_t n, bytes;
     if (!masa__mul3(batch, max_seq, layer->dkv, &n) ||
         !masa__mul3(n, 2, sizeof(float), &bytes))
         return masa__fail(MASA_ERROR_OVERFLOW,
                           "%s: a cache of %zu x %zu positions overflows "
                           "size_t", fn, batch, max_seq);
+    if ((st = masa__check_positions(fn, layer, 0, max_seq)) != MASA_OK)
+        return st;
     *floats = n;
     return MASA_OK;
 }
