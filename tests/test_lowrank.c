@@ -646,6 +646,45 @@ START_TEST(test_cached_follows)
 }
 END_TEST
 
+/* Workspace sizes depend on the ranks, not on the weight policy (documented
+ * for decode: one workspace serves a whole generation loop). */
+START_TEST(test_sizes_follow_rank_not_policy)
+{
+    masa_context *ctx = ctx_with(2);
+    tu_spec s = small;
+    s.causal = 1;
+    tu_layer t;
+    tu_layer_init(&t, ctx, &s, 21);
+    size_t fwd[3], dec[3];
+    for (int k = 0; k < 3; k++) {
+        if (k == 1)
+            TU_OK(masa_layer_set_lowrank(t.layer, MASA_PROJ_Q, 5, NULL, NULL));
+        TU_OK(masa_layer_workspace_size(t.layer, 2, 7, &fwd[k]));
+        TU_OK(masa_layer_decode_workspace_size(t.layer, 2, 3, &dec[k]));
+        if (k == 1) {
+            TU_OK(masa_layer_set_weight_policy(t.layer, MASA_WEIGHTS_CACHED));
+            size_t f, d;
+            TU_OK(masa_layer_workspace_size(t.layer, 2, 7, &f));
+            TU_OK(masa_layer_decode_workspace_size(t.layer, 2, 3, &d));
+            ck_assert_uint_eq(f, fwd[k]);
+            ck_assert_uint_eq(d, dec[k]);
+            TU_OK(masa_layer_set_weight_policy(t.layer,
+                                               MASA_WEIGHTS_ON_THE_FLY));
+        }
+        if (k == 2)
+            TU_OK(masa_layer_remove_lowrank(t.layer, MASA_PROJ_Q));
+    }
+    ck_assert_uint_gt(fwd[1], fwd[0]);
+    ck_assert_uint_gt(dec[1], dec[0]);
+    TU_OK(masa_layer_workspace_size(t.layer, 2, 7, &fwd[2]));
+    TU_OK(masa_layer_decode_workspace_size(t.layer, 2, 3, &dec[2]));
+    ck_assert_uint_eq(fwd[2], fwd[0]);
+    ck_assert_uint_eq(dec[2], dec[0]);
+    tu_layer_fini(&t);
+    masa_context_destroy(ctx);
+}
+END_TEST
+
 /* A struct from a program built before the low-rank fields (its size ends
  * before d_lowrank_a) is read as such; sizes in between are refused. */
 START_TEST(test_grads_struct_sizes)
@@ -933,6 +972,7 @@ int main(void)
     tcase_add_loop_test(tc, test_ref_fd, 0, 2);
     tcase_add_loop_test(tc, test_decode_case, 0, 2 * (int)N_DCASES);
     tcase_add_test(tc, test_cached_follows);
+    tcase_add_test(tc, test_sizes_follow_rank_not_policy);
     tcase_add_test(tc, test_grads_struct_sizes);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_out_of_memory);
