@@ -65,7 +65,10 @@ pub fn gram_eigenvalues(ctx: &Context, n: usize, gram: &[f64], ld: usize) -> Res
     if gram.len() < need {
         return Err(Error::binding(
             Status::BufferTooSmall,
-            format!("{func}: gram has {} elements, the {n} x {n} block (row stride {ld}) needs {need}", gram.len()),
+            format!(
+                "{func}: gram has {} elements, the {n} x {n} block (row stride {ld}) needs {need}",
+                gram.len()
+            ),
         ));
     }
     let mut w = vec![0.0; n];
@@ -262,7 +265,9 @@ impl GroupPlan {
 fn plan_result() -> sys::masa_group_plan_result {
     let mut r = sys::masa_group_plan_result::default();
     // SAFETY: fills at most size_of bytes of r.
-    unsafe { sys::masa_group_plan_result_default(&mut r, core::mem::size_of::<sys::masa_group_plan_result>()) };
+    unsafe {
+        sys::masa_group_plan_result_default(&mut r, core::mem::size_of::<sys::masa_group_plan_result>())
+    };
     r
 }
 
@@ -380,7 +385,9 @@ impl<'a> Calibration<'a> {
         expect_len(func, "matrix", matrix.len(), need, &format!("{dim} x {dim}"))?;
         let mut out = ptr::null_mut();
         // SAFETY: matrix holds dim^2 doubles.
-        check(unsafe { sys::masa_calib_create_from_data(ctx.as_ptr(), dim, matrix.as_ptr(), n_rows, &mut out) })?;
+        check(unsafe {
+            sys::masa_calib_create_from_data(ctx.as_ptr(), dim, matrix.as_ptr(), n_rows, &mut out)
+        })?;
         let raw = NonNull::new(out).ok_or_else(|| null_handle("masa_calib_create_from_data"))?;
         Ok(Calibration { raw, dim, _ctx: PhantomData })
     }
@@ -391,7 +398,11 @@ impl<'a> Calibration<'a> {
         if x.len() % self.dim != 0 {
             return Err(Error::binding(
                 Status::BadShape,
-                format!("masa::compress::Calibration::accumulate: x has {} elements, not a multiple of dim {}", x.len(), self.dim),
+                format!(
+                    "masa::compress::Calibration::accumulate: x has {} elements, not a multiple of dim {}",
+                    x.len(),
+                    self.dim
+                ),
             ));
         }
         // SAFETY: x holds n_rows * dim floats.

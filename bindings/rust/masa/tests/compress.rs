@@ -80,7 +80,8 @@ fn jacobi(n: usize, a_in: &[f64], lda: usize) -> (Vec<f64>, Vec<f64>) {
     let w: Vec<f64> = order.iter().map(|&i| a[i * n + i]).collect();
     let mut v = vec![0.0; n * n];
     for (s, &col) in order.iter().enumerate() {
-        let big = (0..n).max_by(|&x, &y| q[x * n + col].abs().partial_cmp(&q[y * n + col].abs()).unwrap()).unwrap();
+        let big =
+            (0..n).max_by(|&x, &y| q[x * n + col].abs().partial_cmp(&q[y * n + col].abs()).unwrap()).unwrap();
         let sign = if q[big * n + col] < 0.0 { -1.0 } else { 1.0 };
         for l in 0..n {
             v[l * n + s] = sign * q[l * n + col];
@@ -132,7 +133,9 @@ fn gram_and_pca_match_reference() {
     for k in 0..l {
         for i in 0..n {
             let x: f64 = m[k][i] as f64
-                - (0..s).map(|a| pca.coefficients[k * s + a] as f64 * pca.atoms[a * n + i] as f64).sum::<f64>();
+                - (0..s)
+                    .map(|a| pca.coefficients[k * s + a] as f64 * pca.atoms[a * n + i] as f64)
+                    .sum::<f64>();
             recon += x * x;
         }
     }
@@ -191,13 +194,18 @@ fn brute(g: &[f64], l: usize, n: usize, budget: usize, fixed: Option<&[usize]>) 
         }
         let mut ends: Vec<usize> = starts[1..].to_vec();
         ends.push(l);
-        let eig: Vec<Vec<f64>> = starts.iter().zip(&ends).map(|(&s, &e)| jacobi(e - s, &g[s * l + s..], l).0).collect();
+        let eig: Vec<Vec<f64>> =
+            starts.iter().zip(&ends).map(|(&s, &e)| jacobi(e - s, &g[s * l + s..], l).0).collect();
         let lens: Vec<usize> = starts.iter().zip(&ends).map(|(s, e)| e - s).collect();
         let mut atoms = vec![1usize; lens.len()];
         loop {
             let params: usize = atoms.iter().zip(&lens).map(|(a, len)| a * (n + len)).sum();
             if params <= budget {
-                let err: f64 = eig.iter().zip(&atoms).map(|(w, &a)| w[a..].iter().map(|x| x.max(0.0)).sum::<f64>()).sum();
+                let err: f64 = eig
+                    .iter()
+                    .zip(&atoms)
+                    .map(|(w, &a)| w[a..].iter().map(|x| x.max(0.0)).sum::<f64>())
+                    .sum();
                 if best.map_or(true, |b| err < b) {
                     best = Some(err);
                 }
@@ -249,7 +257,10 @@ fn planner_matches_brute_force() {
     }
     let e = compress::plan_groups(&ctx, l, &g, rows, cols, n + l - 1).unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument);
-    assert_eq!(compress::plan_groups(&ctx, l, &g[1..], rows, cols, 1000).unwrap_err().status(), Status::BadShape);
+    assert_eq!(
+        compress::plan_groups(&ctx, l, &g[1..], rows, cols, 1000).unwrap_err().status(),
+        Status::BadShape
+    );
 }
 
 #[test]
@@ -300,7 +311,8 @@ fn residual_identity_and_errors() {
         }
     }
     cal.accumulate(&x).unwrap();
-    let res = compress::residual_lowrank(&ctx, d_in, d_out, &w, Some(&w_hat), Some(cal.matrix()), rank).unwrap();
+    let res =
+        compress::residual_lowrank(&ctx, d_in, d_out, &w, Some(&w_hat), Some(cal.matrix()), rank).unwrap();
     // reference: M = R^T E, squared singular values = eigenvalues of M^T M
     let c = cal.matrix();
     let mut r = vec![0.0f64; d_in * d_in];
