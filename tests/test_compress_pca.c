@@ -725,6 +725,7 @@ static Suite *suite(void)
 {
     Suite *s = suite_create("compress_pca");
     TCase *tc = tcase_create("gram");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, gram_matches_reference);
     tcase_add_test(tc, gram_errors);
     tcase_add_test(tc, gram_eigenvalues_match_reference);
