@@ -10,16 +10,6 @@
 #include "reference_compress.h"
 #include "test_util.h"
 
-static masa_context *ctx_threads(size_t n)
-{
-    masa_context_options o;
-    masa_context_options_init(&o);
-    o.n_threads = n;
-    masa_context *ctx = NULL;
-    TU_OK(masa_context_create(&o, &ctx));
-    return ctx;
-}
-
 /* L matrices of n_cols floats: mixtures of `base` random matrices with
  * decaying weights plus a little noise, so the spectrum spreads out. */
 static float **make_mats(size_t L, size_t n_cols, size_t base, uint64_t seed)
@@ -48,39 +38,16 @@ static void free_mats(float **m, size_t L)
     free(m);
 }
 
-static double max_abs(const double *x, size_t n)
-{
-    double m = 0;
-    for (size_t i = 0; i < n; i++)
-        m = fmax(m, fabs(x[i]));
-    return m;
-}
-
-/* |got - ref| <= rtol * max|ref| elementwise, doubles */
-static void assert_close_dd(const char *what, const double *got,
-                            const double *ref, size_t n, double rtol)
-{
-    double scale = max_abs(ref, n), worst = 0;
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++)
-        if (fabs(got[i] - ref[i]) > worst) {
-            worst = fabs(got[i] - ref[i]);
-            at = i;
-        }
-    ck_assert_msg(worst <= rtol * scale, "%s: element %zu off by %g (scale %g)",
-                  what, at, worst, scale);
-}
-
 /* ---------------------------------------------------------------- Gram */
 
 static void check_gram(size_t L, size_t rows, size_t cols, size_t threads)
 {
-    masa_context *ctx = ctx_threads(threads);
+    masa_context *ctx = tu_context(threads);
     float **m = make_mats(L, rows * cols, 3, 11 + L);
     double *g = tu_dalloc(L * L), *ref = tu_dalloc(L * L);
     TU_OK(masa_gram(ctx, L, rows, cols, (const float *const *)m, g, L * L));
     ref_gram(L, rows * cols, (const float *const *)m, ref);
-    assert_close_dd("gram", g, ref, L * L, 1e-13);
+    TU_ASSERT_CLOSE_DD("gram", g, ref, L * L, 1e-13);
     for (size_t i = 0; i < L; i++)
         for (size_t j = 0; j < L; j++)
             ck_assert(g[i * L + j] == g[j * L + i]);
@@ -102,7 +69,7 @@ END_TEST
 
 START_TEST(gram_errors)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     float **m = make_mats(3, 6, 2, 1);
     const float *const *cm = (const float *const *)m;
     double g[9];
@@ -139,18 +106,18 @@ END_TEST
 
 START_TEST(gram_eigenvalues_match_reference)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 7;
     float **m = make_mats(L, 40, 4, 5);
     double *g = tu_dalloc(L * L), w[7], ref_w[7], v[49];
     TU_OK(masa_gram(ctx, L, 5, 8, (const float *const *)m, g, L * L));
     TU_OK(masa_gram_eigenvalues(ctx, L, g, L, w));
     ref_eigen(L, g, L, ref_w, v);
-    assert_close_dd("eigenvalues", w, ref_w, L, 1e-12);
+    TU_ASSERT_CLOSE_DD("eigenvalues", w, ref_w, L, 1e-12);
     /* a sub-block through the row stride: layers 2..5 */
     TU_OK(masa_gram_eigenvalues(ctx, 4, g + 2 * L + 2, L, w));
     ref_eigen(4, g + 2 * L + 2, L, ref_w, v);
-    assert_close_dd("block eigenvalues", w, ref_w, 4, 1e-12);
+    TU_ASSERT_CLOSE_DD("block eigenvalues", w, ref_w, 4, 1e-12);
     /* errors */
     ck_assert_int_eq(masa_gram_eigenvalues(NULL, L, g, L, w),
                      MASA_ERROR_NULL_ARGUMENT);
@@ -198,7 +165,7 @@ static void ref_pca(size_t L, size_t n_cols, const float *const *m, size_t S,
 static void check_pca(size_t L, size_t rows, size_t cols, size_t S,
                       size_t threads, int give_gram)
 {
-    masa_context *ctx = ctx_threads(threads);
+    masa_context *ctx = tu_context(threads);
     size_t N = rows * cols;
     float **m = make_mats(L, N, L, 100 + L * 7 + S);
     const float *const *cm = (const float *const *)m;
@@ -221,7 +188,7 @@ static void check_pca(size_t L, size_t rows, size_t cols, size_t S,
                           S * N, coefs, L * S, w, &res));
     ref_pca(L, N, cm, S, ra, rc, rw);
 
-    assert_close_dd("eigenvalues", w, rw, L, 1e-12);
+    TU_ASSERT_CLOSE_DD("eigenvalues", w, rw, L, 1e-12);
     TU_ASSERT_CLOSE("atoms", atoms, ra, S * N, 1e-5);
     TU_ASSERT_CLOSE("coefficients", coefs, rc, L * S, 1e-5);
 
@@ -283,7 +250,7 @@ END_TEST
 
 START_TEST(pca_create_gives_dictionary_and_table)
 {
-    masa_context *ctx = ctx_threads(2);
+    masa_context *ctx = tu_context(2);
     size_t L = 5, rows = 6, cols = 7, S = 2, N = rows * cols;
     float **m = make_mats(L, N, 3, 77);
     const float *const *cm = (const float *const *)m;
@@ -337,7 +304,7 @@ END_TEST
 
 START_TEST(pca_errors_leave_outputs_alone)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 4, rows = 3, cols = 5, N = 15, S = 2;
     float **m = make_mats(L, N, 4, 9);
     const float *const *cm = (const float *const *)m;
@@ -430,7 +397,7 @@ START_TEST(pca_result_struct_sizes)
 {
     /* a newer program's larger struct (zero tail) is filled as far as this
      * library knows it; a struct below the first version's size is refused */
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 3, N = 8;
     float **m = make_mats(L, N, 3, 3);
     float atoms[24], coefs[9];
@@ -527,7 +494,7 @@ static double plan_error(const double *g, size_t L, size_t n_groups,
 
 static void check_plan(size_t L, size_t rows, size_t cols, uint64_t seed)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t N = rows * cols;
     float **m = make_mats(L, N, 3, seed);
     double *g = tu_dalloc(L * L);
@@ -602,7 +569,7 @@ END_TEST
 
 START_TEST(plan_errors)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 4, rows = 2, cols = 3, N = 6;
     float **m = make_mats(L, N, 3, 8);
     double g[16];
@@ -693,7 +660,7 @@ START_TEST(plan_scales_to_real_depths)
 {
     /* 32 layers (a 1B-class model), budget a third of the layers' size: the
      * Pareto fronts stay small enough to finish quickly */
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 32, rows = 16, cols = 16, N = 256;
     float **m = make_mats(L, N, 8, 21);
     double *g = tu_dalloc(L * L);

@@ -11,37 +11,11 @@
 #include "reference_compress.h"
 #include "test_util.h"
 
-static masa_context *ctx_threads(size_t n)
-{
-    masa_context_options o;
-    masa_context_options_init(&o);
-    o.n_threads = n;
-    masa_context *ctx = NULL;
-    TU_OK(masa_context_create(&o, &ctx));
-    return ctx;
-}
-
-static void assert_close_dd(const char *what, const double *got,
-                            const double *ref, size_t n, double rtol)
-{
-    double scale = 0, worst = 0;
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++)
-        scale = fmax(scale, fabs(ref[i]));
-    for (size_t i = 0; i < n; i++)
-        if (fabs(got[i] - ref[i]) > worst) {
-            worst = fabs(got[i] - ref[i]);
-            at = i;
-        }
-    ck_assert_msg(worst <= rtol * scale, "%s: element %zu off by %g (scale %g)",
-                  what, at, worst, scale);
-}
-
 /* ---------------------------------------------------------------- calib */
 
 static void check_calib(size_t dim, size_t threads)
 {
-    masa_context *ctx = ctx_threads(threads);
+    masa_context *ctx = tu_context(threads);
     tu_rng r = {dim * 31 + threads};
     /* batches of uneven sizes, one larger than a conversion block */
     size_t batches[] = {1, 7, 0, 300, 45};
@@ -73,7 +47,7 @@ static void check_calib(size_t dim, size_t threads)
     double *ref = tu_dalloc(dim * dim);
     ref_xtx(total, dim, x, ref);
     const double *c = masa_calib_data(a);
-    assert_close_dd("X^T X", c, ref, dim * dim, 1e-13);
+    TU_ASSERT_CLOSE_DD("X^T X", c, ref, dim * dim, 1e-13);
     for (size_t i = 0; i < dim; i++)
         for (size_t j = 0; j < dim; j++)
             ck_assert(c[i * dim + j] == c[j * dim + i]);
@@ -102,7 +76,7 @@ END_TEST
 
 START_TEST(calib_errors)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     masa_calib *c = (masa_calib *)1;
     ck_assert_int_eq(masa_calib_create(NULL, 3, &c), MASA_ERROR_NULL_ARGUMENT);
     ck_assert_ptr_null(c);
@@ -233,7 +207,7 @@ static void ref_residual(size_t d_in, size_t d_out, const double *e,
 static void check_residual(size_t d_in, size_t d_out, size_t rank,
                            size_t calib_rows, int use_w_hat)
 {
-    masa_context *ctx = ctx_threads(2);
+    masa_context *ctx = tu_context(2);
     tu_rng rng = {d_in * 100 + d_out * 10 + rank};
     size_t ne = d_in * d_out;
     float *w = tu_falloc(ne), *w_hat = tu_falloc(ne);
@@ -290,7 +264,7 @@ static void check_residual(size_t d_in, size_t d_out, size_t rank,
             }
             rab[i * d_out + j] = s;
         }
-    assert_close_dd("R^T A B", rab, ref.target, ne, 1e-5);
+    TU_ASSERT_CLOSE_DD("R^T A B", rab, ref.target, ne, 1e-5);
     free(rab);
     free(rr);
     free(ref.target);
@@ -316,7 +290,7 @@ END_TEST
 
 START_TEST(residual_jitter_and_singular)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t d_in = 8, d_out = 6, rank = 2;
     tu_rng rng = {5};
     float w[48], a[16], b[12];
@@ -367,7 +341,7 @@ END_TEST
 
 START_TEST(residual_errors)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     float w[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, a[12], b[9];
     double c[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
     masa_residual_result res;

@@ -43,6 +43,16 @@ fn mat_ptrs(func: &str, mats: &[&[f32]], rows: usize, cols: usize) -> Result<Vec
     Ok(mats.iter().map(|m| m.as_ptr()).collect())
 }
 
+/// Elements an `n x n` block with row stride `ld` spans (`(n - 1) * ld +
+/// n`; 0 when the library refuses the shape before reading).
+fn block_len(func: &str, n: usize, ld: usize) -> Result<usize> {
+    if n == 0 || ld < n {
+        Ok(0)
+    } else {
+        Ok(product(&[n - 1, ld], func)? + n)
+    }
+}
+
 /// `G[i, j] = <W_i, W_j>_F` of the matrices (`n x n`, row-major, f64),
 /// accumulated in float64 through BLIS (`masa_gram`).
 pub fn gram(ctx: &Context, mats: &[&[f32]], rows: usize, cols: usize) -> Result<Vec<f64>> {
@@ -60,8 +70,7 @@ pub fn gram(ctx: &Context, mats: &[&[f32]], rows: usize, cols: usize) -> Result<
 /// `[a, b)` of an `L x L` Gram is `&g[a * L + a..]` with `ld = L`).
 pub fn gram_eigenvalues(ctx: &Context, n: usize, gram: &[f64], ld: usize) -> Result<Vec<f64>> {
     let func = "masa::compress::gram_eigenvalues";
-    // the block's last element is at (n - 1) * ld + n - 1
-    let need = if n == 0 || ld < n { 0 } else { product(&[n - 1, ld], func)? + n };
+    let need = block_len(func, n, ld)?;
     if gram.len() < need {
         return Err(Error::binding(
             Status::BufferTooSmall,
@@ -134,7 +143,7 @@ fn gram_arg(func: &str, n: usize, gram: Option<(&[f64], usize)>) -> Result<(*con
     match gram {
         None => Ok((ptr::null(), 0)),
         Some((g, ld)) => {
-            let need = if n == 0 || ld < n { 0 } else { product(&[n - 1, ld], func)? + n };
+            let need = block_len(func, n, ld)?;
             if g.len() < need {
                 return Err(Error::binding(
                     Status::BufferTooSmall,
