@@ -2,6 +2,7 @@
  * reference (reference_compress.c: Jacobi eigensolver, no LAPACK). */
 #include <check.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -688,6 +689,63 @@ START_TEST(plan_scales_to_real_depths)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- threads */
+
+typedef struct pca_job {
+    masa_context *ctx;
+    size_t L, rows, cols, S;
+    const float *const *mats;
+    float *atoms, *coefs;
+    masa_status st;
+} pca_job;
+
+static void *run_pca(void *arg)
+{
+    pca_job *j = arg;
+    for (int rep = 0; rep < 3 && j->st == MASA_OK; rep++)
+        j->st = masa_matrix_pca(j->ctx, j->L, j->rows, j->cols, j->mats, NULL,
+                                0, j->S, j->atoms, j->S * j->rows * j->cols,
+                                j->coefs, j->L * j->S, NULL, NULL);
+    return NULL;
+}
+
+/* Several threads on one context (its pool serves one call at a time; the
+ * others run on their own thread): the same results as one call alone. */
+START_TEST(pca_concurrent_calls_on_one_context)
+{
+    masa_context *ctx = tu_context(2);
+    size_t L = 5, rows = 40, cols = 30, S = 2, N = rows * cols;
+    float **m = make_mats(L, N, 3, 61);
+    const float *const *cm = (const float *const *)m;
+    float *want_a = tu_falloc(S * N), *want_c = tu_falloc(L * S);
+    TU_OK(masa_matrix_pca(ctx, L, rows, cols, cm, NULL, 0, S, want_a, S * N,
+                          want_c, L * S, NULL, NULL));
+    enum { T = 3 };
+    pca_job jobs[T];
+    pthread_t threads[T];
+    for (int t = 0; t < T; t++) {
+        jobs[t] = (pca_job){ctx, L, rows, cols, S, cm, tu_falloc(S * N),
+                            tu_falloc(L * S), MASA_OK};
+        ck_assert_int_eq(pthread_create(&threads[t], NULL, run_pca, &jobs[t]),
+                         0);
+    }
+    for (int t = 0; t < T; t++) {
+        pthread_join(threads[t], NULL);
+        ck_assert_int_eq(jobs[t].st, MASA_OK);
+        /* partial sums may add in another order: float rounding only */
+        TU_ASSERT_CLOSE_FF("atoms", jobs[t].atoms, want_a, S * N, 1e-6);
+        TU_ASSERT_CLOSE_FF("coefficients", jobs[t].coefs, want_c, L * S,
+                           1e-6);
+        free(jobs[t].atoms);
+        free(jobs[t].coefs);
+    }
+    free(want_a);
+    free(want_c);
+    free_mats(m, L);
+    masa_context_destroy(ctx);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("compress_pca");
@@ -703,6 +761,7 @@ static Suite *suite(void)
     tcase_add_test(tc, pca_create_gives_dictionary_and_table);
     tcase_add_test(tc, pca_errors_leave_outputs_alone);
     tcase_add_test(tc, pca_result_struct_sizes);
+    tcase_add_test(tc, pca_concurrent_calls_on_one_context);
     suite_add_tcase(s, tc);
     tc = tcase_create("planner");
     tcase_set_timeout(tc, 60);
