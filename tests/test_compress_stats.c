@@ -185,18 +185,19 @@ static void ref_residual(size_t d_in, size_t d_out, const double *e,
     out->dropped = 0;
     for (size_t i = rank; i < k; i++)
         out->dropped += fmax(w[i], 0);
+    /* M V_r first, then (M V_r) V_r^T: O(d_in d_out rank) */
+    double *mv = tu_dalloc(d_in * rank);
+    for (size_t i = 0; i < d_in; i++)
+        for (size_t q = 0; q < rank; q++)
+            for (size_t t = 0; t < d_out; t++)
+                mv[i * rank + q] += m[i * d_out + t] * v[t * d_out + q];
     out->target = tu_dalloc(d_in * d_out);
     for (size_t i = 0; i < d_in; i++)
-        for (size_t j = 0; j < d_out; j++) {
-            double s = 0;
-            for (size_t q = 0; q < rank; q++) {
-                double mv = 0;
-                for (size_t t = 0; t < d_out; t++)
-                    mv += m[i * d_out + t] * v[t * d_out + q];
-                s += mv * v[j * d_out + q];
-            }
-            out->target[i * d_out + j] = s;
-        }
+        for (size_t j = 0; j < d_out; j++)
+            for (size_t q = 0; q < rank; q++)
+                out->target[i * d_out + j] +=
+                    mv[i * rank + q] * v[j * d_out + q];
+    free(mv);
     free(m);
     free(r);
     free(mtm);
@@ -247,24 +248,23 @@ static void check_residual(size_t d_in, size_t d_out, size_t rank,
                   "after %.15g dropped %.15g (before %g)", res.error_after,
                   res.dropped, res.error_before);
     /* R^T A B against the reference's best rank-r approximation */
-    double *rab = tu_dalloc(ne), *rr = tu_dalloc(d_in * d_in);
+    double *ab = tu_dalloc(ne), *rab = tu_dalloc(ne),
+           *rr = tu_dalloc(d_in * d_in);
+    for (size_t i = 0; i < d_in; i++)
+        for (size_t q = 0; q < rank; q++)
+            for (size_t j = 0; j < d_out; j++)
+                ab[i * d_out + j] += (double)a[i * rank + q] * b[q * d_out + j];
     if (c)
         ck_assert_int_eq(ref_cholesky(d_in, c, rr), 0);
-    for (size_t i = 0; i < d_in; i++)
-        for (size_t j = 0; j < d_out; j++) {
-            double s = 0;
-            for (size_t k = c ? i : 0; k < d_in; k++) {
-                if (!c && k != i)
-                    continue;
-                double rt = c ? rr[k * d_in + i] : 1.0;
-                double ab = 0;
-                for (size_t q = 0; q < rank; q++)
-                    ab += (double)a[k * rank + q] * b[q * d_out + j];
-                s += rt * ab;
-            }
-            rab[i * d_out + j] = s;
-        }
+    else
+        for (size_t i = 0; i < d_in; i++)
+            rr[i * d_in + i] = 1.0;
+    for (size_t i = 0; i < d_in; i++) /* (R^T)_{ik} = R_{ki}, k >= i */
+        for (size_t k = i; k < d_in; k++)
+            for (size_t j = 0; j < d_out; j++)
+                rab[i * d_out + j] += rr[k * d_in + i] * ab[k * d_out + j];
     TU_ASSERT_CLOSE_DD("R^T A B", rab, ref.target, ne, 1e-5);
+    free(ab);
     free(rab);
     free(rr);
     free(ref.target);
@@ -285,6 +285,9 @@ START_TEST(residual_matches_reference)
     check_residual(12, 9, 3, 0, 1);    /* no calibration: plain SVD */
     check_residual(1, 5, 1, 0, 0);
     check_residual(70, 50, 8, 200, 1);
+    /* large enough that the triangular products and the check's product
+     * run in column blocks on the pool */
+    check_residual(320, 300, 160, 400, 1);
 }
 END_TEST
 
