@@ -1,4 +1,5 @@
-/* Softmax row kernels: row maximum and x <- exp(x - shift) with the row sum.
+/* Softmax row kernels: row maximum and x <- exp(x - shift) with the row sum
+ * (forward), and backward's row of P and dS = P (dP - delta).
  *
  * The AVX2 version evaluates exp with Cephes' degree-6 polynomial after the
  * range reduction x = n ln2 + r, |r| <= ln2/2, and builds 2^n in the exponent
@@ -12,8 +13,8 @@
  * code is compiled for those functions only and used only when the CPU has
  * AVX-512 F, or else AVX2 and FMA.
  *
- * Also here: the other row operations of the attention core (scaling a row,
- * a dot product, dS = P (dP - delta)), in the same three versions. */
+ * Also here: scaling a row (forward's rescale and normalisation), AVX-512
+ * or portable. */
 #include <math.h>
 #include <pthread.h>
 
@@ -25,6 +26,22 @@ float masa__exp_shifted_portable(float *x, size_t n, float shift)
     for (size_t i = 0; i < n; i++) {
         x[i] = expf(x[i] - shift);
         sum += x[i];
+    }
+    return sum;
+}
+
+float masa__softmax_grad_row_portable(float *p, float *dp, size_t n,
+                                      float row_max, float log_sum,
+                                      float delta, masa_big_p *big)
+{
+    float sum = 0.0f;
+    big->n = 0;
+    for (size_t j = 0; j < n; j++) {
+        p[j] = expf((p[j] - row_max) - log_sum);
+        dp[j] = p[j] * (dp[j] - delta);
+        sum += dp[j];
+        if (p[j] > MASA_BIG_P && big->n < MASA_BIG_MAX)
+            big->j[big->n++] = j;
     }
     return sum;
 }
@@ -42,21 +59,6 @@ void masa__scale_row_portable(float *x, size_t n, float a)
 {
     for (size_t i = 0; i < n; i++)
         x[i] *= a;
-}
-
-float masa__dot_portable(const float *x, const float *y, size_t n)
-{
-    float d = 0.0f;
-    for (size_t i = 0; i < n; i++)
-        d += x[i] * y[i];
-    return d;
-}
-
-void masa__softmax_grad_row_portable(const float *p, float *dp, size_t n,
-                                     float delta)
-{
-    for (size_t i = 0; i < n; i++)
-        dp[i] = p[i] * (dp[i] - delta);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -123,6 +125,37 @@ AVX2 float masa__exp_shifted_avx2(float *x, size_t n, float shift)
         y = _mm256_and_ps(y, _mm256_castsi256_ps(mask));
         _mm256_maskstore_ps(x + i, mask, y);
         acc = _mm256_add_ps(acc, y);
+    }
+    return hsum8(acc);
+}
+
+AVX2 float masa__softmax_grad_row_avx2(float *p, float *dp, size_t n,
+                                       float row_max, float log_sum,
+                                       float delta, masa_big_p *big)
+{
+    __m256 mx = _mm256_set1_ps(row_max), ls = _mm256_set1_ps(log_sum);
+    __m256 dl = _mm256_set1_ps(delta), bigp = _mm256_set1_ps(MASA_BIG_P);
+    __m256 acc = _mm256_setzero_ps();
+    big->n = 0;
+    for (size_t i = 0; i < n; i += 8) {
+        /* the tail through masked loads/stores: never touches p[n..) */
+        __m256i mask = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n - i < 8 ? (int)(n - i) : 8),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 on = _mm256_castsi256_ps(mask);
+        __m256 s = _mm256_maskload_ps(p + i, mask);
+        __m256 e = _mm256_and_ps(
+            exp8(_mm256_sub_ps(_mm256_sub_ps(s, mx), ls)), on);
+        __m256 ds = _mm256_and_ps(
+            _mm256_mul_ps(e, _mm256_sub_ps(_mm256_maskload_ps(dp + i, mask),
+                                           dl)), on);
+        _mm256_maskstore_ps(p + i, mask, e);
+        _mm256_maskstore_ps(dp + i, mask, ds);
+        acc = _mm256_add_ps(acc, ds);
+        unsigned bits = (unsigned)_mm256_movemask_ps(
+            _mm256_cmp_ps(e, bigp, _CMP_GT_OQ)); /* masked lanes hold 0 */
+        for (; bits && big->n < MASA_BIG_MAX; bits &= bits - 1)
+            big->j[big->n++] = i + (size_t)__builtin_ctz(bits);
     }
     return hsum8(acc);
 }
@@ -217,27 +250,30 @@ AVX512 void masa__scale_row_avx512(float *x, size_t n, float a)
     }
 }
 
-AVX512 float masa__dot_avx512(const float *x, const float *y, size_t n)
+AVX512 float masa__softmax_grad_row_avx512(float *p, float *dp, size_t n,
+                                           float row_max, float log_sum,
+                                           float delta, masa_big_p *big)
 {
+    __m512 mx = _mm512_set1_ps(row_max), ls = _mm512_set1_ps(log_sum);
+    __m512 dl = _mm512_set1_ps(delta), bigp = _mm512_set1_ps(MASA_BIG_P);
     __m512 acc = _mm512_setzero_ps();
+    big->n = 0;
     for (size_t i = 0; i < n; i += 16) {
-        __mmask16 m = tail_mask(n - i);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i),
-                              _mm512_maskz_loadu_ps(m, y + i), acc);
+        /* the tail through masked loads/stores: never touches p[n..) */
+        __mmask16 on = tail_mask(n - i);
+        __m512 s = _mm512_maskz_loadu_ps(on, p + i);
+        __m512 e = _mm512_maskz_mov_ps(
+            on, exp16(_mm512_sub_ps(_mm512_sub_ps(s, mx), ls)));
+        __m512 ds = _mm512_maskz_mul_ps(
+            on, e, _mm512_sub_ps(_mm512_maskz_loadu_ps(on, dp + i), dl));
+        _mm512_mask_storeu_ps(p + i, on, e);
+        _mm512_mask_storeu_ps(dp + i, on, ds);
+        acc = _mm512_add_ps(acc, ds);
+        unsigned bits = _mm512_cmp_ps_mask(e, bigp, _CMP_GT_OQ);
+        for (; bits && big->n < MASA_BIG_MAX; bits &= bits - 1)
+            big->j[big->n++] = i + (size_t)__builtin_ctz(bits);
     }
     return _mm512_reduce_add_ps(acc);
-}
-
-AVX512 void masa__softmax_grad_row_avx512(const float *p, float *dp,
-                                          size_t n, float delta)
-{
-    __m512 d = _mm512_set1_ps(delta);
-    for (size_t i = 0; i < n; i += 16) {
-        __mmask16 m = tail_mask(n - i);
-        __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + i), d);
-        _mm512_mask_storeu_ps(
-            dp + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + i), v));
-    }
 }
 
 static int has_avx2, has_avx512;
@@ -279,8 +315,8 @@ float masa__row_max(const float *x, size_t n, float init)
                                     : masa__row_max_portable(x, n, init);
 }
 
-/* The short row operations: AVX-512 or the portable loop, which the
- * compiler vectorises for the baseline (AVX2 would gain little here). */
+/* A short row: AVX-512 or the portable loop, which the compiler vectorises
+ * for the baseline (AVX2 would gain little here). */
 void masa__scale_row(float *x, size_t n, float a)
 {
     if (masa__cpu_has_avx512())
@@ -289,18 +325,17 @@ void masa__scale_row(float *x, size_t n, float a)
         masa__scale_row_portable(x, n, a);
 }
 
-float masa__dot(const float *x, const float *y, size_t n)
-{
-    return masa__cpu_has_avx512() ? masa__dot_avx512(x, y, n)
-                                  : masa__dot_portable(x, y, n);
-}
-
-void masa__softmax_grad_row(const float *p, float *dp, size_t n, float delta)
+float masa__softmax_grad_row(float *p, float *dp, size_t n, float row_max,
+                             float log_sum, float delta, masa_big_p *big)
 {
     if (masa__cpu_has_avx512())
-        masa__softmax_grad_row_avx512(p, dp, n, delta);
-    else
-        masa__softmax_grad_row_portable(p, dp, n, delta);
+        return masa__softmax_grad_row_avx512(p, dp, n, row_max, log_sum,
+                                             delta, big);
+    return masa__cpu_has_avx2_fma()
+               ? masa__softmax_grad_row_avx2(p, dp, n, row_max, log_sum,
+                                             delta, big)
+               : masa__softmax_grad_row_portable(p, dp, n, row_max, log_sum,
+                                                 delta, big);
 }
 #else
 bool masa__cpu_has_avx2_fma(void) { return false; }
@@ -321,13 +356,10 @@ void masa__scale_row(float *x, size_t n, float a)
     masa__scale_row_portable(x, n, a);
 }
 
-float masa__dot(const float *x, const float *y, size_t n)
+float masa__softmax_grad_row(float *p, float *dp, size_t n, float row_max,
+                             float log_sum, float delta, masa_big_p *big)
 {
-    return masa__dot_portable(x, y, n);
-}
-
-void masa__softmax_grad_row(const float *p, float *dp, size_t n, float delta)
-{
-    masa__softmax_grad_row_portable(p, dp, n, delta);
+    return masa__softmax_grad_row_portable(p, dp, n, row_max, log_sum, delta,
+                                           big);
 }
 #endif
