@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Compares the dynamic symbols exported by libmasa with the functions
-declared MASA_API in the public header: none missing, none extra.
+declared MASA_API in the public headers (masa.h and every other .h next to
+it, which masa.h includes): none missing, none extra.
 
 usage: check_symbols.py <libmasa.so> <masa.h>
 """
+import glob
+import os
 import re
 import subprocess
 import sys
@@ -21,9 +24,12 @@ def exported(lib):
 
 
 def declared(header):
-    text = open(header, encoding="utf-8").read()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(", text))
+    names = set()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(header), "*.h"))):
+        text = open(path, encoding="utf-8").read()
+        text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+        names |= set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(", text))
+    return names
 
 
 def main():
