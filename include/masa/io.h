@@ -212,6 +212,203 @@ MASA_API masa_status masa_safetensors_writer_finish(masa_safetensors_writer *w);
  * written. */
 MASA_API void masa_safetensors_writer_destroy(masa_safetensors_writer *w);
 
+
+/* ======================================================================
+ * Compressed models: the attention of a whole model in one file
+ * ======================================================================
+ * A compressed model is a safetensors file holding, for each projection
+ * type p in {q, k, v, o} it covers, one of three kinds:
+ *   "masa"     consecutive layer groups, each with a dictionary and a
+ *              coefficient table, plus optional per-layer low-rank terms
+ *              (W_l = sum_s c[l - first, s] D_s + A_l B_l);
+ *   "dense"    one weight per layer (kept as it was), optional low-rank
+ *              terms;
+ *   "lowrank"  only A_l B_l for every layer (the truncated-SVD baseline).
+ * Names (l, g from 0; every tensor F32, row-major, the library's layouts):
+ *   masa.{p}.group{g}.atoms         [S_g, d_in, d_out]  the dictionary
+ *   masa.{p}.group{g}.coefficients  [L_g, S_g]          row i: layer first+i
+ *   masa.{p}.layer{l}.weight        [d_in, d_out]       "dense"
+ *   masa.{p}.layer{l}.lowrank_a     [d_in, r_l]
+ *   masa.{p}.layer{l}.lowrank_b     [r_l, d_out]
+ * Calibration statistics (C = X^T X of a projection's input, see
+ * compress.h), under any name n (the `masa` tool uses "layer{l}.qkv" for the
+ * input of Q, K and V and "layer{l}.o" for the input of O):
+ *   masa.calib.{n}.matrix           F64 [dim, dim]
+ *   masa.calib.{n}.rows             U64 []              rows accumulated
+ * Metadata "masa.model" is a JSON object (as a string) describing it all:
+ *   {"format_version": 1, "n_layers": L,
+ *    "projections": {"q": {"kind": "masa", "d_in": 576, "d_out": 576,
+ *                          "groups": [[first, L_g, S_g], ...],
+ *                          "ranks": [r_0, ..., r_(L-1)]}, ...},
+ *    "calibration": ["layer0.qkv", ...]}
+ * ("groups" only for "masa"; "ranks" always, 0 = no low-rank term). The
+ * groups of a "masa" projection tile the layers 0..L-1 in order. Other
+ * tensors and metadata in the file are allowed and ignored (a host may keep
+ * the rest of its model in the same file). A reader of another
+ * format_version refuses the file (BAD_FORMAT).
+ */
+
+/* The kind of a projection in a compressed model. */
+typedef enum masa_model_kind {
+    MASA_MODEL_ABSENT = 0,  /* the file does not cover this projection */
+    MASA_MODEL_MASA = 1,
+    MASA_MODEL_DENSE = 2,
+    MASA_MODEL_LOWRANK = 3
+} masa_model_kind;
+
+/* The format version this library writes and reads. */
+#define MASA_MODEL_FORMAT_VERSION 1
+
+typedef struct masa_model_writer masa_model_writer;
+
+/* Starts a compressed-model file of n_layers layers at `path` (written
+ * atomically by masa_model_writer_finish(), as masa_safetensors_writer).
+ * Everything added is spooled to disk at once: the caller's buffers and
+ * objects can be freed or reused after each call.
+ * Errors: NULL_ARGUMENT; BAD_SHAPE (n_layers 0); INVALID_ARGUMENT (empty
+ * path); IO; OUT_OF_MEMORY. */
+MASA_API masa_status masa_model_writer_create(masa_context *ctx,
+                                              const char *path,
+                                              size_t n_layers,
+                                              masa_model_writer **out);
+
+/* Adds group layers [first_layer, first_layer + L_g) of projection `which`
+ * (kind "masa"): the dictionary's atoms (S x d_in x d_out) and the
+ * coefficient table (L_g x S: its row count is the group's size).
+ * Errors: NULL_ARGUMENT; OUT_OF_RANGE (which; layers past n_layers);
+ * INVALID_ARGUMENT (the projection already has another kind, or a group
+ * overlapping one added before); BAD_SHAPE (atom count differs between
+ * dictionary and table; d_in x d_out differs from the projection's earlier
+ * entries); IO; OUT_OF_MEMORY. */
+MASA_API masa_status masa_model_writer_add_group(masa_model_writer *w,
+                                                 masa_projection which,
+                                                 size_t first_layer,
+                                                 const masa_dictionary *dict,
+                                                 const masa_coefficients *coef);
+
+/* Adds layer `layer`'s dense weight (d_in x d_out floats) of projection
+ * `which` (kind "dense"). Errors: as add_group (INVALID_ARGUMENT also for a
+ * layer given twice). */
+MASA_API masa_status masa_model_writer_add_dense(masa_model_writer *w,
+                                                 masa_projection which,
+                                                 size_t layer, size_t d_in,
+                                                 size_t d_out,
+                                                 const float *weight);
+
+/* Adds layer `layer`'s low-rank term of projection `which`: a (d_in x rank)
+ * and b (rank x d_out) floats. A projection with only low-rank terms is of
+ * kind "lowrank" and needs one for every layer; "masa" and "dense"
+ * projections may have them for any layers.
+ * Errors: as add_group; BAD_SHAPE also for rank 0 or above min(d_in, d_out);
+ * INVALID_ARGUMENT for a layer given twice. */
+MASA_API masa_status masa_model_writer_add_lowrank(masa_model_writer *w,
+                                                   masa_projection which,
+                                                   size_t layer, size_t d_in,
+                                                   size_t d_out, size_t rank,
+                                                   const float *a,
+                                                   const float *b);
+
+/* Adds a tensor or metadata entry of the caller's own next to the model
+ * (e.g. the rest of a model's weights, or a description). Names beginning
+ * with "masa." are reserved (INVALID_ARGUMENT); otherwise as
+ * masa_safetensors_writer_add() and masa_safetensors_writer_set_metadata(). */
+MASA_API masa_status masa_model_writer_add_tensor(masa_model_writer *w,
+                                                  const char *name,
+                                                  masa_dtype dtype,
+                                                  size_t ndim,
+                                                  const size_t *shape,
+                                                  const void *data,
+                                                  size_t bytes);
+MASA_API masa_status masa_model_writer_set_metadata(masa_model_writer *w,
+                                                    const char *key,
+                                                    const char *value);
+
+/* Checks that the model is complete (the groups of every "masa" projection
+ * tile all layers, every layer of a "dense" projection has its weight,
+ * every layer of a "lowrank" one its term) and writes the file.
+ * Errors: NULL_ARGUMENT; INVALID_ARGUMENT (incomplete: the message names the
+ * projection and the first missing layer; or finished before); and as
+ * masa_safetensors_writer_finish(). */
+MASA_API masa_status masa_model_writer_finish(masa_model_writer *w);
+
+/* Frees the writer; without a successful finish nothing is written. */
+MASA_API void masa_model_writer_destroy(masa_model_writer *w);
+
+typedef struct masa_model masa_model;
+
+/* Opens a compressed-model file (masa_safetensors_open, then the
+ * "masa.model" metadata and every tensor it implies: present, F32, of the
+ * declared shape). The atoms, coefficients, weights and factors stay in
+ * the file's private mapping (4-byte aligned in files written by libmasa;
+ * a tensor that is not is copied): the model's dictionaries and tables
+ * wrap that memory, nothing is read before it is used.
+ * Errors: NULL_ARGUMENT; IO; BAD_FORMAT (not a compressed model, a
+ * format_version other than MASA_MODEL_FORMAT_VERSION, a tensor missing or
+ * of the wrong dtype or shape: the message says which); OUT_OF_MEMORY. */
+MASA_API masa_status masa_model_open(masa_context *ctx, const char *path,
+                                     masa_model **out);
+
+/* Closes the model: its dictionaries, tables and the mapping. Every layer
+ * set up from it (masa_model_apply) must be destroyed, or its projections
+ * replaced, first. */
+MASA_API void masa_model_close(masa_model *model);
+
+/* Layers of the model. Errors: NULL_ARGUMENT. */
+MASA_API masa_status masa_model_layers(const masa_model *model,
+                                       size_t *n_layers);
+
+/* Projection `which`: its kind, shape (d_in x d_out; 0 when absent) and
+ * number of groups ("masa"; else 0). Outputs may be NULL.
+ * Errors: NULL_ARGUMENT (model); OUT_OF_RANGE (which). */
+MASA_API masa_status masa_model_projection(const masa_model *model,
+                                           masa_projection which,
+                                           masa_model_kind *kind,
+                                           size_t *d_in, size_t *d_out,
+                                           size_t *n_groups);
+
+/* Group `group` of a "masa" projection: its first layer, its number of
+ * layers, and its dictionary and coefficient table, owned by the model
+ * (valid until masa_model_close; they wrap the file's mapping, so writes
+ * through them change this process's copy only). Outputs may be NULL.
+ * Errors: NULL_ARGUMENT (model); OUT_OF_RANGE (which, group). */
+MASA_API masa_status masa_model_group(const masa_model *model,
+                                      masa_projection which, size_t group,
+                                      size_t *first_layer, size_t *n_layers,
+                                      masa_dictionary **dict,
+                                      masa_coefficients **coef);
+
+/* Layer `layer`'s low-rank term of projection `which`: *rank (0 = none) and
+ * pointers into the model's memory (NULL without a term). Outputs may be
+ * NULL. Errors: NULL_ARGUMENT (model); OUT_OF_RANGE (which, layer). */
+MASA_API masa_status masa_model_lowrank(const masa_model *model,
+                                        masa_projection which, size_t layer,
+                                        size_t *rank, float **a, float **b);
+
+/* Layer `layer`'s dense weight of a "dense" projection (d_in x d_out, in
+ * the model's memory). Errors: NULL_ARGUMENT; OUT_OF_RANGE;
+ * INVALID_ARGUMENT (the projection is not "dense"). */
+MASA_API masa_status masa_model_dense(const masa_model *model,
+                                      masa_projection which, size_t layer,
+                                      float **weight);
+
+/* Sets every projection the model covers on `layer` as model layer
+ * `layer_index` has it: masa_layer_set_masa() with its group's dictionary
+ * and table row, or masa_layer_set_dense(), and masa_layer_set_lowrank()
+ * with its term (or masa_layer_remove_lowrank() when it has none), all
+ * wrapping the model's memory. Projections the model does not cover are
+ * left as they are. The layer must have been created with the matching
+ * shapes (masa_layer_projection_shape equal to the model's d_in x d_out).
+ * Errors: NULL_ARGUMENT; OUT_OF_RANGE (layer_index); BAD_SHAPE (shapes
+ * differ: the message names the projection); errors of the set functions
+ * (OUT_OF_MEMORY under the cached policy). Shapes are checked before
+ * anything is set. */
+MASA_API masa_status masa_model_apply(const masa_model *model,
+                                      size_t layer_index, masa_layer *layer);
+
+/* The model's safetensors file (to read other tensors or metadata of it);
+ * owned by the model. NULL for NULL. */
+MASA_API masa_safetensors *masa_model_file(masa_model *model);
+
 #ifdef __cplusplus
 }
 #endif

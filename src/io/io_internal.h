@@ -45,6 +45,16 @@ struct masa_safetensors {
     float **converted;           /* per tensor: float32 copy or NULL */
 };
 
+/* "q", "k", "v", "o": the projections' names in compressed-model files. */
+extern const char *const masa__proj_letter[MASA_NUM_PROJECTIONS];
+
+/* For the calibration entries of a model writer (model_calib.c): records a
+ * calibration name for "masa.model", and the writer's file (NULL once the
+ * writer has finished or failed). */
+masa_status masa__model_writer_add_calib_name(masa_model_writer *w,
+                                              const char *name);
+masa_safetensors_writer *masa__model_writer_file(masa_model_writer *w);
+
 /* The dtype called `name` in a header; false when unknown. */
 bool masa__dtype_from_name(const char *name, masa_dtype *out);
 
