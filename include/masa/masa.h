@@ -782,6 +782,10 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
 }
 #endif
 
+/* Compressing pretrained weights: Matrix PCA, grouping, calibration
+ * statistics, the whitened low-rank residual. */
+#include "compress.h"
+
 /* safetensors files and compressed models (include/masa/io.h) */
 #include "io.h"
 
