@@ -321,6 +321,69 @@ START_TEST(test_reader_checks)
 }
 END_TEST
 
+START_TEST(test_calibration_entries)
+{
+    enum { DIM = 6 };
+    masa_calib *c1, *c2;
+    TU_OK(masa_calib_create(ctx, DIM, &c1));
+    TU_OK(masa_calib_create(ctx, 3, &c2));
+    float x[10 * DIM];
+    tu_rng r = {11};
+    tu_fill(&r, x, 10 * DIM, -1, 1);
+    TU_OK(masa_calib_accumulate(c1, x, 10));
+    TU_OK(masa_calib_accumulate(c2, x, 4 * DIM / 3));
+    /* statistics alone: a model writer without projections */
+    masa_model_writer *w;
+    TU_OK(masa_model_writer_create(ctx, path, L, &w));
+    TU_OK(masa_model_writer_add_calib(w, "layer0.qkv", c1));
+    TU_OK(masa_model_writer_add_calib(w, "layer0.o", c2));
+    ck_assert_int_eq(masa_model_writer_add_calib(w, "layer0.o", c2),
+                     MASA_ERROR_INVALID_ARGUMENT);
+    ck_assert(strstr(masa_last_error(), "added twice"));
+    ck_assert_int_eq(masa_model_writer_add_calib(w, "", c2), MASA_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(masa_model_writer_add_calib(w, "x", NULL), MASA_ERROR_NULL_ARGUMENT);
+    TU_OK(masa_model_writer_finish(w));
+    ck_assert_int_eq(masa_model_writer_add_calib(w, "late", c2),
+                     MASA_ERROR_INVALID_ARGUMENT);
+    masa_model_writer_destroy(w);
+
+    masa_model *m;
+    TU_OK(masa_model_open(ctx, path, &m));
+    ck_assert_uint_eq(masa_model_calib_count(m), 2);
+    const char *name;
+    TU_OK(masa_model_calib_name(m, 1, &name));
+    ck_assert_str_eq(name, "layer0.o");
+    ck_assert_int_eq(masa_model_calib_name(m, 2, &name), MASA_ERROR_OUT_OF_RANGE);
+    masa_calib *back;
+    TU_OK(masa_model_calib(m, "layer0.qkv", &back));
+    size_t dim;
+    uint64_t rows;
+    TU_OK(masa_calib_shape(back, &dim, &rows));
+    ck_assert(dim == DIM && rows == 10);
+    ck_assert(memcmp(masa_calib_data(back), masa_calib_data(c1),
+                     DIM * DIM * sizeof(double)) == 0);
+    masa_calib_destroy(back);
+    ck_assert_int_eq(masa_model_calib(m, "nope", &back), MASA_ERROR_NOT_FOUND);
+    ck_assert_ptr_null(back);
+    masa_model_kind kind;
+    TU_OK(masa_model_projection(m, MASA_PROJ_Q, &kind, NULL, NULL, NULL));
+    ck_assert_int_eq(kind, MASA_MODEL_ABSENT);
+    masa_model_close(m);
+
+    /* a listed entry whose tensors are missing or of the wrong kind */
+    write_raw("{\"format_version\":1,\"n_layers\":1,\"projections\":{},\"calibration\":[\"a\"]}",
+              NULL, 0);
+    ck_assert_int_eq(masa_model_open(ctx, path, &m), MASA_ERROR_BAD_FORMAT);
+    ck_assert(strstr(masa_last_error(), "\"masa.calib.a.matrix\" is missing"));
+    write_raw("{\"format_version\":1,\"n_layers\":1,\"projections\":{},\"calibration\":[\"a\"]}",
+              "masa.calib.a.matrix", 2);
+    ck_assert_int_eq(masa_model_open(ctx, path, &m), MASA_ERROR_BAD_FORMAT);
+    ck_assert(strstr(masa_last_error(), "is not F64 [dim, dim]"));
+    masa_calib_destroy(c1);
+    masa_calib_destroy(c2);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("model");
@@ -329,6 +392,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_round_trip_and_apply);
     tcase_add_test(tc, test_writer_checks);
     tcase_add_test(tc, test_reader_checks);
+    tcase_add_test(tc, test_calibration_entries);
     suite_add_tcase(s, tc);
     return s;
 }

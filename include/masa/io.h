@@ -46,6 +46,10 @@
 
 #include "masa.h"
 
+/* masa_calib (compress.h) is named by its struct tag below, so that this
+ * header does not depend on the order in which masa.h includes both. */
+struct masa_calib;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -323,6 +327,15 @@ MASA_API masa_status masa_model_writer_set_metadata(masa_model_writer *w,
                                                     const char *key,
                                                     const char *value);
 
+/* Adds calibration statistics under `name` (see the naming scheme above):
+ * the dim x dim float64 matrix and the row count of `calib`, copied to the
+ * spool now. name: UTF-8, not empty, not used before.
+ * Errors: NULL_ARGUMENT; INVALID_ARGUMENT (name empty, used before, or the
+ * writer has finished); IO; OUT_OF_MEMORY. */
+MASA_API masa_status masa_model_writer_add_calib(masa_model_writer *w,
+                                                 const char *name,
+                                                 const struct masa_calib *calib);
+
 /* Checks that the model is complete (the groups of every "masa" projection
  * tile all layers, every layer of a "dense" projection has its weight,
  * every layer of a "lowrank" one its term) and writes the file.
@@ -404,6 +417,24 @@ MASA_API masa_status masa_model_dense(const masa_model *model,
  * anything is set. */
 MASA_API masa_status masa_model_apply(const masa_model *model,
                                       size_t layer_index, masa_layer *layer);
+
+/* Number of calibration entries in the file (0 for NULL). */
+MASA_API size_t masa_model_calib_count(const masa_model *model);
+
+/* Name of calibration entry `index` (file order), owned by the model.
+ * Errors: NULL_ARGUMENT; OUT_OF_RANGE. */
+MASA_API masa_status masa_model_calib_name(const masa_model *model,
+                                           size_t index, const char **name);
+
+/* A new calibration handle holding a copy of entry `name`
+ * (masa_calib_create_from_data: the matrix must be symmetric and finite);
+ * the caller destroys it. A file may hold only calibration statistics (a
+ * model writer with no projections): that is how statistics are saved.
+ * Errors: NULL_ARGUMENT; NOT_FOUND; INVALID_ARGUMENT (matrix not symmetric
+ * or not finite); OUT_OF_MEMORY. */
+MASA_API masa_status masa_model_calib(const masa_model *model,
+                                      const char *name,
+                                      struct masa_calib **out);
 
 /* The model's safetensors file (to read other tensors or metadata of it);
  * owned by the model. NULL for NULL. */

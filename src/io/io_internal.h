@@ -48,12 +48,67 @@ struct masa_safetensors {
 /* "q", "k", "v", "o": the projections' names in compressed-model files. */
 extern const char *const masa__proj_letter[MASA_NUM_PROJECTIONS];
 
-/* For the calibration entries of a model writer (model_calib.c): records a
- * calibration name for "masa.model", and the writer's file (NULL once the
- * writer has finished or failed). */
+/* ---- compressed-model writer (model_write.c) ---- */
+
+typedef struct masa__group_entry {
+    size_t first, count, atoms;
+} masa__group_entry;
+
+typedef struct masa__proj_entries {
+    size_t d_in, d_out;       /* 0 until the first entry */
+    masa__group_entry *groups;      /* in layer order, tiling from layer 0 */
+    size_t n_groups;
+    bool *dense;              /* per layer: weight added */
+    size_t *ranks;            /* per layer: 0 = no low-rank term */
+} masa__proj_entries;
+
+struct masa_model_writer {
+    masa_context *ctx;
+    masa_safetensors_writer *st;
+    size_t n_layers;
+    masa__proj_entries proj[MASA_NUM_PROJECTIONS];
+    char **calib;             /* names of calibration entries */
+    size_t n_calib, calib_cap;
+    bool done;
+};
+
+/* Records a calibration name for "masa.model" (model_calib.c). */
 masa_status masa__model_writer_add_calib_name(masa_model_writer *w,
                                               const char *name);
-masa_safetensors_writer *masa__model_writer_file(masa_model_writer *w);
+
+/* ---- compressed-model reader (model_read.c) ---- */
+
+typedef struct masa__model_group {
+    size_t first, count, atoms;
+    masa_dictionary *dict;
+    masa_coefficients *coef;
+} masa__model_group;
+
+typedef struct masa__model_proj {
+    masa_model_kind kind;
+    size_t d_in, d_out;
+    masa__model_group *groups;
+    size_t n_groups;
+    size_t *ranks;            /* per layer */
+    float **a, **b, **weight; /* per layer, into the file */
+} masa__model_proj;
+
+struct masa_model {
+    masa_context *ctx;
+    masa_safetensors *st;
+    size_t n_layers;
+    masa__model_proj proj[MASA_NUM_PROJECTIONS];
+    size_t *group_of[MASA_NUM_PROJECTIONS]; /* per layer, "masa" only */
+    char **calib;                           /* calibration names */
+    size_t n_calib;
+};
+
+/* masa.calib.{name}.{what} of st, checked to be dtype with ndim dims
+ * (square when 2); BAD_FORMAT naming it otherwise (model_calib.c). */
+masa_status masa__calib_tensor(masa_safetensors *st, const char *name,
+                               const char *what, masa_dtype dtype,
+                               size_t ndim, const void **data,
+                               const size_t **shape);
 
 /* The dtype called `name` in a header; false when unknown. */
 bool masa__dtype_from_name(const char *name, masa_dtype *out);

@@ -6,28 +6,6 @@
 
 #include "io/io_internal.h"
 
-typedef struct model_group {
-    size_t first, count, atoms;
-    masa_dictionary *dict;
-    masa_coefficients *coef;
-} model_group;
-
-typedef struct model_proj {
-    masa_model_kind kind;
-    size_t d_in, d_out;
-    model_group *groups;
-    size_t n_groups;
-    size_t *ranks;            /* per layer */
-    float **a, **b, **weight; /* per layer, into the file */
-} model_proj;
-
-struct masa_model {
-    masa_context *ctx;
-    masa_safetensors *st;
-    size_t n_layers;
-    model_proj proj[MASA_NUM_PROJECTIONS];
-    size_t *group_of[MASA_NUM_PROJECTIONS]; /* per layer, "masa" only */
-};
 
 #define OPEN_FN "masa_model_open"
 
@@ -36,7 +14,7 @@ MASA_API void masa_model_close(masa_model *m)
     if (!m)
         return;
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
-        model_proj *mp = &m->proj[p];
+        masa__model_proj *mp = &m->proj[p];
         for (size_t g = 0; g < mp->n_groups; g++) {
             masa_dictionary_destroy(mp->groups[g].dict);
             masa_coefficients_destroy(mp->groups[g].coef);
@@ -48,6 +26,9 @@ MASA_API void masa_model_close(masa_model *m)
         masa__free(m->ctx, mp->weight);
         masa__free(m->ctx, m->group_of[p]);
     }
+    for (size_t i = 0; i < m->n_calib; i++)
+        masa__free(m->ctx, m->calib[i]);
+    masa__free(m->ctx, m->calib);
     masa_safetensors_close(m->st);
     masa__free(m->ctx, m);
 }
@@ -100,7 +81,7 @@ static masa_status bad(const masa_model *m, const char *what)
 
 static masa_status parse_projection(masa_model *m, int p, const json_t *o)
 {
-    model_proj *mp = &m->proj[p];
+    masa__model_proj *mp = &m->proj[p];
     size_t L = m->n_layers;
     const json_t *kind = json_object_get(o, "kind");
     const char *k = json_is_string(kind) ? json_string_value(kind) : "";
@@ -143,7 +124,7 @@ static masa_status parse_projection(masa_model *m, int p, const json_t *o)
         size_t next = 0;
         for (size_t g = 0; g < n; g++) {
             const json_t *e = json_array_get(groups, g);
-            model_group *mg = &mp->groups[g];
+            masa__model_group *mg = &mp->groups[g];
             if (!json_is_array(e) || json_array_size(e) != 3 ||
                 !json_size(json_array_get(e, 0), &mg->first) ||
                 !json_size(json_array_get(e, 1), &mg->count) ||
@@ -166,11 +147,11 @@ static masa_status parse_projection(masa_model *m, int p, const json_t *o)
 /* Finds and wraps every tensor of projection p. */
 static masa_status load_projection(masa_model *m, int p)
 {
-    model_proj *mp = &m->proj[p];
+    masa__model_proj *mp = &m->proj[p];
     char what[64];
     masa_status s = MASA_OK;
     for (size_t g = 0; s == MASA_OK && g < mp->n_groups; g++) {
-        model_group *mg = &mp->groups[g];
+        masa__model_group *mg = &mp->groups[g];
         size_t ashape[3] = {mg->atoms, mp->d_in, mp->d_out};
         size_t cshape[2] = {mg->count, mg->atoms};
         float *atoms, *coefs;
@@ -205,6 +186,43 @@ static masa_status load_projection(masa_model *m, int p)
         }
     }
     return s;
+}
+
+/* The "calibration" list: names of masa.calib.{name}.* entries. */
+static masa_status parse_calib(masa_model *m, const json_t *list)
+{
+    if (!list)
+        return MASA_OK;
+    if (!json_is_array(list))
+        return bad(m, "\"calibration\" is not an array");
+    size_t n = json_array_size(list);
+    m->calib = masa__calloc(m->ctx, n + 1, sizeof(char *));
+    if (!m->calib)
+        return masa__fail(MASA_ERROR_OUT_OF_MEMORY, OPEN_FN ": out of memory");
+    for (size_t i = 0; i < n; i++) {
+        const json_t *e = json_array_get(list, i);
+        if (!json_is_string(e) || !json_string_length(e))
+            return bad(m, "a calibration name is not a non-empty string");
+        const char *name = json_string_value(e);
+        for (size_t k = 0; k < m->n_calib; k++)
+            if (!strcmp(m->calib[k], name))
+                return bad(m, "a calibration name appears twice");
+        const void *data;
+        const size_t *shape;
+        masa_status s = masa__calib_tensor(m->st, name, "matrix", MASA_DTYPE_F64,
+                                           2, &data, &shape);
+        if (s == MASA_OK)
+            s = masa__calib_tensor(m->st, name, "rows", MASA_DTYPE_U64, 0,
+                                   &data, &shape);
+        if (s != MASA_OK)
+            return s;
+        size_t len = strlen(name) + 1;
+        m->calib[m->n_calib] = masa__alloc(m->ctx, len);
+        if (!m->calib[m->n_calib])
+            return masa__fail(MASA_ERROR_OUT_OF_MEMORY, OPEN_FN ": out of memory");
+        memcpy(m->calib[m->n_calib++], name, len);
+    }
+    return MASA_OK;
 }
 
 static masa_status parse_model(masa_model *m)
@@ -250,6 +268,8 @@ static masa_status parse_model(masa_model *m)
             if (s != MASA_OK)
                 break;
         }
+        if (s == MASA_OK)
+            s = parse_calib(m, json_object_get(root, "calibration"));
     }
     json_decref(root);
     return s;
@@ -309,7 +329,7 @@ MASA_API masa_status masa_model_projection(const masa_model *m,
     masa_status s = check_proj("masa_model_projection", m, (int)which);
     if (s != MASA_OK)
         return s;
-    const model_proj *mp = &m->proj[which];
+    const masa__model_proj *mp = &m->proj[which];
     if (kind)
         *kind = mp->kind;
     if (d_in)
@@ -332,12 +352,12 @@ MASA_API masa_status masa_model_group(const masa_model *m,
     masa_status s = check_proj(fn, m, (int)which);
     if (s != MASA_OK)
         return s;
-    const model_proj *mp = &m->proj[which];
+    const masa__model_proj *mp = &m->proj[which];
     if (group >= mp->n_groups)
         return masa__fail(MASA_ERROR_OUT_OF_RANGE,
                           "%s: group %zu, projection %s has %zu", fn, group,
                           masa__proj_letter[which], mp->n_groups);
-    const model_group *mg = &mp->groups[group];
+    const masa__model_group *mg = &mp->groups[group];
     if (first_layer)
         *first_layer = mg->first;
     if (n_layers)
@@ -367,7 +387,7 @@ MASA_API masa_status masa_model_lowrank(const masa_model *m,
     masa_status s = check_layer("masa_model_lowrank", m, (int)which, layer);
     if (s != MASA_OK)
         return s;
-    const model_proj *mp = &m->proj[which];
+    const masa__model_proj *mp = &m->proj[which];
     if (rank)
         *rank = mp->ranks ? mp->ranks[layer] : 0;
     if (a)
@@ -409,7 +429,7 @@ MASA_API masa_status masa_model_apply(const masa_model *m, size_t layer_index,
                           "%s: layer %zu, the model has %zu", fn, layer_index,
                           m->n_layers);
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
-        const model_proj *mp = &m->proj[p];
+        const masa__model_proj *mp = &m->proj[p];
         size_t d_in, d_out;
         if (mp->kind == MASA_MODEL_ABSENT)
             continue;
@@ -421,11 +441,11 @@ MASA_API masa_status masa_model_apply(const masa_model *m, size_t layer_index,
                               mp->d_out);
     }
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
-        const model_proj *mp = &m->proj[p];
+        const masa__model_proj *mp = &m->proj[p];
         masa_projection which = (masa_projection)p;
         masa_status s = MASA_OK;
         if (mp->kind == MASA_MODEL_MASA) {
-            const model_group *mg = &mp->groups[m->group_of[p][layer_index]];
+            const masa__model_group *mg = &mp->groups[m->group_of[p][layer_index]];
             s = masa_layer_set_masa(layer, which, mg->dict, mg->coef,
                                     layer_index - mg->first);
         } else if (mp->kind == MASA_MODEL_DENSE) {

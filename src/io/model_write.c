@@ -6,27 +6,6 @@
 
 #include "io/io_internal.h"
 
-typedef struct group_entry {
-    size_t first, count, atoms;
-} group_entry;
-
-typedef struct proj_entries {
-    size_t d_in, d_out;       /* 0 until the first entry */
-    group_entry *groups;      /* in layer order, tiling from layer 0 */
-    size_t n_groups;
-    bool *dense;              /* per layer: weight added */
-    size_t *ranks;            /* per layer: 0 = no low-rank term */
-} proj_entries;
-
-struct masa_model_writer {
-    masa_context *ctx;
-    masa_safetensors_writer *st;
-    size_t n_layers;
-    proj_entries proj[MASA_NUM_PROJECTIONS];
-    char **calib;             /* names of calibration entries */
-    size_t n_calib, calib_cap;
-    bool done;
-};
 
 const char *const masa__proj_letter[MASA_NUM_PROJECTIONS] = {"q", "k", "v", "o"};
 
@@ -68,7 +47,7 @@ MASA_API masa_status masa_model_writer_create(masa_context *ctx,
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
         w->proj[p].dense = masa__calloc(ctx, n_layers, sizeof(bool));
         w->proj[p].ranks = masa__calloc(ctx, n_layers, sizeof(size_t));
-        w->proj[p].groups = masa__calloc(ctx, n_layers, sizeof(group_entry));
+        w->proj[p].groups = masa__calloc(ctx, n_layers, sizeof(masa__group_entry));
         if (!w->proj[p].dense || !w->proj[p].ranks || !w->proj[p].groups) {
             masa_model_writer_destroy(w);
             return masa__fail(MASA_ERROR_OUT_OF_MEMORY, "%s: out of memory", fn);
@@ -83,7 +62,7 @@ MASA_API masa_status masa_model_writer_create(masa_context *ctx,
     return MASA_OK;
 }
 
-static bool any_dense(const proj_entries *pe, size_t n_layers)
+static bool any_dense(const masa__proj_entries *pe, size_t n_layers)
 {
     for (size_t l = 0; l < n_layers; l++)
         if (pe->dense[l])
@@ -107,7 +86,7 @@ static masa_status check_entry(const char *fn, masa_model_writer *w,
         return masa__fail(MASA_ERROR_OUT_OF_RANGE,
                           "%s: layers [%zu, %zu) past the model's %zu", fn,
                           first, first + count, w->n_layers);
-    proj_entries *pe = &w->proj[which];
+    masa__proj_entries *pe = &w->proj[which];
     if (d_in == 0 || d_out == 0)
         return masa__fail(MASA_ERROR_BAD_SHAPE, "%s: zero size", fn);
     if (pe->d_in && (pe->d_in != d_in || pe->d_out != d_out))
@@ -149,7 +128,7 @@ MASA_API masa_status masa_model_writer_add_group(masa_model_writer *w,
                                 dict->rows, dict->cols);
     if (s != MASA_OK)
         return s;
-    proj_entries *pe = &w->proj[which];
+    masa__proj_entries *pe = &w->proj[which];
     if (dict->n_atoms != coef->n_atoms)
         return masa__fail(MASA_ERROR_BAD_SHAPE,
                           "%s: dictionary has %zu atoms, table %zu", fn,
@@ -180,7 +159,7 @@ MASA_API masa_status masa_model_writer_add_group(masa_model_writer *w,
         w->done = true; /* the atoms may be in the file without the table */
         return s;
     }
-    pe->groups[g] = (group_entry){first_layer, coef->n_layers, dict->n_atoms};
+    pe->groups[g] = (masa__group_entry){first_layer, coef->n_layers, dict->n_atoms};
     pe->n_groups++;
     pe->d_in = dict->rows;
     pe->d_out = dict->cols;
@@ -201,7 +180,7 @@ MASA_API masa_status masa_model_writer_add_dense(masa_model_writer *w,
     masa_status s = check_entry(fn, w, (int)which, layer, 1, d_in, d_out);
     if (s != MASA_OK)
         return s;
-    proj_entries *pe = &w->proj[which];
+    masa__proj_entries *pe = &w->proj[which];
     if (pe->n_groups)
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: projection %s already has MASA groups", fn,
@@ -241,7 +220,7 @@ MASA_API masa_status masa_model_writer_add_lowrank(masa_model_writer *w,
         return masa__fail(MASA_ERROR_BAD_SHAPE,
                           "%s: rank %zu outside 1..min(%zu, %zu)", fn, rank,
                           d_in, d_out);
-    proj_entries *pe = &w->proj[which];
+    masa__proj_entries *pe = &w->proj[which];
     if (pe->ranks[layer])
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: projection %s layer %zu given twice", fn,
@@ -325,11 +304,6 @@ masa_status masa__model_writer_add_calib_name(masa_model_writer *w,
     return MASA_OK;
 }
 
-masa_safetensors_writer *masa__model_writer_file(masa_model_writer *w)
-{
-    return w->done ? NULL : w->st;
-}
-
 /* The "masa.model" JSON text (jansson's allocation), NULL when out of
  * memory. */
 static char *describe(const masa_model_writer *w)
@@ -343,7 +317,7 @@ static char *describe(const masa_model_writer *w)
               json_object_set(root, "projections", projs) == 0 &&
               json_object_set(root, "calibration", cal) == 0;
     for (int p = 0; ok && p < MASA_NUM_PROJECTIONS; p++) {
-        const proj_entries *pe = &w->proj[p];
+        const masa__proj_entries *pe = &w->proj[p];
         if (!pe->d_in)
             continue;
         const char *kind = pe->n_groups ? "masa"
@@ -388,7 +362,7 @@ MASA_API masa_status masa_model_writer_finish(masa_model_writer *w)
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: the writer has finished or failed", fn);
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
-        const proj_entries *pe = &w->proj[p];
+        const masa__proj_entries *pe = &w->proj[p];
         if (!pe->d_in)
             continue;
         size_t covered = pe->n_groups ? pe->groups[pe->n_groups - 1].first +
