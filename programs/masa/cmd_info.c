@@ -65,10 +65,8 @@ int cmd_info(int argc, char **argv)
         usage(stdout);
         return TOOL_OK;
     }
-    if (argc != 2 || argv[1][0] == '-') {
-        usage(stderr);
-        return TOOL_USAGE;
-    }
+    if (argc != 2 || argv[1][0] == '-')
+        return tool_error(TOOL_USAGE, "info", "needs one FILE (masa info --help)");
     const char *path = argv[1];
     masa_context *ctx;
     masa_context_options o;

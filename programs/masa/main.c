@@ -106,7 +106,7 @@ int main(int argc, char **argv)
 {
     tool_start_clock();
     if (argc < 2) {
-        usage(stderr);
+        fprintf(stderr, "masa: needs a command (masa --help lists them)\n");
         return TOOL_USAGE;
     }
     const char *cmd = argv[1];
