@@ -3,7 +3,8 @@
  *
  * Each input is a little program: a context choice, then up to 32
  * operations (create/wrap dictionaries and coefficient tables, initialise
- * them, compose, set projections, biases and the weight policy, create
+ * them, compose, set projections, biases, low-rank terms and the weight
+ * policy, create
  * layers with fuzzed options and options-struct sizes, query sizes, run
  * forward and backward with fuzzed batch, seq, positions, buffer sizes,
  * alignment, overlap, gradient modes and gradient pointers, NULL arguments,
@@ -274,9 +275,10 @@ typedef struct coef_slot {
 } coef_slot;
 
 typedef struct proj_model {
-    int set, is_masa, has_bias;
+    int set, is_masa, has_bias; /* set: a base (MASA or dense) */
     int dict, coef; /* slots (MASA) */
     size_t layer_index;
+    size_t rank; /* low-rank term, 0 = none */
 } proj_model;
 
 typedef struct state {
@@ -866,6 +868,62 @@ static void op_bias(reader *r, state *s)
     s->proj[w].has_bias = 1;
 }
 
+/* A low-rank term A B: set (rank 0..min(d_in, d_out) + 1, factors owned or
+ * caller memory) or removed; the accessor must agree. */
+static void op_lowrank(reader *r, state *s, int forced)
+{
+    if (!s->layer)
+        return;
+    int make_fit = forced >= 0;
+    masa_projection w = make_fit ? (masa_projection)forced : which_of(r);
+    masa_layer *l = chance(r, 3) && !make_fit ? NULL : s->layer;
+    if (!make_fit && chance(r, 25)) {
+        masa_status st = CALL(masa_layer_remove_lowrank(l, w));
+        REQUIRE((st == MASA_OK) == (l && valid_which(w)), "remove_lowrank");
+        if (st == MASA_OK)
+            s->proj[w].rank = 0;
+        return;
+    }
+    size_t most = 0;
+    if (valid_which(w))
+        most = s->din[w] < s->dout[w] ? s->din[w] : s->dout[w];
+    size_t rank = make_fit ? 1 + pick(r, most) : pick(r, most + 2);
+    float *a = NULL, *b = NULL;
+    if (valid_which(w) && rank && rank <= most && chance(r, 50)) {
+        a = own(s->din[w] * rank * sizeof(float));
+        b = own(rank * s->dout[w] * sizeof(float));
+        if (!a || !b)
+            return;
+        fill(r, a, s->din[w] * rank, &s->tame);
+        fill(r, b, rank * s->dout[w], &s->tame);
+    }
+    masa_status st = CALL(masa_layer_set_lowrank(l, w, rank, a, b));
+    int valid = l && valid_which(w) && rank >= 1 && rank <= most;
+    if (st != MASA_OK) {
+        REQUIRE(!valid || (s->hooked && st == MASA_ERROR_OUT_OF_MEMORY),
+                "valid set_lowrank rejected");
+        return;
+    }
+    REQUIRE(valid, "bad set_lowrank accepted (rank %zu of %zu)", rank, most);
+    size_t got_rank = 0;
+    float *ga = NULL, *gb = NULL;
+    REQUIRE(CALL(masa_layer_lowrank(l, w, &got_rank, &ga, &gb)) == MASA_OK &&
+                got_rank == rank && ga && gb && (!a || (ga == a && gb == b)),
+            "lowrank accessor");
+    if (!a) { /* library-owned, zeroed: give them values */
+        for (size_t i = 0; i < s->din[w] * rank; i++)
+            REQUIRE(ga[i] == 0.0f, "owned A not zeroed");
+        for (size_t i = 0; i < rank * s->dout[w]; i++)
+            REQUIRE(gb[i] == 0.0f, "owned B not zeroed");
+        fill(r, ga, s->din[w] * rank, &s->tame);
+        fill(r, gb, rank * s->dout[w], &s->tame);
+    }
+    s->proj[w].rank = rank;
+    /* a cached MASA weight was composed with the factors as they were */
+    if (!a && chance(r, 80))
+        REQUIRE(CALL(masa_layer_refresh_weights(l)) == MASA_OK, "refresh");
+}
+
 /* Weight policy: 0 and 1 are valid, 2 and 3 not; now and then a refresh.
  * Forward and backward then read cached weights, which the checks below
  * (calls compared with each other) treat as any other weights. */
@@ -1001,7 +1059,7 @@ static void op_queries(reader *r, state *s)
 static int layer_ready(const state *s)
 {
     for (int p = 0; p < 4; p++)
-        if (!s->proj[p].set)
+        if (!s->proj[p].set && !s->proj[p].rank)
             return 0;
     return 1;
 }
@@ -1089,9 +1147,10 @@ static void op_run(reader *r, state *s)
     TRACE("run: batch %zu seq %zu pos %zu tame %d inference %d\n", batch, seq,
           pos, s->tame, inference);
     for (int p = 0; p < 4; p++)
-        TRACE("  proj %d: set %d masa %d bias %d dict %d coef %d row %zu\n", p,
-              s->proj[p].set, s->proj[p].is_masa, s->proj[p].has_bias,
-              s->proj[p].dict, s->proj[p].coef, s->proj[p].layer_index);
+        TRACE("  proj %d: set %d masa %d bias %d dict %d coef %d row %zu "
+              "rank %zu\n", p, s->proj[p].set, s->proj[p].is_masa,
+              s->proj[p].has_bias, s->proj[p].dict, s->proj[p].coef,
+              s->proj[p].layer_index, s->proj[p].rank);
     const float *x_arg = null_x ? NULL : x;
     masa_status st = CALL(masa_layer_forward(
         layer, batch, seq, pos, x_arg, null_y ? NULL : y_arg,
@@ -1151,7 +1210,8 @@ static void op_run(reader *r, state *s)
         g.mode = 2 + (int)pick(r, 3) - 5 * (int)pick(r, 2);
         bad_grads = 1;
     }
-    size_t gsize[4][4] = {{0}}; /* floats of each gradient buffer */
+    enum { NG = 6 }; /* atoms, coefficients, weight, bias, lowrank a, b */
+    size_t gsize[4][NG] = {{0}}; /* floats of each gradient buffer */
     for (int p = 0; p < 4; p++) {
         const proj_model *pm = &s->proj[p];
         size_t n_atoms_f = 0, n_coef_f = 0;
@@ -1162,29 +1222,36 @@ static void op_run(reader *r, state *s)
             n_coef_f = c->n_layers * c->n_atoms;
         }
         size_t n_w = s->din[p] * s->dout[p], n_b = s->dout[p];
+        int dense = pm->set && !pm->is_masa;
         /* wanted gradients; now and then one that does not apply */
         if (pm->is_masa && chance(r, 60))
             gsize[p][0] = n_atoms_f;
         if (pm->is_masa && chance(r, 60))
             gsize[p][1] = n_coef_f;
-        if (!pm->is_masa && chance(r, 60))
+        if (dense && chance(r, 60))
             gsize[p][2] = n_w;
         if (pm->has_bias && chance(r, 60))
             gsize[p][3] = n_b;
+        if (pm->rank && chance(r, 60))
+            gsize[p][4] = s->din[p] * pm->rank;
+        if (pm->rank && chance(r, 60))
+            gsize[p][5] = pm->rank * s->dout[p];
         if (chance(r, 3)) {
-            int k = (int)pick(r, 4);
+            int k = (int)pick(r, NG);
             int applies = k == 0 || k == 1 ? pm->is_masa
-                          : k == 2        ? !pm->is_masa
-                                          : pm->has_bias;
+                          : k == 2        ? dense
+                          : k == 3        ? pm->has_bias
+                                          : pm->rank > 0;
             if (!applies) {
                 gsize[p][k] = 1 + pick(r, 8);
                 bad_grads = 1;
             }
         }
     }
-    float **slots[4] = {g.d_atoms, g.d_coefficients, g.d_weight, g.d_bias};
+    float **slots[NG] = {g.d_atoms, g.d_coefficients, g.d_weight, g.d_bias,
+                         g.d_lowrank_a, g.d_lowrank_b};
     for (int p = 0; p < 4; p++)
-        for (int k = 0; k < 4; k++)
+        for (int k = 0; k < NG; k++)
             if (gsize[p][k]) {
                 float *b = own(gsize[p][k] * sizeof(float));
                 if (!b)
@@ -1197,7 +1264,7 @@ static void op_run(reader *r, state *s)
     if (chance(r, 8) || dx_alias) {
         int pa = -1, ka = -1, pb = -1, kb = -1;
         for (int p = 0; p < 4; p++)
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < NG; k++)
                 if (slots[k][p]) {
                     if (pa < 0) {
                         pa = p;
@@ -1223,9 +1290,9 @@ static void op_run(reader *r, state *s)
         }
     }
     /* snapshot of the gradient buffers, to check a failed call */
-    float *snap[4][4] = {{NULL}};
+    float *snap[4][NG] = {{NULL}};
     for (int p = 0; p < 4; p++)
-        for (int k = 0; k < 4; k++)
+        for (int k = 0; k < NG; k++)
             if (slots[k][p]) {
                 snap[p][k] = own(gsize[p][k] * sizeof(float));
                 if (!snap[p][k])
@@ -1284,7 +1351,7 @@ static void op_run(reader *r, state *s)
             for (size_t i = 0; i < dx_floats; i++)
                 REQUIRE(dx[i] == 321.0f, "failed backward wrote dx");
         for (int p = 0; p < 4; p++)
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < NG; k++)
                 if (snap[p][k])
                     REQUIRE(memcmp(snap[p][k], slots[k][p],
                                    gsize[p][k] * sizeof(float)) == 0,
@@ -1320,9 +1387,13 @@ static void op_build(reader *r, state *s)
         else
             op_set_dense(r, s, p);
     }
-    /* fill whatever is still unset with dense weights */
+    /* now and then low-rank terms: on a base, or alone on an unset one */
     for (int p = 0; p < 4; p++)
-        if (!s->proj[p].set &&
+        if (chance(r, 15))
+            op_lowrank(r, s, p);
+    /* fill whatever is still unset (and without a term) with dense weights */
+    for (int p = 0; p < 4; p++)
+        if (!s->proj[p].set && !s->proj[p].rank &&
             CALL(masa_layer_set_dense(s->layer, p, NULL)) == MASA_OK) {
             fill(r, masa_layer_weight(s->layer, p), s->din[p] * s->dout[p],
                  &s->tame);
@@ -1379,6 +1450,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         case 11:
             op_policy(&r, &s);
+            break;
+        case 12:
+            op_lowrank(&r, &s, -1);
             break;
         default:
             op_run(&r, &s);
