@@ -109,8 +109,9 @@ if want tsan; then
     targets="test_concurrency"
     tests="concurrency"
     # Suites whose code runs on the pool with shared outputs: threading,
-    # decoding (split key ranges), the flash kernels (split key tiles).
-    for t_name in threads decode flash; do
+    # decoding (split key ranges), the flash kernels (split key tiles),
+    # Matrix PCA (column blocks, calls sharing a context).
+    for t_name in threads decode flash compress_pca; do
         if [ -f "tests/test_$t_name.c" ]; then
             targets="$targets test_$t_name"
             tests="$tests $t_name"
