@@ -11,7 +11,10 @@
  *     metadata get() disagrees with the entry list;
  *   - converting a float tensor to float32 fails, or the two conversion
  *     paths (read_f32 into a buffer, f32 by the handle) differ bitwise.
- * Inputs whose last byte is 0x5a also go through the writer (to a
+ * Files with "masa.model" metadata also go through masa_model_open and
+ * every accessor (groups must tile the layers, every pointer handed out
+ * must cover its declared shape). Inputs whose last byte is 0x5a also go
+ * through the writer (to a
  * temporary file) and back through the reader, which must see the same
  * names, dtypes, shapes, bytes and metadata (the writer's round trip; only
  * some inputs, since it writes and fsyncs a file).
@@ -130,6 +133,72 @@ static void round_trip(masa_safetensors *st)
     masa_safetensors_close(back);
 }
 
+/* A file that passed the reader and claims to be a compressed model goes
+ * through masa_model_open (via a temporary file: the model reader opens
+ * paths) and every accessor. */
+static void check_model(const uint8_t *data, size_t size)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/fuzz_safetensors-model-%ld.st", (long)getpid());
+    FILE *f = fopen(path, "wb");
+    CHECK(f && fwrite(data, 1, size, f) == size && fclose(f) == 0);
+    masa_model *m = (masa_model *)(uintptr_t)1;
+    masa_status s = masa_model_open(ctx, path, &m);
+    unlink(path);
+    if (s != MASA_OK) {
+        CHECK(m == NULL && masa_last_error()[0] != '\0');
+        CHECK(s == MASA_ERROR_BAD_FORMAT || s == MASA_ERROR_OUT_OF_MEMORY);
+        return;
+    }
+    size_t L;
+    CHECK(masa_model_layers(m, &L) == MASA_OK && L > 0);
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
+        masa_model_kind kind;
+        size_t d_in, d_out, n_groups, next = 0;
+        CHECK(masa_model_projection(m, (masa_projection)p, &kind, &d_in, &d_out,
+                                    &n_groups) == MASA_OK);
+        for (size_t g = 0; g < n_groups; g++) {
+            size_t first, count, na, rows, cols;
+            masa_dictionary *dict;
+            masa_coefficients *coef;
+            CHECK(masa_model_group(m, (masa_projection)p, g, &first, &count, &dict,
+                                   &coef) == MASA_OK);
+            CHECK(first == next && count > 0);
+            next += count;
+            CHECK(masa_dictionary_shape(dict, &na, &rows, &cols) == MASA_OK);
+            CHECK(rows == d_in && cols == d_out);
+            /* touch the last atom element and coefficient: in bounds */
+            volatile float last = masa_dictionary_data(dict)[na * rows * cols - 1];
+            last = masa_coefficients_data(coef)[count * na - 1];
+            (void)last;
+        }
+        CHECK(kind != MASA_MODEL_MASA || next == L);
+        for (size_t l = 0; l < L; l++) {
+            size_t rank;
+            float *a, *b, *w;
+            CHECK(masa_model_lowrank(m, (masa_projection)p, l, &rank, &a, &b) == MASA_OK);
+            if (rank) {
+                volatile float touch = a[d_in * rank - 1] + b[rank * d_out - 1];
+                (void)touch;
+            }
+            if (kind == MASA_MODEL_DENSE) {
+                CHECK(masa_model_dense(m, (masa_projection)p, l, &w) == MASA_OK);
+                volatile float touch = w[d_in * d_out - 1];
+                (void)touch;
+            }
+        }
+    }
+    for (size_t i = 0; i < masa_model_calib_count(m); i++) {
+        const char *name;
+        masa_calib *c;
+        CHECK(masa_model_calib_name(m, i, &name) == MASA_OK);
+        s = masa_model_calib(m, name, &c);
+        CHECK(s == MASA_OK || s == MASA_ERROR_INVALID_ARGUMENT);
+        masa_calib_destroy(c);
+    }
+    masa_model_close(m);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     masa_safetensors *st = (masa_safetensors *)(uintptr_t)1;
@@ -181,6 +250,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     if (data[size - 1] == 0x5a)
         round_trip(st);
+    const char *model_json;
+    if (masa_safetensors_metadata_get(st, "masa.model", &model_json) == MASA_OK)
+        check_model(data, size);
     masa_safetensors_close(st);
     return 0;
 }

@@ -63,6 +63,25 @@ def main():
         "valid-reordered-header": raw(
             '{"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},'
             '"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(8)),
+        "model-masa": valid(
+            [("masa.q.group0.atoms", "F32", [2, 4, 4]), ("masa.q.group0.coefficients", "F32", [3, 2]),
+             ("masa.q.layer1.lowrank_a", "F32", [4, 2]), ("masa.q.layer1.lowrank_b", "F32", [2, 4]),
+             ("masa.o.layer0.weight", "F32", [4, 4]), ("masa.o.layer1.weight", "F32", [4, 4]),
+             ("masa.o.layer2.weight", "F32", [4, 4]),
+             ("masa.v.layer0.lowrank_a", "F32", [4, 1]), ("masa.v.layer0.lowrank_b", "F32", [1, 4]),
+             ("masa.v.layer1.lowrank_a", "F32", [4, 1]), ("masa.v.layer1.lowrank_b", "F32", [1, 4]),
+             ("masa.v.layer2.lowrank_a", "F32", [4, 1]), ("masa.v.layer2.lowrank_b", "F32", [1, 4]),
+             ("masa.calib.layer0.qkv.matrix", "F64", [4, 4]), ("masa.calib.layer0.qkv.rows", "U64", [])],
+            {"masa.model": json.dumps({
+                "format_version": 1, "n_layers": 3, "projections": {
+                    "q": {"kind": "masa", "d_in": 4, "d_out": 4, "groups": [[0, 3, 2]], "ranks": [0, 2, 0]},
+                    "o": {"kind": "dense", "d_in": 4, "d_out": 4, "ranks": [0, 0, 0]},
+                    "v": {"kind": "lowrank", "d_in": 4, "d_out": 4, "ranks": [1, 1, 1]}},
+                "calibration": ["layer0.qkv"]}, separators=(",", ":"))}),
+        "model-bad-groups": valid(
+            [("masa.q.group0.atoms", "F32", [1, 2, 2]), ("masa.q.group0.coefficients", "F32", [1, 1])],
+            {"masa.model": '{"format_version":1,"n_layers":2,"projections":{"q":{"kind":"masa",'
+                           '"d_in":2,"d_out":2,"groups":[[0,1,1]],"ranks":[0,0]}}}'}),
         "bad-short": b"\x08\x00\x00",
         "bad-length-past-end": struct.pack("<Q", 100) + b"{}",
         "bad-length-cap": struct.pack("<Q", 100000001) + b"{}",
