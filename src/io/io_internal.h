@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "common/internal.h"
 
@@ -109,6 +110,16 @@ masa_status masa__calib_tensor(masa_safetensors *st, const char *name,
                                const char *what, masa_dtype dtype,
                                size_t ndim, const void **data,
                                const size_t **shape);
+
+/* A copy of s through the context's allocator (NULL when out of memory). */
+static inline char *masa__io_strdup(masa_context *ctx, const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = masa__alloc(ctx, n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
 
 /* The dtype called `name` in a header; false when unknown. */
 bool masa__dtype_from_name(const char *name, masa_dtype *out);

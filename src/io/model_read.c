@@ -216,11 +216,9 @@ static masa_status parse_calib(masa_model *m, const json_t *list)
                                    &data, &shape);
         if (s != MASA_OK)
             return s;
-        size_t len = strlen(name) + 1;
-        m->calib[m->n_calib] = masa__alloc(m->ctx, len);
-        if (!m->calib[m->n_calib])
+        m->calib[m->n_calib] = masa__io_strdup(m->ctx, name);
+        if (!m->calib[m->n_calib++])
             return masa__fail(MASA_ERROR_OUT_OF_MEMORY, OPEN_FN ": out of memory");
-        memcpy(m->calib[m->n_calib++], name, len);
     }
     return MASA_OK;
 }

@@ -295,11 +295,9 @@ masa_status masa__model_writer_add_calib_name(masa_model_writer *w,
         w->calib = grown;
         w->calib_cap = cap;
     }
-    size_t n = strlen(name) + 1;
-    char *copy = masa__alloc(w->ctx, n);
+    char *copy = masa__io_strdup(w->ctx, name);
     if (!copy)
         return MASA_ERROR_OUT_OF_MEMORY;
-    memcpy(copy, name, n);
     w->calib[w->n_calib++] = copy;
     return MASA_OK;
 }

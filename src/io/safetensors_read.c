@@ -13,15 +13,6 @@
 
 #define OPEN_FN "masa_safetensors_open"
 
-static char *dup_string(masa_context *ctx, const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *d = masa__alloc(ctx, n);
-    if (d)
-        memcpy(d, s, n);
-    return d;
-}
-
 static void free_contents(masa_safetensors *st)
 {
     masa_context *ctx = st->ctx;
@@ -135,8 +126,8 @@ static masa_status parse_metadata(masa_safetensors *st, const json_t *meta)
                               OPEN_FN ": %s: \"__metadata__\" value of \"%s\" is not a string",
                               st->file, key);
         masa__st_meta *m = &st->meta[st->n_meta];
-        m->key = dup_string(st->ctx, key);
-        m->value = dup_string(st->ctx, json_string_value(value));
+        m->key = masa__io_strdup(st->ctx, key);
+        m->value = masa__io_strdup(st->ctx, json_string_value(value));
         st->n_meta++;
         if (!m->key || !m->value)
             return masa__fail(MASA_ERROR_OUT_OF_MEMORY, OPEN_FN ": out of memory");
@@ -211,7 +202,7 @@ static masa_status parse(masa_safetensors *st)
             s = parse_metadata(st, value);
         } else {
             masa__st_tensor *t = &st->tensors[st->n_tensors++];
-            t->name = dup_string(st->ctx, key);
+            t->name = masa__io_strdup(st->ctx, key);
             s = t->name ? parse_tensor(st, key, value, t)
                         : masa__fail(MASA_ERROR_OUT_OF_MEMORY,
                                      OPEN_FN ": out of memory");
@@ -265,7 +256,7 @@ static masa_status open_common(masa_context *ctx, const char *file,
     st->base = base;
     st->size = size;
     st->mapped = mapped;
-    st->file = dup_string(ctx, file);
+    st->file = masa__io_strdup(ctx, file);
     masa_status s = st->file ? parse(st)
                              : masa__fail(MASA_ERROR_OUT_OF_MEMORY,
                                           OPEN_FN ": out of memory");

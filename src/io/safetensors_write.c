@@ -33,15 +33,6 @@ struct masa_safetensors_writer {
     bool done;                 /* finished, or failed in finish */
 };
 
-static char *dup_string(masa_context *ctx, const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *d = masa__alloc(ctx, n);
-    if (d)
-        memcpy(d, s, n);
-    return d;
-}
-
 /* Well-formed UTF-8 (no overlong forms, surrogates or values past
  * U+10FFFF), as JSON strings must be. */
 static bool valid_utf8(const char *s)
@@ -124,7 +115,7 @@ MASA_API masa_status masa_safetensors_writer_create(
         return masa__fail(MASA_ERROR_OUT_OF_MEMORY, "%s: out of memory", fn);
     w->ctx = ctx;
     w->spool = -1;
-    w->path = dup_string(ctx, path);
+    w->path = masa__io_strdup(ctx, path);
     size_t name_size = strlen(path) + 64;
     char *name = masa__alloc(ctx, name_size);
     if (!w->path || !name) {
@@ -204,7 +195,7 @@ MASA_API masa_status masa_safetensors_writer_add(masa_safetensors_writer *w,
     }
     entry e = {.dtype = dtype, .ndim = ndim, .spool_offset = w->spool_bytes,
                .bytes = bytes};
-    e.name = dup_string(w->ctx, name);
+    e.name = masa__io_strdup(w->ctx, name);
     e.shape = masa__calloc(w->ctx, ndim ? ndim : 1, sizeof(size_t));
     if (!e.name || !e.shape) {
         masa__free(w->ctx, e.name);
@@ -241,7 +232,7 @@ MASA_API masa_status masa_safetensors_writer_set_metadata(
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: %s: metadata \"%s\": key or value is not UTF-8",
                           fn, w->path, key);
-    char *v = dup_string(w->ctx, value);
+    char *v = masa__io_strdup(w->ctx, value);
     if (!v)
         return masa__fail(MASA_ERROR_OUT_OF_MEMORY, "%s: out of memory", fn);
     for (size_t i = 0; i < w->n_meta; i++) {
@@ -264,7 +255,7 @@ MASA_API masa_status masa_safetensors_writer_set_metadata(
         w->meta = grown;
         w->meta_cap = cap;
     }
-    char *k = dup_string(w->ctx, key);
+    char *k = masa__io_strdup(w->ctx, key);
     if (!k) {
         masa__free(w->ctx, v);
         return masa__fail(MASA_ERROR_OUT_OF_MEMORY, "%s: out of memory", fn);
