@@ -472,8 +472,9 @@ MASA_API masa_status masa_layer_lowrank(masa_layer *layer,
  *       S * d_in * d_out floats more than a dense layer would. Changes to
  *       atoms and coefficients are seen by the next call.
  *   MASA_WEIGHTS_CACHED  the layer keeps W_l of each of its MASA projections
- *       composed (with the projection's low-rank term A B added, if any): calls read it as a dense layer reads its weight (the speed
- *       of a dense layer, the memory of one: d_in * d_out floats per MASA
+ *       composed (with the projection's low-rank term A B added, if any):
+ *       calls read it as a dense layer reads its weight (the speed of a
+ *       dense layer, the memory of one: d_in * d_out floats per MASA
  *       projection, so L layers sharing a dictionary hold L composed
  *       weights beside its S atoms).
  *
@@ -496,8 +497,8 @@ MASA_API masa_status masa_layer_lowrank(masa_layer *layer,
  * decode and the dx of backward keep using the old W_l. Backward's dc and
  * dD are computed from G = X^T dY, the current atoms and the current
  * coefficients, dA and dB from the current A and B (they never read the
- * cache). A training loop that updates
- * the parameters after every step calls masa_layer_refresh_weights() on
+ * cache). A training loop that updates the parameters after every step
+ * calls masa_layer_refresh_weights() on
  * each layer after the update (one composition per step instead of one per
  * forward and one per backward).
  *
@@ -534,8 +535,8 @@ MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer);
 /* Bytes of workspace (scratch, any contents, not kept between calls) that
  * forward and backward need for `batch` sequences of `seq` tokens. It depends
  * on the layer's shapes, the ranks of its low-rank terms and its context's
- * thread count only. forward and
- * backward accept any workspace at least this large. */
+ * thread count only. forward and backward accept any workspace at least
+ * this large. */
 MASA_API masa_status masa_layer_workspace_size(const masa_layer *layer,
                                                size_t batch, size_t seq,
                                                size_t *bytes);
@@ -605,8 +606,9 @@ typedef struct masa_layer_grads {
     float *d_coefficients[MASA_NUM_PROJECTIONS];
     float *d_weight[MASA_NUM_PROJECTIONS];
     float *d_bias[MASA_NUM_PROJECTIONS];
-    /* Added after 0.1 (low-rank terms). A struct of an older program ends before
-     * these fields (its size says so); it is accepted and means NULL here. */
+    /* Added after 0.1 (low-rank terms). A struct of an older program ends
+     * before these fields (its size says so); it is accepted and means NULL
+     * here. */
     float *d_lowrank_a[MASA_NUM_PROJECTIONS];
     float *d_lowrank_b[MASA_NUM_PROJECTIONS];
 } masa_layer_grads;
@@ -758,10 +760,10 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * The cached keys and values were computed with the layer's parameters at
  * the time they were added: changing the parameters does not update them.
  * MASA projections with the MASA_WEIGHTS_CACHED policy read the
- * composed weight (low-rank term included), as a dense layer does. Other
- * projections apply a low-rank term as (x A) B, reading the small factors
- * instead of a d_in x d_out matrix. Otherwise, MASA projections of a
- * single row (batch 1, one token) multiply
+ * composed weight (low-rank term included), as a dense layer does; every
+ * other projection applies its low-rank term, if any, as (x A) B, reading
+ * the small factors instead of a d_in x d_out matrix. Otherwise, MASA
+ * projections of a single row (batch 1, one token) multiply
  * [c_1 x | ... | c_S x] by the atoms stacked as an (S d_in) x d_out matrix,
  * reading the atoms once and never forming W_l; from two rows up (with
  * S >= 2) they compose W_l into the workspace first. The rule: whichever

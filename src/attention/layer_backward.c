@@ -190,8 +190,9 @@ void masa__project_backward(const masa_layer *layer, int p, const float *in,
     }
 
     size_t r = ps->rank;
-    bool lr_dx = dx && r && !(folded || (ps->is_masa && ps->composed_cache));
-    float *xa = lowrank_scratch, *dyb = lowrank_scratch + rows * r;
+    bool lr_dx = dx && r && !masa__lowrank_in_weight(ps, rows);
+    /* without a term the scratch may be NULL: no offset taken from it */
+    float *xa = lowrank_scratch, *dyb = r ? lowrank_scratch + rows * r : NULL;
     if (r && g->d_lowrank_b[p]) { /* dB (+)= (X A)^T dY */
         masa__gemm_pool(pool, nt, rows, r, ps->d_in, 1.0f, in, ps->d_in, 1,
                         ps->lowrank_a, r, 1, 0.0f, xa, r, 1);

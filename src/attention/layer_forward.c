@@ -84,12 +84,9 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     float *attn = base + rl.attn, *lse = base + rl.lse;
     float *wscratch = ws + wl.weight, *lrscratch = ws + wl.lowrank;
 
-    masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch,
-                  lrscratch);
-    masa__project(layer, MASA_PROJ_K, x, bt, k, wscratch,
-                  lrscratch);
-    masa__project(layer, MASA_PROJ_V, x, bt, v, wscratch,
-                  lrscratch);
+    masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch, lrscratch);
+    masa__project(layer, MASA_PROJ_K, x, bt, k, wscratch, lrscratch);
+    masa__project(layer, MASA_PROJ_V, x, bt, v, wscratch, lrscratch);
     if (layer->rope) {
         masa__rope(q, batch, seq, layer->dq, layer->n_heads, layer->head_dim,
                    pos_offset, layer->rope_theta, +1);
@@ -107,7 +104,6 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                                     pos_offset};
         memcpy(reserve, &stamp, sizeof stamp);
     }
-    masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch,
-                  lrscratch);
+    masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch, lrscratch);
     return MASA_OK;
 }

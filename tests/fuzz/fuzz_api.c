@@ -45,6 +45,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1204,6 +1205,13 @@ static void op_run(reader *r, state *s)
 
     masa_layer_grads g;
     masa_layer_grads_init(&g);
+    int tail_nonzero, size_valid;
+    size_t claim = struct_size(r, sizeof g, &tail_nonzero, &size_valid);
+    /* exactly the size of the struct before the low-rank fields: an older
+     * program's, accepted; the library does not see those fields */
+    int old_struct = claim == offsetof(masa_layer_grads, d_lowrank_a);
+    if (old_struct)
+        size_valid = 1;
     int bad_grads = 0;
     g.mode = chance(r, 40) ? MASA_GRAD_SET : MASA_GRAD_ADD;
     if (chance(r, 5)) {
@@ -1232,12 +1240,12 @@ static void op_run(reader *r, state *s)
             gsize[p][2] = n_w;
         if (pm->has_bias && chance(r, 60))
             gsize[p][3] = n_b;
-        if (pm->rank && chance(r, 60))
+        if (pm->rank && !old_struct && chance(r, 60))
             gsize[p][4] = s->din[p] * pm->rank;
-        if (pm->rank && chance(r, 60))
+        if (pm->rank && !old_struct && chance(r, 60))
             gsize[p][5] = pm->rank * s->dout[p];
         if (chance(r, 3)) {
-            int k = (int)pick(r, NG);
+            int k = (int)pick(r, old_struct ? 4 : NG);
             int applies = k == 0 || k == 1 ? pm->is_masa
                           : k == 2        ? dense
                           : k == 3        ? pm->has_bias
@@ -1300,8 +1308,6 @@ static void op_run(reader *r, state *s)
                 memcpy(snap[p][k], slots[k][p], gsize[p][k] * sizeof(float));
             }
 
-    int tail_nonzero, size_valid;
-    size_t claim = struct_size(r, sizeof g, &tail_nonzero, &size_valid);
     masa_layer_grads *garg = struct_buffer(&g, sizeof g, claim, tail_nonzero);
     if (!garg)
         return;
