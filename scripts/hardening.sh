@@ -193,6 +193,9 @@ fuzz_one() {
     fi
     corpus=tests/fuzz/corpus
     [ "$name" = fuzz_api ] || corpus="tests/fuzz/corpus_${name#fuzz_}"
+    # a harness's dictionary of interesting values, when it has one
+    dict=""
+    [ -f "tests/fuzz/$name.dict" ] && dict="-dict=tests/fuzz/$name.dict"
     if [ -z "$fuzzer" ]; then
         record "$step" FAIL $(( $(date +%s) - t )) \
             "no fuzzer: needs clang with libFuzzer (libclang-rt-14-dev) and tests/fuzz in tests/meson.build (see $log)"
@@ -204,7 +207,7 @@ fuzz_one() {
     UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     ASAN_OPTIONS=detect_leaks=1 \
         "$fuzzer" -max_total_time="$seconds" -timeout=10 \
-            -rss_limit_mb=2048 -print_final_stats=1 \
+            -rss_limit_mb=2048 -print_final_stats=1 $dict \
             -artifact_prefix="$LOGS/" "$work" "$corpus" \
             >> "$log" 2>&1
     rc=$?

@@ -597,6 +597,10 @@ START_TEST(plan_errors)
     ck_assert_int_eq(masa_group_plan(ctx, L, g, rows, 0, big, starts, atoms,
                                      4, &res),
                      MASA_ERROR_BAD_SHAPE);
+    /* beyond the planner's limit (nothing is read) */
+    ck_assert_int_eq(masa_group_plan(ctx, 257, g, rows, cols, big, starts,
+                                     atoms, 4, &res),
+                     MASA_ERROR_INVALID_ARGUMENT);
     /* below one group with one atom */
     ck_assert_int_eq(masa_group_plan(ctx, L, g, rows, cols, N + L - 1,
                                      starts, atoms, 4, &res),

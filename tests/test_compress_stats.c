@@ -448,7 +448,7 @@ START_TEST(allocation_failures)
     tu_fill(&rng, x, 10 * R, -1, 1);
     const float *mats[L] = {m[0], m[1], m[2], m[3]};
     double g[L * L], w[L];
-    for (int call = 0; call < 7; call++) {
+    for (int call = 0; call < 10; call++) {
         for (long k = 0;; k++) {
             st.count = 0;
             st.fail_at = k;
@@ -488,6 +488,22 @@ START_TEST(allocation_failures)
                 ref_xtx(10, R, x, cm);
                 s = masa_residual_lowrank(ctx, R, C, m[0], m[1], cm, 2, a,
                                           R * 2, b, 2 * C, NULL);
+                break;
+            }
+            case 7:
+                s = masa_residual_lowrank(ctx, R, C, m[0], NULL, NULL, 2, a,
+                                          R * 2, b, 2 * C, NULL);
+                break;
+            case 8: {
+                size_t fixed[2] = {0, 2};
+                s = masa_group_plan_fixed(ctx, L, g, R, C, 4 * N, 2, fixed,
+                                          at, &pr);
+                break;
+            }
+            case 9: {
+                double cm[R * R];
+                ref_xtx(10, R, x, cm);
+                s = masa_calib_create_from_data(ctx, R, cm, 10, &cal);
                 break;
             }
             }

@@ -233,7 +233,8 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
                           !layer ? "layer" : !x ? "x" : !dy ? "dy"
                           : !workspace ? "workspace" : "reserve");
     masa_status st = masa__check_ready(fn, layer);
-    if (st != MASA_OK)
+    if (st != MASA_OK ||
+        (st = masa__check_positions(fn, layer, pos_offset, seq)) != MASA_OK)
         return st;
     masa_layer_grads full;
     if (grads) {
@@ -286,7 +287,9 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     masa_attn_args args = {
         .layer = layer, .batch = batch, .seq = seq, .q = base + rl.q,
         .k = base + rl.k, .v = base + rl.v, .attn = (float *)attn,
-        .lse = (float *)(base + rl.lse), .d_attn = d_attn, .dq = dq,
+        .row_max = (float *)(base + rl.softmax),
+        .row_log_sum = (float *)(base + rl.softmax) + bt * layer->n_heads,
+        .d_attn = d_attn, .dq = dq,
         .dk = dk, .dv = dv, .tiles = ws + wl.tiles,
         .tile_floats = wl.tile_floats,
     };

@@ -47,13 +47,14 @@ static masa_status pca(const char *fn, masa_context *ctx, size_t n_mats,
                        float *atoms, float *coefs, double *eigenvalues,
                        masa_pca_result *result)
 {
-    size_t n2 = n_mats * n_mats; /* checked by masa__check_stack */
     size_t threads = ctx->n_threads ? ctx->n_threads : 1;
     size_t block_cols = masa__stack_block_cols(n_mats);
-    size_t scratch_count;
-    if (!masa__mul3(threads, n_atoms, block_cols, &scratch_count))
+    size_t n2, v_count, scratch_count;
+    if (!masa__mul(n_mats, n_mats, &n2) || !masa__mul(n2, 2, &v_count) ||
+        !masa__add(&v_count, n_mats) ||
+        !masa__mul3(threads, n_atoms, block_cols, &scratch_count))
         return masa__fail(MASA_ERROR_OVERFLOW, "%s: scratch overflows", fn);
-    double *v = masa__calloc(ctx, 2 * n2 + n_mats, sizeof(double));
+    double *v = masa__calloc(ctx, v_count, sizeof(double));
     double *scratch = masa__calloc(ctx, scratch_count, sizeof(double));
     if (!v || !scratch) {
         masa__free(ctx, v);

@@ -36,8 +36,9 @@
  * each in a buffer of exactly that size (at least the size field).
  *
  * Build: see tests/fuzz/meson.build (clang, -fsanitize=fuzzer,address,
- * undefined). Run: build-asan/tests/fuzz/fuzz_api -max_total_time=60 NEW_DIR
- * tests/fuzz/corpus (scripts/hardening.sh does). Environment:
+ * undefined). Run: build-asan/tests/fuzz/fuzz_api -max_total_time=60
+ * -dict=tests/fuzz/fuzz_api.dict NEW_DIR tests/fuzz/corpus
+ * (scripts/hardening.sh does). Environment:
  * MASA_FUZZ_TRACE=1 prints what an input does (to study a finding),
  * MASA_FUZZ_STATS=1 prints at exit how many calls succeeded.
  * replay_main.c runs the same harness without libFuzzer (any compiler,
@@ -292,6 +293,7 @@ typedef struct state {
     size_t n_coefs;
     masa_layer *layer;
     size_t d_model, n_heads, n_kv, head_dim, dq, dkv;
+    int rope;
     size_t din[4], dout[4];
     proj_model proj[4];
     int tame; /* every value finite and bounded so far */
@@ -680,6 +682,7 @@ static void op_layer_create(reader *r, state *s)
           (double)o.softmax_scale);
     /* Resolve the options as masa.h says and check the shapes. */
     s->d_model = o.d_model;
+    s->rope = o.rope != 0;
     s->n_heads = o.n_heads;
     s->n_kv = o.n_kv_heads ? o.n_kv_heads : o.n_heads;
     s->head_dim = o.head_dim ? o.head_dim : o.d_model / o.n_heads;
@@ -1098,6 +1101,39 @@ static size_t claim_bytes(reader *r, size_t need, int *short_claim)
     }
 }
 
+/* A position for `seq` tokens: mostly small, now and then at the edges
+ * masa.h documents (the last token at MASA_MAX_POSITION or one beyond,
+ * pos_offset + seq at SIZE_MAX or one beyond, 2^53 where doubles stop
+ * counting), or any 64-bit value (tests/fuzz/fuzz_api.dict holds them). */
+static size_t position(reader *r, size_t seq)
+{
+    if (chance(r, 80))
+        return pick(r, 100);
+    size_t v = pick(r, 100);
+    if (v < 50)
+        return SIZE_MAX - v;
+    const size_t edge[] = {MASA_MAX_POSITION - seq + 1,
+                           MASA_MAX_POSITION - seq + 2,
+                           MASA_MAX_POSITION,
+                           (size_t)MASA_MAX_POSITION + 1,
+                           SIZE_MAX - seq,
+                           SIZE_MAX - seq + 1,
+                           (size_t)1 << 53,
+                           ((size_t)1 << 53) + 1,
+                           (size_t)1 << 63};
+    size_t n_edge = sizeof edge / sizeof edge[0];
+    return v - 50 < n_edge ? edge[v - 50] : (size_t)u64(r);
+}
+
+/* What masa.h promises about positions: pos_offset + seq within size_t,
+ * and with RoPE the last token at most at MASA_MAX_POSITION. */
+static int position_ok(const state *s, size_t pos, size_t seq)
+{
+    if (seq > SIZE_MAX - pos)
+        return 0;
+    return !s->rope || seq == 0 || pos + seq - 1 <= MASA_MAX_POSITION;
+}
+
 static void op_run(reader *r, state *s)
 {
     if (!s->layer)
@@ -1106,7 +1142,7 @@ static void op_run(reader *r, state *s)
     size_t batch = pick(r, 4), seq = pick(r, 9);
     if (chance(r, 4))
         seq = 64 + pick(r, 7); /* two query tiles */
-    size_t pos = chance(r, 80) ? pick(r, 100) : SIZE_MAX - pick(r, 100);
+    size_t pos = position(r, seq);
     size_t bt = batch * seq, n_act = bt * s->d_model;
     size_t ws_need = 0, rs_need = 0;
     masa_status st1 = CALL(masa_layer_workspace_size(s->layer, batch, seq,
@@ -1158,7 +1194,7 @@ static void op_run(reader *r, state *s)
         null_ws ? NULL : ws, ws_claim, rs, rs_claim));
     int valid = layer && !null_x && !null_y && !null_ws && layer_ready(s) &&
                 bt > 0 && !ws_short && (inference || !rs_short) && !ws_mis &&
-                !rs_mis && !overlap;
+                !rs_mis && !overlap && position_ok(s, pos, seq);
     if (st != MASA_OK) {
         REQUIRE(!valid, "valid forward rejected: %s", masa_status_string(st));
         if (!overlap)
@@ -1167,8 +1203,8 @@ static void op_run(reader *r, state *s)
         return;
     }
     REQUIRE(valid, "forward accepted a bad call (ready %d, bt %zu, ws short "
-                   "%d, rs short %d, misaligned %d/%d)",
-            layer_ready(s), bt, ws_short, rs_short, ws_mis, rs_mis);
+                   "%d, rs short %d, misaligned %d/%d, position %zu + %zu)",
+            layer_ready(s), bt, ws_short, rs_short, ws_mis, rs_mis, pos, seq);
     n_fwd_ok++;
     if (s->tame) {
         n_fwd_tame++;
@@ -1351,7 +1387,8 @@ static void op_run(reader *r, state *s)
                     !(alias_dx && dx_arg));
     int bvalid = !null_layer && !null_x2 && !null_dy && !null_ws2 &&
                  !null_rs && grads_ok && dx_mode != 1 &&
-                 ws_claim_b >= ws_need && stamp_ok;
+                 ws_claim_b >= ws_need && stamp_ok &&
+                 position_ok(s, pos_b, seq_b);
     if (st != MASA_OK) {
         if (dx_mode != 1 && !alias_dx)
             for (size_t i = 0; i < dx_floats; i++)

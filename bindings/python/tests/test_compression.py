@@ -219,3 +219,31 @@ def test_residual_errors(ctx, rng):
     x = rng.standard_normal((3, 6)).astype(np.float32)
     res = mc.residual_lowrank(ctx, w, 2, calib=mc.Calibration(ctx, 6).accumulate(x))
     assert res.jitter > 0
+
+
+def test_compressed_stack_runs_as_layers(ctx, rng):
+    """Matrix PCA atoms plus the full-rank residual as each layer's low-rank
+    term give back every dense layer's output: the pieces fit the layer API
+    (set_masa + set_lowrank)."""
+    L, d, heads = 4, 16, 2
+    x = rng.standard_normal((1, 5, d)).astype(np.float32)
+    weights = {p: [(rng.standard_normal((d, d)) / 4).astype(np.float32) for _ in range(L)]
+               for p in "qkvo"}
+    dicts, tables = {}, {}
+    for p in "qkvo":
+        r = mc.matrix_pca(ctx, weights[p], 2)
+        dicts[p], tables[p] = r.to_masa(ctx)
+    for l in range(L):
+        dense = masa.Layer(ctx, d_model=d, n_heads=heads, causal=True)
+        comp = masa.Layer(ctx, d_model=d, n_heads=heads, causal=True)
+        keep = []
+        for p in "qkvo":
+            dense.set_dense(p, weights[p][l].copy())
+            comp.set_masa(p, dicts[p], tables[p], l)
+            w_hat = dicts[p].compose(tables[p], l)
+            res = mc.residual_lowrank(ctx, weights[p][l], d, w_hat=w_hat)
+            assert res.error_after <= 1e-10 * res.error_before
+            keep.append(comp.set_lowrank(p, a=res.a, b=res.b))
+        y_dense = dense.forward(x)
+        y_comp = comp.forward(x)
+        close(y_comp, y_dense.astype(np.float64), 1e-4)

@@ -130,6 +130,8 @@ pub const MASA_PROJ_K: masa_projection = 1;
 pub const MASA_PROJ_V: masa_projection = 2;
 pub const MASA_PROJ_O: masa_projection = 3;
 pub const MASA_NUM_PROJECTIONS: usize = 4;
+/// `MASA_MAX_POSITION`: the largest RoPE position a token may have.
+pub const MASA_MAX_POSITION: usize = 4294967295;
 
 /// `struct masa_layer_options`; initialise with [`masa_layer_options_default`].
 #[repr(C)]
