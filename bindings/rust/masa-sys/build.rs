@@ -65,7 +65,7 @@ fn main() {
             // Static: masa.pc's Libs.private is not reliable for the linker
             // flags rustc accepts (meson may write a full path to libblis.so
             // or -pthread, and Debian's BLIS has no .pc file), so use the
-            // known list: masa, blis, lapacke, pthread, m.
+            // known list: masa, blis, lapacke, jansson, pthread, m.
             plan.add_masa_and_private_libs();
         } else {
             plan.libs.extend(libs);
@@ -97,7 +97,7 @@ impl Plan {
     fn add_masa_and_private_libs(&mut self) {
         self.libs.push("masa".into());
         if self.statik {
-            for lib in ["blis", "lapacke", "pthread", "m"] {
+            for lib in ["blis", "lapacke", "jansson", "pthread", "m"] {
                 self.libs.push(lib.into());
             }
             self.add_blis_dir();

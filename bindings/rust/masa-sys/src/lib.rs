@@ -57,6 +57,9 @@ pub const MASA_ERROR_BAD_STRUCT_SIZE: masa_status = 8;
 pub const MASA_ERROR_NOT_READY: masa_status = 9;
 pub const MASA_ERROR_THREAD: masa_status = 10;
 pub const MASA_ERROR_INTERNAL: masa_status = 11;
+pub const MASA_ERROR_IO: masa_status = 12;
+pub const MASA_ERROR_BAD_FORMAT: masa_status = 13;
+pub const MASA_ERROR_NOT_FOUND: masa_status = 14;
 
 // ---------------------------------------------------------------------------
 // Opaque handles
@@ -86,6 +89,14 @@ opaque! {
     masa_kv_cache;
     /// `struct masa_calib` (opaque; `include/masa/compress.h`).
     masa_calib;
+    /// `struct masa_safetensors` (opaque; `include/masa/io.h`).
+    masa_safetensors;
+    /// `struct masa_safetensors_writer` (opaque; `include/masa/io.h`).
+    masa_safetensors_writer;
+    /// `struct masa_model` (opaque; `include/masa/io.h`).
+    masa_model;
+    /// `struct masa_model_writer` (opaque; `include/masa/io.h`).
+    masa_model_writer;
 }
 
 // ---------------------------------------------------------------------------
@@ -527,6 +538,226 @@ extern "C" {
         b_len: usize,
         result: *mut masa_residual_result,
     ) -> masa_status;
+}
+
+// ---------------------------------------------------------------------------
+// safetensors files and compressed models (`include/masa/io.h`)
+// ---------------------------------------------------------------------------
+
+/// `enum masa_dtype`.
+pub type masa_dtype = c_uint;
+pub const MASA_DTYPE_F32: masa_dtype = 0;
+pub const MASA_DTYPE_F16: masa_dtype = 1;
+pub const MASA_DTYPE_BF16: masa_dtype = 2;
+pub const MASA_DTYPE_F64: masa_dtype = 3;
+pub const MASA_DTYPE_BOOL: masa_dtype = 4;
+pub const MASA_DTYPE_U8: masa_dtype = 5;
+pub const MASA_DTYPE_I8: masa_dtype = 6;
+pub const MASA_DTYPE_I16: masa_dtype = 7;
+pub const MASA_DTYPE_U16: masa_dtype = 8;
+pub const MASA_DTYPE_I32: masa_dtype = 9;
+pub const MASA_DTYPE_U32: masa_dtype = 10;
+pub const MASA_DTYPE_I64: masa_dtype = 11;
+pub const MASA_DTYPE_U64: masa_dtype = 12;
+pub const MASA_DTYPE_F8_E5M2: masa_dtype = 13;
+pub const MASA_DTYPE_F8_E4M3: masa_dtype = 14;
+
+/// `enum masa_model_kind`.
+pub type masa_model_kind = c_uint;
+pub const MASA_MODEL_ABSENT: masa_model_kind = 0;
+pub const MASA_MODEL_MASA: masa_model_kind = 1;
+pub const MASA_MODEL_DENSE: masa_model_kind = 2;
+pub const MASA_MODEL_LOWRANK: masa_model_kind = 3;
+/// `MASA_MODEL_FORMAT_VERSION`.
+pub const MASA_MODEL_FORMAT_VERSION: c_uint = 1;
+
+extern "C" {
+    pub fn masa_dtype_name(dtype: masa_dtype) -> *const c_char;
+    pub fn masa_dtype_size(dtype: masa_dtype) -> usize;
+
+    pub fn masa_safetensors_open(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        out: *mut *mut masa_safetensors,
+    ) -> masa_status;
+    pub fn masa_safetensors_open_memory(
+        ctx: *mut masa_context,
+        data: *const c_void,
+        bytes: usize,
+        out: *mut *mut masa_safetensors,
+    ) -> masa_status;
+    pub fn masa_safetensors_close(st: *mut masa_safetensors);
+    pub fn masa_safetensors_tensor_count(st: *const masa_safetensors) -> usize;
+    pub fn masa_safetensors_find(
+        st: *const masa_safetensors,
+        name: *const c_char,
+        index: *mut usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_tensor(
+        st: *const masa_safetensors,
+        index: usize,
+        name: *mut *const c_char,
+        dtype: *mut masa_dtype,
+        ndim: *mut usize,
+        shape: *mut *const usize,
+        data: *mut *const c_void,
+        bytes: *mut usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_read_f32(
+        st: *const masa_safetensors,
+        index: usize,
+        dst: *mut f32,
+        count: usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_f32(
+        st: *mut masa_safetensors,
+        index: usize,
+        data: *mut *const f32,
+        count: *mut usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_metadata_count(st: *const masa_safetensors) -> usize;
+    pub fn masa_safetensors_metadata_entry(
+        st: *const masa_safetensors,
+        index: usize,
+        key: *mut *const c_char,
+        value: *mut *const c_char,
+    ) -> masa_status;
+    pub fn masa_safetensors_metadata_get(
+        st: *const masa_safetensors,
+        key: *const c_char,
+        value: *mut *const c_char,
+    ) -> masa_status;
+
+    pub fn masa_safetensors_writer_create(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        out: *mut *mut masa_safetensors_writer,
+    ) -> masa_status;
+    pub fn masa_safetensors_writer_add(
+        w: *mut masa_safetensors_writer,
+        name: *const c_char,
+        dtype: masa_dtype,
+        ndim: usize,
+        shape: *const usize,
+        data: *const c_void,
+        bytes: usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_writer_set_metadata(
+        w: *mut masa_safetensors_writer,
+        key: *const c_char,
+        value: *const c_char,
+    ) -> masa_status;
+    pub fn masa_safetensors_writer_finish(w: *mut masa_safetensors_writer) -> masa_status;
+    pub fn masa_safetensors_writer_destroy(w: *mut masa_safetensors_writer);
+
+    pub fn masa_model_writer_create(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        n_layers: usize,
+        out: *mut *mut masa_model_writer,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_group(
+        w: *mut masa_model_writer,
+        which: masa_projection,
+        first_layer: usize,
+        dict: *const masa_dictionary,
+        coef: *const masa_coefficients,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_dense(
+        w: *mut masa_model_writer,
+        which: masa_projection,
+        layer: usize,
+        d_in: usize,
+        d_out: usize,
+        weight: *const f32,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_lowrank(
+        w: *mut masa_model_writer,
+        which: masa_projection,
+        layer: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        a: *const f32,
+        b: *const f32,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_calib(
+        w: *mut masa_model_writer,
+        name: *const c_char,
+        calib: *const masa_calib,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_tensor(
+        w: *mut masa_model_writer,
+        name: *const c_char,
+        dtype: masa_dtype,
+        ndim: usize,
+        shape: *const usize,
+        data: *const c_void,
+        bytes: usize,
+    ) -> masa_status;
+    pub fn masa_model_writer_set_metadata(
+        w: *mut masa_model_writer,
+        key: *const c_char,
+        value: *const c_char,
+    ) -> masa_status;
+    pub fn masa_model_writer_finish(w: *mut masa_model_writer) -> masa_status;
+    pub fn masa_model_writer_destroy(w: *mut masa_model_writer);
+
+    pub fn masa_model_open(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        out: *mut *mut masa_model,
+    ) -> masa_status;
+    pub fn masa_model_close(model: *mut masa_model);
+    pub fn masa_model_layers(model: *const masa_model, n_layers: *mut usize) -> masa_status;
+    pub fn masa_model_projection(
+        model: *const masa_model,
+        which: masa_projection,
+        kind: *mut masa_model_kind,
+        d_in: *mut usize,
+        d_out: *mut usize,
+        n_groups: *mut usize,
+    ) -> masa_status;
+    pub fn masa_model_group(
+        model: *const masa_model,
+        which: masa_projection,
+        group: usize,
+        first_layer: *mut usize,
+        n_layers: *mut usize,
+        dict: *mut *mut masa_dictionary,
+        coef: *mut *mut masa_coefficients,
+    ) -> masa_status;
+    pub fn masa_model_lowrank(
+        model: *const masa_model,
+        which: masa_projection,
+        layer: usize,
+        rank: *mut usize,
+        a: *mut *mut f32,
+        b: *mut *mut f32,
+    ) -> masa_status;
+    pub fn masa_model_dense(
+        model: *const masa_model,
+        which: masa_projection,
+        layer: usize,
+        weight: *mut *mut f32,
+    ) -> masa_status;
+    pub fn masa_model_apply(
+        model: *const masa_model,
+        layer_index: usize,
+        layer: *mut masa_layer,
+    ) -> masa_status;
+    pub fn masa_model_calib_count(model: *const masa_model) -> usize;
+    pub fn masa_model_calib_name(
+        model: *const masa_model,
+        index: usize,
+        name: *mut *const c_char,
+    ) -> masa_status;
+    pub fn masa_model_calib(
+        model: *const masa_model,
+        name: *const c_char,
+        out: *mut *mut masa_calib,
+    ) -> masa_status;
+    pub fn masa_model_file(model: *mut masa_model) -> *mut masa_safetensors;
 }
 
 #[cfg(test)]

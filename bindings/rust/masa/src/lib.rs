@@ -120,6 +120,7 @@
 pub mod compress;
 mod context;
 mod error;
+pub mod io;
 mod layer;
 mod params;
 
