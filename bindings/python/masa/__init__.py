@@ -34,6 +34,7 @@ from .errors import (
     BadStructSizeError,
     BufferTooSmallError,
     ClosedHandleError,
+    HandleInUseError,
     InternalError,
     InvalidArgumentError,
     LibraryError,
@@ -58,7 +59,7 @@ Q, K, V, O = Projection.Q, Projection.K, Projection.V, Projection.O
 
 __all__ = [
     "BadShapeError", "BadStructSizeError", "BufferTooSmallError", "ClosedHandleError",
-    "Coefficients", "Context", "Dictionary", "InternalError", "InvalidArgumentError",
+    "Coefficients", "Context", "Dictionary", "HandleInUseError", "InternalError", "InvalidArgumentError",
     "KVCache", "Layer", "LibraryError", "LibraryNotFoundError", "LibraryVersionError", "MasaError",
     "NotReadyError", "NullArgumentError", "O", "OutOfMemoryError", "OutOfRangeError",
     "Projection", "Q", "K", "Reserve", "SizeOverflowError", "ThreadError", "V",

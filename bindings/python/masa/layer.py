@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import weakref
@@ -19,7 +20,7 @@ from ._arrays import (
     size_arg,
     workspace,
 )
-from ._handle import Handle
+from ._handle import Handle, locked
 from .core import Coefficients, Context, Dictionary, Projection, _check_context
 from .errors import ClosedHandleError
 
@@ -92,7 +93,20 @@ class Layer(Handle):
 
     Every projection ('q', 'k', 'v', 'o') must be made MASA (set_masa) or
     dense (set_dense) before forward. The layer keeps its context, the
-    dictionaries and tables it uses and the arrays it wraps alive.
+    dictionaries and tables it uses and the arrays it wraps alive and
+    usable: closing a Dictionary or Coefficients an open layer uses raises
+    masa.HandleInUseError.
+
+    Threads: forward, backward, decode and the queries may run on one layer
+    from several threads at once; set_*, remove_bias, set_weight_policy,
+    refresh_weights, touch and close wait for them (and they for it).
+
+    Parameters modified between forward and backward (set_*, remove_bias,
+    weight policy, refresh, init_* of a dictionary or table it uses, and
+    touch() after writing parameter arrays directly) make backward refuse
+    the earlier reserve (masa.h: "Parameters modified between forward and
+    backward"); numpy writes to parameter arrays not declared by touch()
+    are invisible.
     """
 
     def __init__(
@@ -121,16 +135,17 @@ class Layer(Handle):
             opts.rope_theta = float(rope_theta)
         opts.softmax_scale = float(softmax_scale or 0.0)
         out = _lib.layer_p()
-        L.masa_layer_create(ctx, byref(opts), byref(out))
+        with context._reading():
+            L.masa_layer_create(_check_context(context), byref(opts), byref(out))
 
-        self.context = context
-        # Everything the C layer points into; also held by the finalizer.
-        self._proj = [None] * len(PROJECTIONS)
-        self._bias = [None] * len(PROJECTIONS)
-        self._generation = 0
-        self.last_reserve = None
-        self._init_handle(out, L.masa_layer_destroy, [context, self._proj, self._bias])
-        context._adopt(self)
+            self.context = context
+            # Everything the C layer points into; also held by the finalizer.
+            self._proj = [None] * len(PROJECTIONS)
+            self._bias = [None] * len(PROJECTIONS)
+            self._generation = 0
+            self.last_reserve = None
+            self._init_handle(out, L.masa_layer_destroy, [context, self._proj, self._bias])
+            context._adopt(self)
 
         dq = self.projection_shape(Projection.Q)[1]
         dkv = self.projection_shape(Projection.K)[1]
@@ -149,7 +164,8 @@ class Layer(Handle):
         """(d_in, d_out) of projection `which`'s weight."""
         p = Projection.parse(which)
         d_in, d_out = c_size_t(), c_size_t()
-        _lib.lib().masa_layer_projection_shape(self._handle(), p, byref(d_in), byref(d_out))
+        with self._reading():
+            _lib.lib().masa_layer_projection_shape(self._handle(), p, byref(d_in), byref(d_out))
         return (d_in.value, d_out.value)
 
     def projection_kind(self, which):
@@ -165,11 +181,11 @@ class Layer(Handle):
         if not isinstance(coefficients, Coefficients):
             raise TypeError("coefficients must be a masa.Coefficients")
         index = size_arg(layer_index, "layer_index")
-        _lib.lib().masa_layer_set_masa(
-            self._handle(), p, dictionary._handle(), coefficients._handle(), index
-        )
-        self._proj[p] = _Masa(dictionary, coefficients, index)
-        self._generation += 1
+        with self._locked(write=True, extra_reads=(dictionary, coefficients)):
+            _lib.lib().masa_layer_set_masa(
+                self._handle(), p, dictionary._handle(), coefficients._handle(), index
+            )
+            self._replace(p, _Masa(dictionary, coefficients, index))
 
     def set_dense(self, which, weight=None) -> np.ndarray:
         """Make projection `which` dense. weight: a float32 (d_in, d_out) array
@@ -180,9 +196,9 @@ class Layer(Handle):
             weight = np.zeros(shape, dtype=FLOAT32)
         else:
             float32_array(weight, "weight", shape=shape, writeable=True)
-        _lib.lib().masa_layer_set_dense(self._handle(), p, pointer(weight))
-        self._proj[p] = _Dense(weight)
-        self._generation += 1
+        with self._writing():
+            _lib.lib().masa_layer_set_dense(self._handle(), p, pointer(weight))
+            self._replace(p, _Dense(weight))
         return weight
 
     def set_bias(self, which, bias=None) -> np.ndarray:
@@ -194,16 +210,92 @@ class Layer(Handle):
             bias = np.zeros((d_out,), dtype=FLOAT32)
         else:
             float32_array(bias, "bias", shape=(d_out,), writeable=True)
-        _lib.lib().masa_layer_set_bias(self._handle(), p, pointer(bias))
-        self._bias[p] = bias
-        self._generation += 1
+        with self._writing():
+            _lib.lib().masa_layer_set_bias(self._handle(), p, pointer(bias))
+            self._bias[p] = bias
+            self._generation += 1
         return bias
 
     def remove_bias(self, which) -> None:
         p = Projection.parse(which)
-        _lib.lib().masa_layer_remove_bias(self._handle(), p)
-        self._bias[p] = None
+        with self._writing():
+            _lib.lib().masa_layer_remove_bias(self._handle(), p)
+            self._bias[p] = None
+            self._generation += 1
+
+    def touch(self) -> None:
+        """Declare that a dense weight or bias array of this layer was
+        written directly (numpy writes are invisible to libmasa): reserves
+        and KV caches filled before are refused afterwards."""
+        with self._writing():
+            _lib.lib().masa_layer_touch(self._handle())
+            self._generation += 1
+
+    def _replace(self, p, state):
+        """Projection p now uses `state`; keeps the users of dictionaries
+        and tables current (they refuse close() while used)."""
+        old = self._proj[p]
+        self._proj[p] = state
         self._generation += 1
+        if isinstance(old, _Masa):
+            still = set()
+            for s in self._proj:
+                if isinstance(s, _Masa):
+                    still.update((id(s.dictionary), id(s.coefficients)))
+            for obj in (old.dictionary, old.coefficients):
+                if id(obj) not in still:
+                    obj._users.discard(self)
+        if isinstance(state, _Masa):
+            state.dictionary._users.add(self)
+            state.coefficients._users.add(self)
+
+    def _param_handles(self):
+        """The dictionaries and tables the projections use."""
+        out = []
+        for s in self._proj:
+            if isinstance(s, _Masa):
+                out += [s.dictionary, s.coefficients]
+        return tuple(out)
+
+    @contextlib.contextmanager
+    def _locked(self, write=False, extra_reads=(), extra_writes=()):
+        """This layer's lock (shared, or exclusive with write=True) and
+        shared locks of the parameters it uses, retaken if a concurrent
+        set_masa changed them meanwhile."""
+        while True:
+            params = self._param_handles()
+            reads = params + tuple(extra_reads) + (() if write else (self,))
+            writes = tuple(extra_writes) + ((self,) if write else ())
+            with locked(reads=reads, writes=writes):
+                if self._param_handles() == params:
+                    yield
+                    return
+
+    def _parameter_arrays(self):
+        """(name, array) of every parameter buffer the layer reads: outputs
+        must not overlap them."""
+        out = []
+        for p in PROJECTIONS:
+            s = self._proj[p]
+            if isinstance(s, _Masa):
+                out += [(f"the {p.letter}.atoms", s.dictionary.atoms),
+                        (f"the {p.letter}.coefficients", s.coefficients.values)]
+            elif isinstance(s, _Dense):
+                out.append((f"the {p.letter}.weight", s.weight))
+            if self._bias[p] is not None:
+                out.append((f"the {p.letter}.bias", self._bias[p]))
+        return out
+
+    def _check_not_parameters(self, outputs):
+        """ValueError if an output array overlaps a parameter array."""
+        params = self._parameter_arrays()
+        for name, arr in outputs:
+            if arr is None:
+                continue
+            for pname, parr in params:
+                if np.may_share_memory(arr, parr):
+                    raise ValueError(f"{name} must not overlap {pname} (an output would "
+                                     f"overwrite a parameter)")
 
     # --------------------------------------------------------- weight policy
 
@@ -215,20 +307,27 @@ class Layer(Handle):
         to the atoms or coefficients until then. Setting 'cached' again
         refills it."""
         value = WeightPolicy.parse(policy)
-        _lib.lib().masa_layer_set_weight_policy(self._handle(), int(value))
-        self._generation += 1  # W_l may differ: earlier reserves are refused
+        with self._locked(write=True):
+            handle = self._handle()
+            self._check_parameters_open()
+            _lib.lib().masa_layer_set_weight_policy(handle, int(value))
+            self._generation += 1  # W_l may differ: earlier reserves are refused
 
     @property
     def weight_policy(self) -> WeightPolicy:
         value = c_int()
-        _lib.lib().masa_layer_weight_policy(self._handle(), byref(value))
+        with self._reading():
+            _lib.lib().masa_layer_weight_policy(self._handle(), byref(value))
         return WeightPolicy(value.value)
 
     def refresh_weights(self) -> None:
         """Recompose the cached weights from the current atoms and
         coefficients (after an optimiser step); nothing to do on the fly."""
-        _lib.lib().masa_layer_refresh_weights(self._handle())
-        self._generation += 1
+        with self._locked(write=True):
+            handle = self._handle()
+            self._check_parameters_open()
+            _lib.lib().masa_layer_refresh_weights(handle)
+            self._generation += 1
 
     def weight(self, which):
         """The dense weight array of projection `which` (None unless dense)."""
@@ -248,16 +347,24 @@ class Layer(Handle):
 
     def c_weight_pointer(self, which) -> int:
         """masa_layer_weight(): address of the dense weight the library uses (0 if none)."""
-        return _lib.lib().masa_layer_weight(self._handle(), Projection.parse(which)) or 0
+        with self._reading():
+            return _lib.lib().masa_layer_weight(self._handle(), Projection.parse(which)) or 0
 
     def c_bias_pointer(self, which) -> int:
         """masa_layer_bias(): address of the bias the library uses (0 if none)."""
-        return _lib.lib().masa_layer_bias(self._handle(), Projection.parse(which)) or 0
+        with self._reading():
+            return _lib.lib().masa_layer_bias(self._handle(), Projection.parse(which)) or 0
 
     def gradient_shapes(self):
         """{name: shape} of every parameter gradient backward can produce:
         '<p>.atoms', '<p>.coefficients' (MASA), '<p>.weight' (dense),
         '<p>.bias' (with a bias), for p in q, k, v, o."""
+        with self._locked():
+            self._handle()
+            self._check_parameters_open()
+            return self._gradient_shapes()
+
+    def _gradient_shapes(self):
         shapes = {}
         for p in PROJECTIONS:
             state = self._proj[p]
@@ -274,16 +381,18 @@ class Layer(Handle):
 
     def workspace_size(self, batch: int, seq: int) -> int:
         n = c_size_t()
-        _lib.lib().masa_layer_workspace_size(
-            self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
-        )
+        with self._reading():
+            _lib.lib().masa_layer_workspace_size(
+                self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
+            )
         return n.value
 
     def reserve_size(self, batch: int, seq: int) -> int:
         n = c_size_t()
-        _lib.lib().masa_layer_reserve_size(
-            self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
-        )
+        with self._reading():
+            _lib.lib().masa_layer_reserve_size(
+                self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
+            )
         return n.value
 
     # ------------------------------------------------------------- decoding
@@ -322,7 +431,7 @@ class Layer(Handle):
         what backward() needs (also kept as self.last_reserve unless
         keep_reserve=False). out: optional float32 array for y.
         """
-        handle = self._handle()
+        self._handle()
         self._check_x(x)
         pos = size_arg(pos_offset, "pos_offset")
         batch, seq, _ = x.shape
@@ -331,23 +440,26 @@ class Layer(Handle):
         else:
             y = float32_array(out, "out", shape=x.shape, writeable=True)
             check_no_overlap([("x", x), ("out", y)])
-        self._check_parameters_open()
-
-        ws_bytes = self.workspace_size(batch, seq)
-        ws = workspace(ws_bytes)
-        if training:
-            rbytes = self.reserve_size(batch, seq)
-            buf = np.empty(max(1, (rbytes + 3) // 4), dtype=FLOAT32)
-            res_ptr, res_bytes = pointer(buf), buf.nbytes
-        else:
-            buf, res_ptr, res_bytes = None, None, 0
-        _lib.lib().masa_layer_forward(
-            handle, batch, seq, pos, pointer(x), pointer(y),
-            pointer(ws), ws.nbytes, res_ptr, res_bytes,
-        )
+        with self._locked():
+            handle = self._handle()
+            self._check_parameters_open()
+            self._check_not_parameters([("out", y)])
+            ws_bytes = self.workspace_size(batch, seq)
+            ws = workspace(ws_bytes)
+            if training:
+                rbytes = self.reserve_size(batch, seq)
+                buf = np.empty(max(1, (rbytes + 3) // 4), dtype=FLOAT32)
+                res_ptr, res_bytes = pointer(buf), buf.nbytes
+            else:
+                buf, res_ptr, res_bytes = None, None, 0
+            _lib.lib().masa_layer_forward(
+                handle, batch, seq, pos, pointer(x), pointer(y),
+                pointer(ws), ws.nbytes, res_ptr, res_bytes,
+            )
+            generation = self._generation
         if not training:
             return y
-        reserve = Reserve(self, x, pos, buf, self._generation)
+        reserve = Reserve(self, x, pos, buf, generation)
         if keep_reserve:
             self.last_reserve = reserve
         return y, reserve
@@ -374,6 +486,11 @@ class Layer(Handle):
         - accumulate: add into the `out` buffers (MASA_GRAD_ADD) instead of
           overwriting them. Coefficient gradients only touch this layer's row.
         """
+        self._handle()
+        with self._locked():
+            return self._backward(dy, reserve, out, params, accumulate, need_dx, dx)
+
+    def _backward(self, dy, reserve, out, params, accumulate, need_dx, dx):
         handle = self._handle()
         if reserve is None:
             reserve = self.last_reserve
@@ -388,7 +505,7 @@ class Layer(Handle):
         x = reserve.x
         float32_array(dy, "dy", shape=x.shape)
 
-        shapes = self.gradient_shapes()
+        shapes = self._gradient_shapes()
         out = {} if out is None else dict(out)
         for name in out:
             if name not in shapes:
@@ -417,6 +534,7 @@ class Layer(Handle):
             [("x", x), ("dy", dy), ("dx", dx)] + [(f"grads[{k!r}]", v) for k, v in grads.items()]
         )
         self._check_parameters_open()
+        self._check_not_parameters([("dx", dx)] + [(f"out[{k!r}]", v) for k, v in grads.items()])
 
         L = _lib.lib()
         g = _lib.init_struct(_lib.LayerGrads, L.masa_layer_grads_default)
