@@ -68,15 +68,14 @@ class Reserve:
     """What a training forward saved for backward: the reserve buffer plus the
     input x (referenced, not copied: do not modify x before backward)."""
 
-    __slots__ = ("_layer", "x", "batch", "seq", "pos_offset", "buffer", "generation")
+    __slots__ = ("_layer", "x", "batch", "seq", "pos_offset", "buffer")
 
-    def __init__(self, layer, x, pos_offset, buffer, generation):
+    def __init__(self, layer, x, pos_offset, buffer):
         self._layer = weakref.ref(layer)  # no cycle through layer.last_reserve
         self.x = x
         self.batch, self.seq = x.shape[0], x.shape[1]
         self.pos_offset = pos_offset
         self.buffer = buffer
-        self.generation = generation
 
     @property
     def layer(self):
@@ -142,7 +141,6 @@ class Layer(Handle):
             # Everything the C layer points into; also held by the finalizer.
             self._proj = [None] * len(PROJECTIONS)
             self._bias = [None] * len(PROJECTIONS)
-            self._generation = 0
             self.last_reserve = None
             self._init_handle(out, L.masa_layer_destroy, [context, self._proj, self._bias])
             context._adopt(self)
@@ -213,7 +211,6 @@ class Layer(Handle):
         with self._writing():
             _lib.lib().masa_layer_set_bias(self._handle(), p, pointer(bias))
             self._bias[p] = bias
-            self._generation += 1
         return bias
 
     def remove_bias(self, which) -> None:
@@ -221,7 +218,6 @@ class Layer(Handle):
         with self._writing():
             _lib.lib().masa_layer_remove_bias(self._handle(), p)
             self._bias[p] = None
-            self._generation += 1
 
     def touch(self) -> None:
         """Declare that a dense weight or bias array of this layer was
@@ -229,14 +225,12 @@ class Layer(Handle):
         and KV caches filled before are refused afterwards."""
         with self._writing():
             _lib.lib().masa_layer_touch(self._handle())
-            self._generation += 1
 
     def _replace(self, p, state):
         """Projection p now uses `state`; keeps the users of dictionaries
         and tables current (they refuse close() while used)."""
         old = self._proj[p]
         self._proj[p] = state
-        self._generation += 1
         if isinstance(old, _Masa):
             still = set()
             for s in self._proj:
@@ -311,7 +305,6 @@ class Layer(Handle):
             handle = self._handle()
             self._check_parameters_open()
             _lib.lib().masa_layer_set_weight_policy(handle, int(value))
-            self._generation += 1  # W_l may differ: earlier reserves are refused
 
     @property
     def weight_policy(self) -> WeightPolicy:
@@ -327,7 +320,6 @@ class Layer(Handle):
             handle = self._handle()
             self._check_parameters_open()
             _lib.lib().masa_layer_refresh_weights(handle)
-            self._generation += 1
 
     def weight(self, which):
         """The dense weight array of projection `which` (None unless dense)."""
@@ -456,10 +448,9 @@ class Layer(Handle):
                 handle, batch, seq, pos, pointer(x), pointer(y),
                 pointer(ws), ws.nbytes, res_ptr, res_bytes,
             )
-            generation = self._generation
         if not training:
             return y
-        reserve = Reserve(self, x, pos, buf, generation)
+        reserve = Reserve(self, x, pos, buf)
         if keep_reserve:
             self.last_reserve = reserve
         return y, reserve
@@ -500,8 +491,7 @@ class Layer(Handle):
             raise TypeError(f"reserve must be a masa.Reserve, got {type(reserve).__name__}")
         if reserve.layer is not self:
             raise ValueError("reserve comes from a different layer")
-        if reserve.generation != self._generation:
-            raise ValueError("the layer's projections or biases were replaced after this forward call")
+        # parameters modified since that forward: refused by the library
         x = reserve.x
         float32_array(dy, "dy", shape=x.shape)
 
