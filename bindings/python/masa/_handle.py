@@ -76,6 +76,8 @@ class RWLock:
     def release_read(self):
         me = threading.get_ident()
         with self._cond:
+            if me not in self._readers:
+                return  # taken before a fork; this lock is the child's own
             depth = self._readers[me] - 1
             if depth:
                 self._readers[me] = depth
@@ -105,6 +107,8 @@ class RWLock:
 
     def release_write(self):
         with self._cond:
+            if self._writer != threading.get_ident():
+                return  # taken before a fork; this lock is the child's own
             self._write_depth -= 1
             if self._write_depth == 0:
                 self._writer = None

@@ -18,6 +18,15 @@ import masa  # noqa: E402
 from helpers import assert_close, build_layer, reference_grads  # noqa: E402,F401
 
 
+# Under valgrind (scripts/hardening.sh sets PROBE_QUICK=1) loops run fewer
+# times: every case still runs, the races just get fewer chances.
+QUICK = os.environ.get("PROBE_QUICK") == "1"
+
+
+def reps(n):
+    return max(2, n // 10) if QUICK else n
+
+
 def x_of(rng, batch=2, seq=4, d=8):
     return rng.standard_normal((batch, seq, d)).astype(np.float32)
 

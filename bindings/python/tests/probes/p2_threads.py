@@ -2,9 +2,10 @@
 other threads run forward; concurrent forwards stay concurrent."""
 
 import threading
+import time
 
-from _probe import (assert_close, build_layer, done, expect_raises, masa, np,
-                    reference_grads, x_of)
+from _probe import (QUICK, assert_close, build_layer, done, expect_raises, masa, np,
+                    reference_grads, reps, x_of)
 
 rng = np.random.default_rng(2)
 ctx = masa.Context(2)
@@ -34,9 +35,11 @@ def toggler():
     while not stop.is_set():
         built.layer.set_weight_policy("cached" if i % 2 == 0 else "on_the_fly")
         i += 1
+        if QUICK:
+            time.sleep(0.001)  # under valgrind threads run one at a time
 
 
-threads = [threading.Thread(target=forwards, args=(60,)) for _ in range(2)]
+threads = [threading.Thread(target=forwards, args=(reps(60),)) for _ in range(2)]
 t = threading.Thread(target=toggler)
 t.start()
 for th in threads:
@@ -55,7 +58,7 @@ for victim in ("layer", "dictionary"):
     results, errors = [], []
 
     def worker():
-        for _ in range(40):
+        for _ in range(reps(40)):
             try:
                 results.append(layer.forward(x))
             except masa.ClosedHandleError:
