@@ -312,7 +312,8 @@ uint64_t masa__layer_version(const masa_layer *layer)
     return v;
 }
 
-/* Adding a kind of parameter = one entry here (and MASA_PARAM_KINDS). */
+/* Every buffer the layer reads as a parameter. A new kind of parameter is
+ * one more entry in `all` (NULL pointers are skipped). */
 size_t masa__layer_params(const masa_layer *layer, masa_param_buffer *out)
 {
     size_t n = 0;
@@ -331,7 +332,7 @@ size_t masa__layer_params(const masa_layer *layer, masa_param_buffer *out)
             {ps->bias, ps->d_out * sizeof(float), "bias", p},
             {ps->composed_cache, w, "composed weight cache", p},
         };
-        for (int k = 0; k < MASA_PARAM_KINDS; k++)
+        for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
             if (all[k].ptr)
                 out[n++] = all[k];
     }

@@ -205,8 +205,9 @@ typedef struct masa_param_buffer {
     const char *what; /* "atoms", "coefficients", "weight", ... */
     int proj;
 } masa_param_buffer;
-/* Kinds of buffer per projection, the capacity masa__layer_params needs. */
-#define MASA_PARAM_KINDS 5
+/* Room for kinds of buffer per projection (masa__layer_params lists them;
+ * a new kind of parameter is one more entry there). */
+#define MASA_PARAM_KINDS 8
 /* Fills out (MASA_PARAM_KINDS * MASA_NUM_PROJECTIONS entries) with every
  * parameter buffer of the layer; returns how many. */
 size_t masa__layer_params(const masa_layer *layer, masa_param_buffer *out);
