@@ -88,14 +88,9 @@ class KVCache(Handle):
 
 
 def decode_workspace_size(layer, batch: int, n_new: int) -> int:
-    n = c_size_t()
     with layer._locked():
-        handle = layer._handle()
         layer._check_parameters_open()
-        _lib.lib().masa_layer_decode_workspace_size(
-            handle, size_arg(batch, "batch"), size_arg(n_new, "n_new"), byref(n)
-        )
-    return n.value
+        return layer._size(_lib.lib().masa_layer_decode_workspace_size, batch, n_new, "n_new")
 
 
 def decode(layer, cache: KVCache, x, out=None):
@@ -117,7 +112,8 @@ def decode(layer, cache: KVCache, x, out=None):
         handle, cache_handle = layer._handle(), cache._handle()
         layer._check_parameters_open()
         layer._check_not_parameters([("out", y)])
-        ws = workspace(decode_workspace_size(layer, batch, n_new))
+        ws = workspace(layer._size(_lib.lib().masa_layer_decode_workspace_size, batch, n_new,
+                                   "n_new"))
         _lib.lib().masa_layer_decode(handle, cache_handle, batch, n_new, pointer(x),
                                      pointer(y), pointer(ws), ws.nbytes)
     return y

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import weakref
@@ -87,6 +86,32 @@ class Reserve:
         return self.buffer.nbytes
 
 
+class _LayerLocks:
+    """Layer._locked(): the parameters to lock are read before their locks
+    are taken, so a set_masa in between makes it take them again."""
+
+    __slots__ = ("_args", "_held")
+
+    def __init__(self, layer, write, extra_reads, extra_writes):
+        self._args = (layer, write, tuple(extra_reads), tuple(extra_writes))
+        self._held = None
+
+    def __enter__(self):
+        layer, write, extra_reads, extra_writes = self._args
+        while True:
+            params = layer._param_handles()
+            held = locked(reads=params + extra_reads + (() if write else (layer,)),
+                          writes=extra_writes + ((layer,) if write else ()))
+            held.__enter__()
+            if layer._param_handles() is params:
+                self._held = held
+                return self
+            held.__exit__(None, None, None)
+
+    def __exit__(self, *exc):
+        return self._held.__exit__(*exc)
+
+
 class Layer(Handle):
     """A MASA attention layer (masa_layer).
 
@@ -141,6 +166,7 @@ class Layer(Handle):
             # Everything the C layer points into; also held by the finalizer.
             self._proj = [None] * len(PROJECTIONS)
             self._bias = [None] * len(PROJECTIONS)
+            self._cache = {}  # parameter handles and arrays, per projection state
             self.last_reserve = None
             self._init_handle(out, L.masa_layer_destroy, [context, self._proj, self._bias])
             context._adopt(self)
@@ -211,6 +237,7 @@ class Layer(Handle):
         with self._writing():
             _lib.lib().masa_layer_set_bias(self._handle(), p, pointer(bias))
             self._bias[p] = bias
+            self._cache.clear()
         return bias
 
     def remove_bias(self, which) -> None:
@@ -218,6 +245,7 @@ class Layer(Handle):
         with self._writing():
             _lib.lib().masa_layer_remove_bias(self._handle(), p)
             self._bias[p] = None
+            self._cache.clear()
 
     def touch(self) -> None:
         """Declare that a dense weight or bias array of this layer was
@@ -231,6 +259,7 @@ class Layer(Handle):
         and tables current (they refuse close() while used)."""
         old = self._proj[p]
         self._proj[p] = state
+        self._cache.clear()
         if isinstance(old, _Masa):
             still = set()
             for s in self._proj:
@@ -244,41 +273,46 @@ class Layer(Handle):
             state.coefficients._users.add(self)
 
     def _param_handles(self):
-        """The dictionaries and tables the projections use."""
-        out = []
-        for s in self._proj:
-            if isinstance(s, _Masa):
-                out += [s.dictionary, s.coefficients]
-        return tuple(out)
+        """The dictionaries and tables the projections use (distinct)."""
+        cached = self._cache.get("handles")
+        if cached is None:
+            out = {}
+            for s in self._proj:
+                if isinstance(s, _Masa):
+                    out.setdefault(id(s.dictionary), s.dictionary)
+                    out.setdefault(id(s.coefficients), s.coefficients)
+            cached = self._cache["handles"] = tuple(out.values())
+        return cached
 
-    @contextlib.contextmanager
     def _locked(self, write=False, extra_reads=(), extra_writes=()):
         """This layer's lock (shared, or exclusive with write=True) and
         shared locks of the parameters it uses, retaken if a concurrent
         set_masa changed them meanwhile."""
-        while True:
-            params = self._param_handles()
-            reads = params + tuple(extra_reads) + (() if write else (self,))
-            writes = tuple(extra_writes) + ((self,) if write else ())
-            with locked(reads=reads, writes=writes):
-                if self._param_handles() == params:
-                    yield
-                    return
+        return _LayerLocks(self, write, extra_reads, extra_writes)
 
     def _parameter_arrays(self):
-        """(name, array) of every parameter buffer the layer reads: outputs
-        must not overlap them."""
-        out = []
-        for p in PROJECTIONS:
-            s = self._proj[p]
-            if isinstance(s, _Masa):
-                out += [(f"the {p.letter}.atoms", s.dictionary.atoms),
-                        (f"the {p.letter}.coefficients", s.coefficients.values)]
-            elif isinstance(s, _Dense):
-                out.append((f"the {p.letter}.weight", s.weight))
-            if self._bias[p] is not None:
-                out.append((f"the {p.letter}.bias", self._bias[p]))
-        return out
+        """(name, array) of every parameter buffer the layer reads, each
+        once: outputs must not overlap them."""
+        cached = self._cache.get("arrays")
+        if cached is None:
+            out, seen = [], set()
+
+            def add(name, arr):
+                if id(arr) not in seen:
+                    seen.add(id(arr))
+                    out.append((name, arr))
+
+            for p in PROJECTIONS:
+                s = self._proj[p]
+                if isinstance(s, _Masa):
+                    add(f"the {p.letter}.atoms", s.dictionary.atoms)
+                    add(f"the {p.letter}.coefficients", s.coefficients.values)
+                elif isinstance(s, _Dense):
+                    add(f"the {p.letter}.weight", s.weight)
+                if self._bias[p] is not None:
+                    add(f"the {p.letter}.bias", self._bias[p])
+            cached = self._cache["arrays"] = tuple(out)
+        return cached
 
     def _check_not_parameters(self, outputs):
         """ValueError if an output array overlaps a parameter array."""
@@ -372,19 +406,17 @@ class Layer(Handle):
     # ----------------------------------------------------------------- sizes
 
     def workspace_size(self, batch: int, seq: int) -> int:
-        n = c_size_t()
         with self._reading():
-            _lib.lib().masa_layer_workspace_size(
-                self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
-            )
-        return n.value
+            return self._size(_lib.lib().masa_layer_workspace_size, batch, seq)
 
     def reserve_size(self, batch: int, seq: int) -> int:
-        n = c_size_t()
         with self._reading():
-            _lib.lib().masa_layer_reserve_size(
-                self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
-            )
+            return self._size(_lib.lib().masa_layer_reserve_size, batch, seq)
+
+    def _size(self, query, batch, seq, seq_name="seq"):
+        """A size query; the caller holds the layer's lock."""
+        n = c_size_t()
+        query(self._handle(), size_arg(batch, "batch"), size_arg(seq, seq_name), byref(n))
         return n.value
 
     # ------------------------------------------------------------- decoding
@@ -436,15 +468,15 @@ class Layer(Handle):
             handle = self._handle()
             self._check_parameters_open()
             self._check_not_parameters([("out", y)])
-            ws_bytes = self.workspace_size(batch, seq)
-            ws = workspace(ws_bytes)
+            L = _lib.lib()
+            ws = workspace(self._size(L.masa_layer_workspace_size, batch, seq))
             if training:
-                rbytes = self.reserve_size(batch, seq)
+                rbytes = self._size(L.masa_layer_reserve_size, batch, seq)
                 buf = np.empty(max(1, (rbytes + 3) // 4), dtype=FLOAT32)
                 res_ptr, res_bytes = pointer(buf), buf.nbytes
             else:
                 buf, res_ptr, res_bytes = None, None, 0
-            _lib.lib().masa_layer_forward(
+            L.masa_layer_forward(
                 handle, batch, seq, pos, pointer(x), pointer(y),
                 pointer(ws), ws.nbytes, res_ptr, res_bytes,
             )
@@ -535,8 +567,7 @@ class Layer(Handle):
             letter, what = name.split(".")
             field_of[what][Projection.parse(letter)] = pointer(arr)
 
-        ws_bytes = self.workspace_size(reserve.batch, reserve.seq)
-        ws = workspace(ws_bytes)
+        ws = workspace(self._size(L.masa_layer_workspace_size, reserve.batch, reserve.seq))
         L.masa_layer_backward(
             handle, reserve.batch, reserve.seq, reserve.pos_offset,
             pointer(x), pointer(dy), None if dx is None else pointer(dx),
