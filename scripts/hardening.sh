@@ -182,13 +182,13 @@ if want pyprobes; then
     elif [ ! -f build/lib/libmasa.so ]; then
         record pyprobes FAIL 0 "no build/lib/libmasa.so: run scripts/build.sh first"
     else
-        failed=""
-        passed=0
-        for probe in "$probes_dir"/p[0-9]*.py; do
-            name=$(basename "$probe" .py)
+        # each probe in its own process
+        run_probe() { # probe -> exit status in $LOGS/pyprobe-NAME.rc
+            name=$(basename "$1" .py)
+            out="$LOGS/pyprobe-$name"
             case $name in p4*)
-                /usr/bin/python3 -c "import torch" 2>/dev/null || {
-                    echo "== $name: skipped (no torch)" >> "$log"; continue; } ;;
+                if ! /usr/bin/python3 -c "import torch" 2>/dev/null; then
+                    echo "skipped (no torch)" > "$out.log"; echo 0 > "$out.rc"; return; fi ;;
             esac
             # PYTHONMALLOC=malloc: memcheck sees every Python allocation;
             # an error anywhere, also in a forked child, exits 99.
@@ -198,14 +198,31 @@ if want pyprobes; then
                 timeout "${PROBE_SECONDS:-900}" valgrind -q --error-exitcode=99 \
                     --leak-check=no --num-callers=30 \
                     --suppressions="$ROOT/tests/hardening/python-probes.supp" \
-                    /usr/bin/python3 "$probe" >> "$log" 2>&1
-            rc=$?
-            echo "== $name: exit $rc" >> "$log"
-            if [ $rc -eq 0 ]; then
+                    /usr/bin/python3 "$1" > "$out.log" 2>&1
+            echo $? > "$out.rc"
+        }
+        torch_probes=$(ls "$probes_dir"/p4*.py)
+        other_probes=$(ls "$probes_dir"/p[0-9]*.py | grep -v '/p4')
+        if [ "$NPROC" -ge 2 ]; then
+            # two lanes: the torch probe (the longest) beside all others
+            ( for probe in $torch_probes; do run_probe "$probe"; done ) &
+            ( for probe in $other_probes; do run_probe "$probe"; done ) &
+            wait
+        else
+            for probe in $torch_probes $other_probes; do run_probe "$probe"; done
+        fi
+        failed=""
+        passed=0
+        for probe in "$probes_dir"/p[0-9]*.py; do
+            name=$(basename "$probe" .py)
+            rc=$(cat "$LOGS/pyprobe-$name.rc" 2>/dev/null || echo missing)
+            { echo "== $name: exit $rc"; cat "$LOGS/pyprobe-$name.log"; } >> "$log"
+            if [ "$rc" = 0 ]; then
                 passed=$((passed + 1))
             else
                 failed="$failed $name($rc)"
             fi
+            rm -f "$LOGS/pyprobe-$name.rc" "$LOGS/pyprobe-$name.log"
         done
         if [ -z "$failed" ]; then
             record pyprobes PASS $(( $(date +%s) - t )) "$passed probes clean under memcheck"
