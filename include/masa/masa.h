@@ -41,7 +41,7 @@
  *   its parameters: any number of threads may run them on the same layer at
  *   once, as long as each call has its own workspace, reserve and output
  *   buffers, and no thread modifies the parameters meanwhile.
- * - Everything that modifies an object (set_*, init_*, refresh_weights,
+ * - Everything that modifies an object (set_*, init_*, *_touch, refresh_weights,
  *   destroy) needs exclusive access to that object. Backward calls that write to the same
  *   gradient buffer (e.g. layers sharing a dictionary) must not run at once.
  *
