@@ -154,6 +154,7 @@ MASA_API void masa_layer_destroy(masa_layer *layer)
         release_weight(layer, &layer->proj[p]);
         release_bias(layer, &layer->proj[p]);
         release_cache(layer, &layer->proj[p]);
+        masa__release_lowrank(layer, &layer->proj[p]);
     }
     masa__free(layer->ctx, layer);
 }
@@ -219,7 +220,7 @@ MASA_API masa_status masa_layer_set_masa(masa_layer *layer,
     ps->composed_cache = cache;
     if (cache) {
         masa__call_enter();
-        masa__compose(dict, coef, layer_index, cache, layer->ctx->pool);
+        masa__compose_projection(layer, which, cache);
         masa__call_exit();
     }
     masa__bump(&layer->generation);
@@ -331,6 +332,10 @@ size_t masa__layer_params(const masa_layer *layer, masa_param_buffer *out)
             {ps->weight, w, "weight", p},
             {ps->bias, ps->d_out * sizeof(float), "bias", p},
             {ps->composed_cache, w, "composed weight cache", p},
+            {ps->lowrank_a, ps->d_in * ps->rank * sizeof(float),
+             "low-rank factor A", p},
+            {ps->lowrank_b, ps->rank * ps->d_out * sizeof(float),
+             "low-rank factor B", p},
         };
         for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
             if (all[k].ptr)
@@ -387,10 +392,11 @@ MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
 masa_status masa__check_ready(const char *fn, const masa_layer *layer)
 {
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++)
-        if (!layer->proj[p].set)
+        if (!layer->proj[p].set && layer->proj[p].rank == 0)
             return masa__fail(MASA_ERROR_NOT_READY,
                               "%s: projection %s has no weight (call "
-                              "masa_layer_set_masa or masa_layer_set_dense)",
+                              "masa_layer_set_masa, masa_layer_set_dense or "
+                              "masa_layer_set_lowrank)",
                               fn, proj_names[p]);
     return MASA_OK;
 }
@@ -400,7 +406,7 @@ const float *masa__projection_weight(const masa_layer *layer, int p,
 {
     const masa_proj_state *ps = &layer->proj[p];
     if (!ps->is_masa)
-        return ps->weight;
+        return ps->weight; /* NULL without a base */
     if (ps->composed_cache)
         return ps->composed_cache;
     masa__compose(ps->dict, ps->coef, ps->layer_index, scratch,
@@ -472,8 +478,7 @@ MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer)
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
         masa_proj_state *ps = &layer->proj[p];
         if (ps->composed_cache)
-            masa__compose(ps->dict, ps->coef, ps->layer_index,
-                          ps->composed_cache, layer->ctx->pool);
+            masa__compose_projection(layer, p, ps->composed_cache);
     }
     masa__call_exit();
     masa__bump(&layer->generation);
@@ -523,8 +528,8 @@ masa_status masa__reserve_layout(const char *fn, const masa_layer *layer,
     ok = ok && masa__add(&at, nkv);
     r.attn = at;
     ok = ok && masa__add(&at, nq);
-    r.lse = at;
-    ok = ok && masa__add(&at, nlse);
+    r.softmax = at; /* row maxima, then the logs of the row sums */
+    ok = ok && masa__add(&at, nlse) && masa__add(&at, nlse);
     r.total = at;
     size_t bytes;
     if (!ok || !masa__mul(r.total, sizeof(float), &bytes))
@@ -542,8 +547,8 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     if (st != MASA_OK)
         return st;
     size_t bt = batch * seq;
-    /* forward without reserve keeps Q, K, V, A and lse here; backward keeps
-     * dA, dQ, dK, dV: never both at once. */
+    /* forward without reserve keeps Q, K, V, A and the softmax rows' maxima
+     * and log-sums here; backward keeps dA, dQ, dK, dV: never both at once. */
     size_t grads = 2 * bt * layer->dq + 2 * bt * layer->dkv; /* <= r.total */
     size_t region = r.total > grads ? r.total : grads;
     size_t wmax = 0;
@@ -553,7 +558,7 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
             wmax = n;
     }
     size_t tile = masa__attention_tile_floats(seq, layer->head_dim);
-    size_t tiles;
+    size_t tiles, lowrank;
     masa_workspace_layout w;
     size_t at = 0;
     w.fwd_qkv = 0;
@@ -565,6 +570,9 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     ok = ok && masa__add(&at, wmax);
     w.partials = at; /* doubles, only float-aligned: read with memcpy */
     ok = ok && masa__add(&at, 2 * MASA_ATOM_GRAD_PARTIALS);
+    w.lowrank = at;
+    ok = ok && masa__mul3(2, bt, masa__max_rank(layer), &lowrank) &&
+         masa__add(&at, lowrank);
     w.tiles = at;
     w.tile_floats = tile;
     ok = ok && masa__mul(tile, layer->ctx->n_threads, &tiles) &&
@@ -574,6 +582,23 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     if (!ok || tile == SIZE_MAX || !masa__mul(w.total, sizeof(float), &bytes))
         return OVERFLOW_FAIL(fn);
     *out = w;
+    return MASA_OK;
+}
+
+masa_status masa__check_positions(const char *fn, const masa_layer *layer,
+                                  size_t first, size_t count)
+{
+    if (count > SIZE_MAX - first)
+        return masa__fail(MASA_ERROR_OVERFLOW,
+                          "%s: position %zu + %zu tokens overflows size_t", fn,
+                          first, count);
+    /* RoPE angles lose accuracy beyond it (masa.h, "Positions") */
+    if (layer->rope && count > 0 && first + count - 1 > MASA_MAX_POSITION)
+        return masa__fail(MASA_ERROR_OUT_OF_RANGE,
+                          "%s: the last token's position %zu is beyond "
+                          "MASA_MAX_POSITION (%zu), where RoPE angles are no "
+                          "longer accurate", fn, first + count - 1,
+                          (size_t)MASA_MAX_POSITION);
     return MASA_OK;
 }
 

@@ -53,6 +53,7 @@ EXPECTED_MINOR = 1
 EXPECTED_VERSION_NUMBER = EXPECTED_MAJOR * 10000 + EXPECTED_MINOR * 100
 
 NUM_PROJECTIONS = 4
+MAX_POSITION = 2**32 - 1  # MASA_MAX_POSITION: the largest RoPE position
 GRAD_SET = 0
 GRAD_ADD = 1
 
@@ -143,6 +144,9 @@ class _LayerGradsFields(Structure):
         ("d_coefficients", _FloatPtrs),
         ("d_weight", _FloatPtrs),
         ("d_bias", _FloatPtrs),
+        # low-rank terms (appended to the C struct; older sizes stay valid)
+        ("d_lowrank_a", _FloatPtrs),
+        ("d_lowrank_b", _FloatPtrs),
     ]
 
 
@@ -285,6 +289,19 @@ SIGNATURES = {
         True,
     ),
 }
+
+# ---------------------------------------------------------------------------
+# Low-rank terms of projections (W = base + A B; masa_layer_set_lowrank)
+# ---------------------------------------------------------------------------
+
+SIGNATURES.update({
+    # layer, which, rank, a (d_in x rank or NULL), b (rank x d_out or NULL)
+    "masa_layer_set_lowrank": (_status, [layer_p, c_int, c_size_t, c_void_p, c_void_p], True),
+    "masa_layer_remove_lowrank": (_status, [layer_p, c_int], True),
+    # layer, which, *rank, *a, *b
+    "masa_layer_lowrank": (
+        _status, [layer_p, c_int, _size_p, POINTER(c_void_p), POINTER(c_void_p)], True),
+})
 
 # ---------------------------------------------------------------------------
 # Finding the library
