@@ -69,7 +69,8 @@ static void fx_init(fx *f, size_t threads)
     tu_rng r = {3};
     tu_fill(&r, f->x, f->n, -1, 1);
     tu_fill(&r, f->dy, f->n, -1, 1);
-    f->wsb = tu_workspace_bytes(&f->t, B, T);
+    /* slack for the low-rank term some cases add after this */
+    f->wsb = tu_workspace_bytes(&f->t, B, T) + 4096;
     f->rsb = tu_reserve_bytes(&f->t, B, T);
     f->ws = tu_garbage(f->wsb);
     f->rs = tu_garbage(f->rsb);
@@ -325,6 +326,11 @@ static masa_status ch_coef_touch(fx *f)
     return masa_coefficients_touch(f->t.coef[2]);
 }
 
+static masa_status ch_set_lowrank(fx *f)
+{   /* owned zero factors: W is unchanged, the reference still applies */
+    return masa_layer_set_lowrank(f->t.layer, MASA_PROJ_K, 1, NULL, NULL);
+}
+
 static const change changes[] = {
     {"set_masa", ch_set_masa},
     {"set_dense", ch_set_dense},
@@ -340,6 +346,7 @@ static const change changes[] = {
     {"coefficients_init_blocks", ch_coef_blocks},
     {"coefficients_add_uniform", ch_coef_noise},
     {"coefficients_touch", ch_coef_touch},
+    {"set_lowrank", ch_set_lowrank},
 };
 #define N_CHANGES (sizeof changes / sizeof changes[0])
 
@@ -378,6 +385,7 @@ START_TEST(test_generation_refuses_decode)
     size_t kvb, dwsb, len;
     TU_OK(masa_kv_cache_size(f.t.layer, B, 8, &kvb));
     TU_OK(masa_layer_decode_workspace_size(f.t.layer, B, T, &dwsb));
+    dwsb += 4096; /* slack for a low-rank term added below */
     void *kvm = tu_garbage(kvb), *dws = tu_garbage(dwsb);
     masa_kv_cache *cache;
     TU_OK(masa_kv_cache_create(f.t.layer, B, 8, kvm, kvb, &cache));
@@ -527,6 +535,16 @@ START_TEST(test_outputs_never_alias_parameters)
     ck_assert(memcmp(snapshot, pool, big * sizeof(float)) == 0);
     expect(masa_compose(f.t.dict[0], f.t.coef[0], 0, atoms_q + 3, d * dq),
            MASA_ERROR_INVALID_ARGUMENT, "compose into the atoms");
+    /* low-rank factors are parameters too */
+    float *lr_a, *lr_b;
+    TU_OK(masa_layer_set_lowrank(l, MASA_PROJ_V, 1, NULL, NULL));
+    TU_OK(masa_layer_lowrank(l, MASA_PROJ_V, NULL, &lr_a, &lr_b));
+    expect(masa_layer_forward(l, B, T, 0, f.x, lr_a, f.ws, f.wsb, f.rs,
+                              f.rsb),
+           MASA_ERROR_INVALID_ARGUMENT, "forward y = low-rank A");
+    ck_assert(mentions("low-rank factor A of projection V"));
+    TU_OK(masa_layer_remove_lowrank(l, MASA_PROJ_V));
+    TU_OK(fwd(&f));
 
     /* the same calls with separate buffers work */
     TU_OK(masa_layer_decode(l, cache, B, 1, f.x, f.y, dws, dwsb));
