@@ -18,6 +18,12 @@
 #             'hardening' and 'fuzz-replay' (the fuzz corpus replayed without
 #             libFuzzer) with meson test --setup valgrind; not 'abi'
 #             (no libmasa code there)
+#   pyprobes  the Python probes of issue 19 (bindings/python/tests/probes:
+#             object lifetimes, threads, fork, identities, aliasing, torch
+#             parameter storage) under memcheck, each in its own process,
+#             forked children included, bounded by PROBE_SECONDS (default
+#             900) each; tests/hardening/python-probes.supp suppresses
+#             reports outside libmasa (the dynamic loader's strncmp, ...)
 #   fuzz      the libFuzzer harnesses (clang only), each over a scratch copy
 #             of its committed corpus: tests/fuzz/fuzz_api.c for FUZZ_SECONDS
 #             (tests/fuzz/corpus), then the safetensors reader
@@ -31,7 +37,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_ST_SECONDS=${FUZZ_ST_SECONDS:-30}
-STEPS=${HARDENING_STEPS:-"asan tsan valgrind fuzz"}
+STEPS=${HARDENING_STEPS:-"asan tsan valgrind pyprobes fuzz"}
 LOGS="$ROOT/build-hardening"
 mkdir -p "$LOGS"
 NPROC=$(nproc 2>/dev/null || echo 2)
@@ -166,6 +172,69 @@ if want valgrind; then
     else
         record valgrind FAIL $(( $(date +%s) - t )) "build failed (see $log)"
         show "$log"
+    fi
+fi
+
+# ------------------------------------------------------------ pyprobes ----
+if want pyprobes; then
+    note "pyprobes: the Python probes of issue 19 under valgrind memcheck"
+    t=$(date +%s)
+    log="$LOGS/pyprobes.log"
+    : > "$log"
+    probes_dir=bindings/python/tests/probes
+    if ! command -v valgrind >/dev/null 2>&1; then
+        record pyprobes FAIL 0 "valgrind not installed (scripts/install-deps.sh)"
+    elif [ ! -f build/lib/libmasa.so ]; then
+        record pyprobes FAIL 0 "no build/lib/libmasa.so: run scripts/build.sh first"
+    else
+        # each probe in its own process
+        run_probe() { # probe -> exit status in $LOGS/pyprobe-NAME.rc
+            name=$(basename "$1" .py)
+            out="$LOGS/pyprobe-$name"
+            case $name in p4*)
+                if ! /usr/bin/python3 -c "import torch" 2>/dev/null; then
+                    echo "skipped (no torch)" > "$out.log"; echo 0 > "$out.rc"; return; fi ;;
+            esac
+            # PYTHONMALLOC=malloc: memcheck sees every Python allocation;
+            # an error anywhere, also in a forked child, exits 99.
+            PYTHONMALLOC=malloc PROBE_FORKS=4 PROBE_QUICK=1 \
+            PYTHONPATH="$ROOT/bindings/python" \
+            MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
+                timeout "${PROBE_SECONDS:-900}" valgrind -q --error-exitcode=99 \
+                    --leak-check=no --num-callers=30 \
+                    --suppressions="$ROOT/tests/hardening/python-probes.supp" \
+                    /usr/bin/python3 "$1" > "$out.log" 2>&1
+            echo $? > "$out.rc"
+        }
+        torch_probes=$(ls "$probes_dir"/p4*.py)
+        other_probes=$(ls "$probes_dir"/p[0-9]*.py | grep -v '/p4')
+        if [ "$NPROC" -ge 2 ]; then
+            # two lanes: the torch probe (the longest) beside all others
+            ( for probe in $torch_probes; do run_probe "$probe"; done ) &
+            ( for probe in $other_probes; do run_probe "$probe"; done ) &
+            wait
+        else
+            for probe in $torch_probes $other_probes; do run_probe "$probe"; done
+        fi
+        failed=""
+        passed=0
+        for probe in "$probes_dir"/p[0-9]*.py; do
+            name=$(basename "$probe" .py)
+            rc=$(cat "$LOGS/pyprobe-$name.rc" 2>/dev/null || echo missing)
+            { echo "== $name: exit $rc"; cat "$LOGS/pyprobe-$name.log"; } >> "$log"
+            if [ "$rc" = 0 ]; then
+                passed=$((passed + 1))
+            else
+                failed="$failed $name($rc)"
+            fi
+            rm -f "$LOGS/pyprobe-$name.rc" "$LOGS/pyprobe-$name.log"
+        done
+        if [ -z "$failed" ]; then
+            record pyprobes PASS $(( $(date +%s) - t )) "$passed probes clean under memcheck"
+        else
+            record pyprobes FAIL $(( $(date +%s) - t )) "failed:$failed (see $log)"
+            show "$log" 60
+        fi
     fi
 fi
 

@@ -41,9 +41,51 @@
  *   its parameters: any number of threads may run them on the same layer at
  *   once, as long as each call has its own workspace, reserve and output
  *   buffers, and no thread modifies the parameters meanwhile.
- * - Everything that modifies an object (set_*, init_*, refresh_weights,
+ * - Everything that modifies an object (set_*, init_*, *_touch, refresh_weights,
  *   destroy) needs exclusive access to that object. Backward calls that write to the same
  *   gradient buffer (e.g. layers sharing a dictionary) must not run at once.
+ *
+ * ------------------------------------------------------------------------
+ * Processes and fork()
+ * ------------------------------------------------------------------------
+ * - fork() waits until the libmasa calls running in other threads of the
+ *   process have returned (a pthread_atfork handler; calls that start
+ *   meanwhile wait for the fork), so the child never inherits a call half
+ *   done or a lock held by one. A libmasa call itself (an allocator hook)
+ *   must not fork.
+ * - In the child, objects made before the fork are valid copies. A context
+ *   made before the fork has no worker threads there (they stay in the
+ *   parent): calls with it run on the calling thread (correct, single
+ *   threaded), and masa_context_destroy() frees it without waiting for
+ *   threads, so a child may destroy it and exit normally. Create a new
+ *   context in the child to use several threads again.
+ *
+ * ------------------------------------------------------------------------
+ * Parameters modified between forward and backward
+ * ------------------------------------------------------------------------
+ * Backward must see the parameters forward saw. A layer's parameters are
+ * its projections' weights and biases and the atoms and coefficients of the
+ * dictionaries and tables its MASA projections use. They count as modified
+ * by every call that changes them through the library:
+ *   masa_layer_set_masa(), _set_dense(), _set_bias(), _remove_bias(),
+ *   _set_weight_policy(), _refresh_weights(), masa_dictionary_init_*(),
+ *   masa_coefficients_init_*() and _add_uniform(),
+ * and by the *_touch() functions (masa_layer_touch(),
+ * masa_dictionary_touch(), masa_coefficients_touch()), with which a caller
+ * declares writes the library cannot see: writes through
+ * masa_layer_weight(), masa_layer_bias(), masa_dictionary_data(),
+ * masa_coefficients_data() or the caller memory an object wraps. Writes
+ * through raw pointers that are not declared are invisible: the library
+ * computes with whatever the memory holds at each call.
+ * A reserve records the identity of the layer that filled it (a number
+ * never given to another layer, even one created at the same address) and
+ * the version of its parameters; masa_layer_backward() refuses it with
+ * MASA_ERROR_INVALID_ARGUMENT after any such modification, as
+ * masa_layer_decode() refuses a non-empty KV cache filled before one.
+ *
+ * Outputs never overwrite parameters: y, dx, every gradient buffer, the
+ * workspace, the reserve and the cache memory must not overlap any
+ * parameter buffer of the layer (checked: MASA_ERROR_INVALID_ARGUMENT).
  *
  * ------------------------------------------------------------------------
  * BLIS kernels
@@ -219,6 +261,14 @@ MASA_API float *masa_dictionary_data(masa_dictionary *dict);
 MASA_API masa_status masa_dictionary_init_uniform(masa_dictionary *dict,
                                                   float bound, uint64_t seed);
 
+/* Declares that the atoms were written outside the library (through
+ * masa_dictionary_data() or the wrapped memory): reserves and KV caches
+ * filled before by layers using this dictionary are refused afterwards (see
+ * "Parameters modified between forward and backward"). Modifies the
+ * dictionary (exclusive access, see "Threads").
+ * Errors: NULL_ARGUMENT. */
+MASA_API masa_status masa_dictionary_touch(masa_dictionary *dict);
+
 /* ======================================================================
  * Coefficient tables: L x S
  * ====================================================================== */
@@ -261,6 +311,10 @@ MASA_API masa_status masa_coefficients_init_blocks(masa_coefficients *coef);
 MASA_API masa_status masa_coefficients_add_uniform(masa_coefficients *coef,
                                                    float bound, uint64_t seed);
 
+/* Declares that the coefficients were written outside the library, as
+ * masa_dictionary_touch() does for atoms. Errors: NULL_ARGUMENT. */
+MASA_API masa_status masa_coefficients_touch(masa_coefficients *coef);
+
 /* ======================================================================
  * Composition
  * ====================================================================== */
@@ -268,7 +322,9 @@ MASA_API masa_status masa_coefficients_add_uniform(masa_coefficients *coef,
 /* Writes W_l = sum_s c[layer, s] * D_s into w (rows * cols floats,
  * row-major). The table's n_atoms must equal the dictionary's.
  * w_len is the capacity of w in floats. One pass over the atoms, split
- * across the threads of the dictionary's context (see "Threads"). */
+ * across the threads of the dictionary's context (see "Threads").
+ * Errors: NULL_ARGUMENT, BAD_SHAPE, OUT_OF_RANGE, BUFFER_TOO_SMALL,
+ * INVALID_ARGUMENT (w overlapping the atoms or the coefficients). */
 MASA_API masa_status masa_compose(const masa_dictionary *dict,
                                   const masa_coefficients *coef, size_t layer,
                                   float *w, size_t w_len);
@@ -401,6 +457,14 @@ MASA_API float *masa_layer_weight(masa_layer *layer, masa_projection which);
 /* The bias of projection `which` (NULL if it has none or on error); valid
  * until the bias is set again or removed, or the layer is destroyed. */
 MASA_API float *masa_layer_bias(masa_layer *layer, masa_projection which);
+
+/* Declares that the layer's dense weights or biases were written outside
+ * the library (through masa_layer_weight(), masa_layer_bias() or wrapped
+ * memory): reserves and KV caches the layer filled before are refused
+ * afterwards (see "Parameters modified between forward and backward").
+ * Modifies the layer (exclusive access, see "Threads").
+ * Errors: NULL_ARGUMENT. */
+MASA_API masa_status masa_layer_touch(masa_layer *layer);
 
 /* Shape (d_in x d_out) of projection `which`'s weight. */
 MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
@@ -582,8 +646,9 @@ MASA_API masa_status masa_layer_reserve_size(const masa_layer *layer,
  * Errors: MASA_ERROR_NOT_READY (a projection not set), BAD_SHAPE or OVERFLOW
  * (batch, seq), OVERFLOW (pos_offset + seq beyond SIZE_MAX), OUT_OF_RANGE
  * (with RoPE, pos_offset + seq - 1 > MASA_MAX_POSITION), BUFFER_TOO_SMALL
- * (workspace, reserve), INVALID_ARGUMENT (y overlapping x, workspace or
- * reserve not aligned for float). */
+ * (workspace, reserve), INVALID_ARGUMENT (y overlapping x; y, the
+ * workspace or the reserve overlapping a parameter buffer of the layer;
+ * workspace or reserve not aligned for float). */
 MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                                         size_t seq, size_t pos_offset,
                                         const float *x, float *y,
@@ -651,9 +716,13 @@ MASA_API void masa_layer_grads_default(masa_layer_grads *grads, size_t size);
  * Gradient buffers must not overlap each other, dx or the inputs (checked:
  * MASA_ERROR_INVALID_ARGUMENT); a dictionary used by two projections of one
  * layer therefore needs two d_atoms buffers (or two calls with ADD).
- * A reserve that was filled by another layer, or with another batch, seq or
- * pos_offset, is refused with MASA_ERROR_INVALID_ARGUMENT; positions as in
- * masa_layer_forward() (OVERFLOW, OUT_OF_RANGE).
+ * Outputs and the workspace must not overlap a parameter buffer of the
+ * layer (MASA_ERROR_INVALID_ARGUMENT).
+ * A reserve that was filled by another layer (also one destroyed since,
+ * whatever its address), with another batch, seq or pos_offset, or before
+ * the layer's parameters were modified (see "Parameters modified between
+ * forward and backward"), is refused with MASA_ERROR_INVALID_ARGUMENT;
+ * positions as in masa_layer_forward() (OVERFLOW, OUT_OF_RANGE).
  * Accuracy: every gradient is accurate relative to its own size also where
  * the softmax saturates or one key takes almost all of a row's mass (the
  * probabilities are rebuilt from each row's maximum and sum, kept apart, and
@@ -788,7 +857,9 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * New token t of a sequence gets RoPE position length + t and attends to
  * every cached position and to new tokens 0..t (causal).
  * The cached keys and values were computed with the layer's parameters at
- * the time they were added: changing the parameters does not update them.
+ * the time they were added: after any modification of the parameters (see
+ * "Parameters modified between forward and backward") a non-empty cache is
+ * refused (INVALID_ARGUMENT) until it is reset.
  * MASA projections with the MASA_WEIGHTS_CACHED policy read the
  * composed weight (low-rank term included), as a dense layer does; every
  * other projection applies its low-rank term, if any, as (x A) B, reading
@@ -799,7 +870,9 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * S >= 2) they compose W_l into the workspace first. The rule: whichever
  * moves fewer bytes, counting a multiply-add as one byte.
  * Errors: NULL_ARGUMENT; INVALID_ARGUMENT (non-causal layer, a cache filled
- * by another layer, overlapping buffers, workspace not aligned for float);
+ * by another layer or before a modification of the parameters, overlapping
+ * buffers, y, workspace or cache memory overlapping a parameter buffer,
+ * workspace not aligned for float);
  * NOT_READY; BAD_SHAPE (n_new 0, batch differs from the cache's, cache made
  * for another n_kv_heads or head_dim); OUT_OF_RANGE (the cache is full:
  * length + n_new > max_seq; with RoPE, length + n_new - 1 >

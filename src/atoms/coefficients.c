@@ -28,7 +28,8 @@ static masa_status coefficients_new(const char *fn, masa_context *ctx,
     if (!c)
         return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
                           "%s: cannot allocate the table", fn);
-    *c = (masa_coefficients){ctx, n_layers, n_atoms, caller_data, false};
+    *c = (masa_coefficients){ctx, n_layers, n_atoms, caller_data, false,
+                             masa__next_tick()};
     if (!caller_data) {
         c->data = masa__calloc(ctx, count, sizeof(float));
         if (!c->data) {
@@ -105,6 +106,7 @@ static void init_one_hot(masa_coefficients *c, bool blocks)
         size_t s = blocks ? l * c->n_atoms / c->n_layers : l % c->n_atoms;
         c->data[l * c->n_atoms + s] = 1.0f;
     }
+    masa__bump(&c->generation);
 }
 
 MASA_API masa_status masa_coefficients_init_cyclic(masa_coefficients *coef)
@@ -137,5 +139,15 @@ MASA_API masa_status masa_coefficients_add_uniform(masa_coefficients *coef,
                           "%s: bound must be finite and >= 0 (got %g)", fn,
                           (double)bound);
     masa__add_uniform(coef->data, coef->n_layers * coef->n_atoms, bound, seed);
+    masa__bump(&coef->generation);
+    return MASA_OK;
+}
+
+MASA_API masa_status masa_coefficients_touch(masa_coefficients *coef)
+{
+    if (!coef)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT,
+                          "masa_coefficients_touch: coef is NULL");
+    masa__bump(&coef->generation);
     return MASA_OK;
 }

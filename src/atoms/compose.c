@@ -361,6 +361,14 @@ MASA_API masa_status masa_compose(const masa_dictionary *dict,
         return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,
                           "%s: w holds %zu floats, W_l needs %zu", fn, w_len,
                           need);
+    if (masa__overlaps(w, need * sizeof(float), dict->atoms,
+                       dict->n_atoms * need * sizeof(float)) ||
+        masa__overlaps(w, need * sizeof(float), coef->data,
+                       coef->n_layers * coef->n_atoms * sizeof(float)))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: w overlaps the atoms or the coefficients", fn);
+    masa__call_enter();
     masa__compose(dict, coef, layer, w, dict->ctx->pool);
+    masa__call_exit();
     return MASA_OK;
 }

@@ -27,7 +27,8 @@ static masa_status dictionary_new(const char *fn, masa_context *ctx,
     if (!d)
         return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
                           "%s: cannot allocate the dictionary", fn);
-    *d = (masa_dictionary){ctx, n_atoms, rows, cols, caller_atoms, false};
+    *d = (masa_dictionary){ctx, n_atoms, rows, cols, caller_atoms, false,
+                           masa__next_tick()};
     if (!caller_atoms) {
         d->atoms = masa__calloc(ctx, count, sizeof(float));
         if (!d->atoms) {
@@ -114,5 +115,15 @@ MASA_API masa_status masa_dictionary_init_uniform(masa_dictionary *dict,
         bound = 1.0f / sqrtf((float)dict->rows);
     masa__fill_uniform(dict->atoms, dict->n_atoms * dict->rows * dict->cols,
                        bound, seed);
+    masa__bump(&dict->generation);
+    return MASA_OK;
+}
+
+MASA_API masa_status masa_dictionary_touch(masa_dictionary *dict)
+{
+    if (!dict)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT,
+                          "masa_dictionary_touch: dict is NULL");
+    masa__bump(&dict->generation);
     return MASA_OK;
 }

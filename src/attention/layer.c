@@ -100,6 +100,8 @@ MASA_API masa_status masa_layer_create(masa_context *ctx,
         return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
                           "%s: cannot allocate the layer", fn);
     layer->ctx = ctx;
+    layer->id = masa__next_tick();
+    atomic_init(&layer->generation, masa__next_tick());
     layer->d_model = o.d_model;
     layer->n_heads = o.n_heads;
     layer->n_kv_heads = o.n_kv_heads;
@@ -216,8 +218,12 @@ MASA_API masa_status masa_layer_set_masa(masa_layer *layer,
     ps->coef = coef;
     ps->layer_index = layer_index;
     ps->composed_cache = cache;
-    if (cache)
+    if (cache) {
+        masa__call_enter();
         masa__compose_projection(layer, which, cache);
+        masa__call_exit();
+    }
+    masa__bump(&layer->generation);
     return MASA_OK;
 }
 
@@ -245,6 +251,7 @@ MASA_API masa_status masa_layer_set_dense(masa_layer *layer,
     ps->coef = NULL;
     ps->weight = w;
     ps->weight_owned = weight == NULL;
+    masa__bump(&layer->generation);
     return MASA_OK;
 }
 
@@ -267,6 +274,7 @@ MASA_API masa_status masa_layer_set_bias(masa_layer *layer,
     release_bias(layer, ps);
     ps->bias = b;
     ps->bias_owned = bias == NULL;
+    masa__bump(&layer->generation);
     return MASA_OK;
 }
 
@@ -277,6 +285,78 @@ MASA_API masa_status masa_layer_remove_bias(masa_layer *layer,
     if (st != MASA_OK)
         return st;
     release_bias(layer, &layer->proj[which]);
+    masa__bump(&layer->generation);
+    return MASA_OK;
+}
+
+MASA_API masa_status masa_layer_touch(masa_layer *layer)
+{
+    if (!layer)
+        return masa__fail(MASA_ERROR_NULL_ARGUMENT,
+                          "masa_layer_touch: layer is NULL");
+    masa__bump(&layer->generation);
+    return MASA_OK;
+}
+
+uint64_t masa__layer_version(const masa_layer *layer)
+{
+    uint64_t v = masa__generation(&layer->generation);
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
+        const masa_proj_state *ps = &layer->proj[p];
+        if (!ps->is_masa)
+            continue;
+        uint64_t d = masa__generation(&ps->dict->generation);
+        uint64_t c = masa__generation(&ps->coef->generation);
+        v = d > v ? d : v;
+        v = c > v ? c : v;
+    }
+    return v;
+}
+
+/* Every buffer the layer reads as a parameter. A new kind of parameter is
+ * one more entry in `all` (NULL pointers are skipped). */
+size_t masa__layer_params(const masa_layer *layer, masa_param_buffer *out)
+{
+    size_t n = 0;
+    for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
+        const masa_proj_state *ps = &layer->proj[p];
+        size_t w = ps->d_in * ps->d_out * sizeof(float);
+        masa_param_buffer all[MASA_PARAM_KINDS] = {
+            {ps->is_masa ? ps->dict->atoms : NULL,
+             ps->is_masa ? w * ps->dict->n_atoms : 0, "atoms", p},
+            {ps->is_masa ? ps->coef->data : NULL,
+             ps->is_masa ? ps->coef->n_layers * ps->coef->n_atoms *
+                               sizeof(float)
+                         : 0,
+             "coefficients", p},
+            {ps->weight, w, "weight", p},
+            {ps->bias, ps->d_out * sizeof(float), "bias", p},
+            {ps->composed_cache, w, "composed weight cache", p},
+            {ps->lowrank_a, ps->d_in * ps->rank * sizeof(float),
+             "low-rank factor A", p},
+            {ps->lowrank_b, ps->rank * ps->d_out * sizeof(float),
+             "low-rank factor B", p},
+        };
+        for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
+            if (all[k].ptr)
+                out[n++] = all[k];
+    }
+    return n;
+}
+
+masa_status masa__check_not_param(const char *fn, const masa_layer *layer,
+                                  const char *name, const void *p,
+                                  size_t bytes)
+{
+    masa_param_buffer params[MASA_PARAM_KINDS * MASA_NUM_PROJECTIONS];
+    size_t n = masa__layer_params(layer, params);
+    for (size_t i = 0; i < n; i++)
+        if (masa__overlaps(p, bytes, params[i].ptr, params[i].bytes))
+            return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                              "%s: %s overlaps the %s of projection %s (an "
+                              "output must not overwrite a parameter)",
+                              fn, name, params[i].what,
+                              proj_names[params[i].proj]);
     return MASA_OK;
 }
 
@@ -350,6 +430,7 @@ MASA_API masa_status masa_layer_set_weight_policy(masa_layer *layer,
         for (int p = 0; p < MASA_NUM_PROJECTIONS; p++)
             release_cache(layer, &layer->proj[p]);
         layer->policy = policy;
+        masa__bump(&layer->generation);
         return MASA_OK;
     }
     /* every missing cache is allocated before any is filled: on failure the
@@ -393,11 +474,14 @@ MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer)
     if (!layer)
         return masa__fail(MASA_ERROR_NULL_ARGUMENT,
                           "masa_layer_refresh_weights: layer is NULL");
+    masa__call_enter();
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
         masa_proj_state *ps = &layer->proj[p];
         if (ps->composed_cache)
             masa__compose_projection(layer, p, ps->composed_cache);
     }
+    masa__call_exit();
+    masa__bump(&layer->generation);
     return MASA_OK;
 }
 

@@ -119,6 +119,10 @@ static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
         what[n++] = "dx";
     }
     for (size_t i = 0; i < n; i++) {
+        masa_status st = masa__check_not_param(fn, layer, what[i], ptr[i],
+                                               len[i]);
+        if (st != MASA_OK)
+            return st;
         for (size_t j = i + 1; j < n; j++)
             if (masa__overlaps(ptr[i], len[i], ptr[j], len[j]))
                 return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
@@ -254,20 +258,38 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
         return st;
     masa_reserve_stamp stamp;
     memcpy(&stamp, reserve, sizeof stamp);
-    if (stamp.magic != MASA_RESERVE_MAGIC || stamp.layer != layer ||
-        stamp.batch != batch || stamp.seq != seq ||
-        stamp.pos_offset != pos_offset)
+    if (stamp.magic != MASA_RESERVE_MAGIC || stamp.layer_id != layer->id)
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: the reserve was not filled by a forward call "
-                          "of this layer with batch %zu, seq %zu, pos_offset "
-                          "%zu", fn, batch, seq, pos_offset);
+                          "of this layer (another layer, or one since "
+                          "destroyed, filled it, or no forward call did)",
+                          fn);
+    if (stamp.batch != batch || stamp.seq != seq ||
+        stamp.pos_offset != pos_offset)
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: the reserve was filled with batch %llu, seq "
+                          "%llu, pos_offset %llu; backward got %zu, %zu, %zu",
+                          fn, (unsigned long long)stamp.batch,
+                          (unsigned long long)stamp.seq,
+                          (unsigned long long)stamp.pos_offset, batch, seq,
+                          pos_offset);
+    if (stamp.version != masa__layer_version(layer))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: the layer's parameters were modified after "
+                          "the forward call that filled the reserve (a "
+                          "set_*, init_*, weight policy, refresh or *_touch "
+                          "call on the layer or on a dictionary or table it "
+                          "uses): run forward again", fn);
     size_t bt = batch * seq;
     size_t act_bytes = bt * layer->d_model * sizeof(float);
     read_buffers in = {{x, dy, reserve, workspace},
                        {act_bytes, act_bytes, reserve_bytes, workspace_bytes}};
     if ((st = check_grad_overlaps(fn, layer, grads, dx, act_bytes, &in)) !=
-        MASA_OK)
+            MASA_OK ||
+        (st = masa__check_not_param(fn, layer, "the workspace", workspace,
+                                    workspace_bytes)) != MASA_OK)
         return st;
+    masa__call_enter();
 
     const float *base = reserve;
     float *ws = workspace;
@@ -306,5 +328,6 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
         masa__project_backward(layer, p, x, d_proj[p], bt, grads, dx,
                                p == 0 ? 0.0f : 1.0f, wscratch, gscratch,
                                partials, lrscratch);
+    masa__call_exit();
     return MASA_OK;
 }

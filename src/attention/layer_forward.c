@@ -78,6 +78,15 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     if (masa__overlaps(x, act_bytes, y, act_bytes))
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: x and y overlap", fn);
+    if ((st = masa__check_not_param(fn, layer, "y", y, act_bytes)) !=
+            MASA_OK ||
+        (st = masa__check_not_param(fn, layer, "the workspace", workspace,
+                                    workspace_bytes)) != MASA_OK ||
+        (reserve && (st = masa__check_not_param(fn, layer, "the reserve",
+                                                reserve, reserve_bytes)) !=
+                        MASA_OK))
+        return st;
+    masa__call_enter();
 
     float *ws = workspace;
     float *base = reserve ? (float *)reserve : ws + wl.fwd_qkv;
@@ -102,10 +111,12 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     };
     masa__attention_forward(&args);
     if (reserve) {
-        masa_reserve_stamp stamp = {MASA_RESERVE_MAGIC, layer, batch, seq,
+        masa_reserve_stamp stamp = {MASA_RESERVE_MAGIC, layer->id,
+                                    masa__layer_version(layer), batch, seq,
                                     pos_offset};
         memcpy(reserve, &stamp, sizeof stamp);
     }
     masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch, lrscratch);
+    masa__call_exit();
     return MASA_OK;
 }

@@ -80,8 +80,11 @@ static masa_status check_layer_proj(const char *fn, const masa_layer *layer,
 static void refill_cache(masa_layer *layer, int p)
 {
     masa_proj_state *ps = &layer->proj[p];
-    if (ps->is_masa && ps->composed_cache)
+    if (ps->is_masa && ps->composed_cache) {
+        masa__call_enter();
         masa__compose_projection(layer, p, ps->composed_cache);
+        masa__call_exit();
+    }
 }
 
 MASA_API masa_status masa_layer_set_lowrank(masa_layer *layer,
@@ -121,6 +124,7 @@ MASA_API masa_status masa_layer_set_lowrank(masa_layer *layer,
     ps->lowrank_a_owned = a == NULL;
     ps->lowrank_b_owned = b == NULL;
     refill_cache(layer, which);
+    masa__bump(&layer->generation);
     return MASA_OK;
 }
 
@@ -135,6 +139,7 @@ MASA_API masa_status masa_layer_remove_lowrank(masa_layer *layer,
         return MASA_OK;
     masa__release_lowrank(layer, &layer->proj[which]);
     refill_cache(layer, which);
+    masa__bump(&layer->generation);
     return MASA_OK;
 }
 

@@ -75,8 +75,10 @@ void masa__blis_init(void)
 
 MASA_API const char *masa_blis_arch(void)
 {
+    masa__call_enter();
     masa__blis_init();
     const char *name = bli_arch_string(bli_arch_query_id());
+    masa__call_exit();
     return name ? name : "unknown";
 }
 

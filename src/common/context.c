@@ -86,6 +86,8 @@ MASA_API masa_status masa_context_create(const masa_context_options *options,
                           "%s: n_threads %zu exceeds the limit %d", fn,
                           opts.n_threads, MASA_MAX_THREADS);
 
+    masa__fork_handlers_install();
+    masa__call_enter();
     masa__blis_init();
 
     masa_context tmp = {
@@ -95,26 +97,31 @@ MASA_API masa_status masa_context_create(const masa_context_options *options,
         .alloc_user = opts.alloc_user,
     };
     masa_context *ctx = masa__alloc(&tmp, sizeof *ctx);
+    masa_status st = MASA_OK;
     if (!ctx)
-        return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
-                          "%s: cannot allocate the context", fn);
-    *ctx = tmp;
-    masa_status st = masa__pool_create(ctx, ctx->n_threads, &ctx->pool);
-    if (st != MASA_OK) {
-        masa__free(&tmp, ctx);
-        return st;
+        st = masa__fail(MASA_ERROR_OUT_OF_MEMORY,
+                        "%s: cannot allocate the context", fn);
+    else {
+        *ctx = tmp;
+        st = masa__pool_create(ctx, ctx->n_threads, &ctx->pool);
+        if (st != MASA_OK)
+            masa__free(&tmp, ctx);
+        else
+            *out = ctx;
     }
-    *out = ctx;
-    return MASA_OK;
+    masa__call_exit();
+    return st;
 }
 
 MASA_API void masa_context_destroy(masa_context *ctx)
 {
     if (!ctx)
         return;
+    masa__call_enter();
     masa__pool_destroy(ctx, ctx->pool);
     masa_context tmp = *ctx;
     masa__free(&tmp, ctx);
+    masa__call_exit();
 }
 
 MASA_API size_t masa_context_threads(const masa_context *ctx)

@@ -2,6 +2,7 @@
 #ifndef MASA_INTERNAL_H
 #define MASA_INTERNAL_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -44,6 +45,26 @@ void masa__pool_destroy(const masa_context *ctx, masa_pool *pool);
  * another call, everything runs on the calling thread as thread 0. */
 void masa__pool_run(masa_pool *pool, size_t n_tasks, masa_task_fn task,
                     void *arg);
+
+/* ---- fork() safety (fork.c) ---- */
+
+/* Registers the pthread_atfork handlers (once per process). */
+void masa__fork_handlers_install(void);
+/* Number of fork()s this process is away from the process that loaded the
+ * library: a pool created under another epoch has no workers here. */
+uint64_t masa__fork_epoch(void);
+/* Brackets a public call that runs BLIS, the pool or changes shared state:
+ * fork() waits until no such call runs. Nested calls are counted once. */
+void masa__call_enter(void);
+void masa__call_exit(void);
+
+/* ---- identities and generations (identity.c) ---- */
+
+/* The next value of a process-wide counter: never 0, never repeated. */
+uint64_t masa__next_tick(void);
+/* Marks an object's parameters changed: a fresh tick. */
+void masa__bump(_Atomic uint64_t *generation);
+uint64_t masa__generation(const _Atomic uint64_t *generation);
 
 /* ---- context (context.c) ---- */
 
@@ -107,6 +128,7 @@ struct masa_dictionary {
     size_t n_atoms, rows, cols;
     float *atoms;
     bool owned;
+    _Atomic uint64_t generation; /* tick of the last change (identity.c) */
 };
 
 struct masa_coefficients {
@@ -114,6 +136,7 @@ struct masa_coefficients {
     size_t n_layers, n_atoms;
     float *data;
     bool owned;
+    _Atomic uint64_t generation; /* tick of the last change (identity.c) */
 };
 
 /* Whether the CPU has AVX2 and FMA, checked once: the vector kernels of
@@ -175,7 +198,33 @@ struct masa_layer {
     float rope_theta, scale;
     masa_weight_policy policy;
     masa_proj_state proj[MASA_NUM_PROJECTIONS];
+    uint64_t id;            /* never reused, unlike the address */
+    _Atomic uint64_t generation; /* tick of the last change of the layer */
 };
+
+/* The version of everything a layer computes with: the newest generation of
+ * the layer and of each dictionary and table it uses. Any change since a
+ * forward call (set_*, init_*, policy, refresh, *_touch) makes it larger. */
+uint64_t masa__layer_version(const masa_layer *layer);
+
+/* One parameter buffer a layer reads (or the composed cache it keeps). */
+typedef struct masa_param_buffer {
+    const void *ptr;
+    size_t bytes;
+    const char *what; /* "atoms", "coefficients", "weight", ... */
+    int proj;
+} masa_param_buffer;
+/* Room for kinds of buffer per projection (masa__layer_params lists them;
+ * a new kind of parameter is one more entry there). */
+#define MASA_PARAM_KINDS 8
+/* Fills out (MASA_PARAM_KINDS * MASA_NUM_PROJECTIONS entries) with every
+ * parameter buffer of the layer; returns how many. */
+size_t masa__layer_params(const masa_layer *layer, masa_param_buffer *out);
+/* MASA_ERROR_INVALID_ARGUMENT when the output `name` (bytes at p) overlaps
+ * a parameter buffer of the layer: outputs never write parameters. */
+masa_status masa__check_not_param(const char *fn, const masa_layer *layer,
+                                  const char *name, const void *p,
+                                  size_t bytes);
 
 /* Byte offsets of the reserve's parts (all float arrays). */
 typedef struct masa_reserve_layout {
@@ -186,10 +235,11 @@ typedef struct masa_reserve_layout {
  * backward can refuse a reserve from another layer or shape. */
 typedef struct masa_reserve_stamp {
     uint64_t magic;
-    const void *layer;
+    uint64_t layer_id;      /* masa_layer.id, not the address */
+    uint64_t version;       /* masa__layer_version() at forward */
     uint64_t batch, seq, pos_offset;
 } masa_reserve_stamp;
-#define MASA_RESERVE_MAGIC 0x6d61736172737631ull /* "masarsv1" */
+#define MASA_RESERVE_MAGIC 0x6d61736172737632ull /* "masarsv2" */
 /* Floats set aside for the stamp (keeps the arrays 64-byte aligned). */
 #define MASA_RESERVE_STAMP_FLOATS 16
 
@@ -328,7 +378,8 @@ struct masa_kv_cache {
     size_t length;            /* positions filled, the same for every sequence */
     float *k, *v;
     size_t bytes;             /* of the caller memory (for overlap checks) */
-    const masa_layer *owner;  /* layer whose keys fill it; NULL when empty */
+    uint64_t owner_id;        /* layer whose keys fill it; 0 when empty */
+    uint64_t owner_version;   /* its masa__layer_version() then */
 };
 
 /* MASA_ERROR_INVALID_ARGUMENT unless the layer can decode (causal). */

@@ -7,7 +7,10 @@
  * that never woke up for it: on a loaded machine a woken worker can wait
  * milliseconds for a core, and waiting for all of them made every call cost
  * that much. A late worker cannot take a task of a call that has returned:
- * the counter it claims from carries the call's generation. */
+ * the counter it claims from carries the call's generation.
+ *
+ * In a child process made by fork() the workers do not exist: a pool made
+ * before the fork runs everything on the calling thread (fork.c). */
 #include <pthread.h>
 #include <stdatomic.h>
 
@@ -15,6 +18,7 @@
 
 struct masa_pool {
     size_t n_threads;        /* workers + the calling thread */
+    uint64_t epoch;          /* masa__fork_epoch() at creation */
     pthread_t *workers;
     size_t n_started;
     pthread_mutex_t busy;    /* held by the call that owns the pool */
@@ -110,7 +114,8 @@ masa_status masa__pool_create(const masa_context *ctx, size_t n_threads,
                           "masa_context_create: cannot allocate the pool");
     }
     masa_pool *pool = &block->pool;
-    *pool = (masa_pool){.n_threads = n_threads, .workers = workers};
+    *pool = (masa_pool){.n_threads = n_threads, .workers = workers,
+                        .epoch = masa__fork_epoch()};
     atomic_init(&pool->next, 0);
     atomic_init(&pool->finished, 0);
     pthread_mutex_init(&pool->busy, NULL);
@@ -142,6 +147,13 @@ void masa__pool_destroy(const masa_context *ctx, masa_pool *pool)
 {
     if (!pool)
         return;
+    if (pool->epoch != masa__fork_epoch()) {
+        /* created before a fork(): the workers live in the parent, and the
+         * locks may be in any state; only the memory is ours to free */
+        masa__free(ctx, pool->workers);
+        masa__free(ctx, (pool_block *)pool);
+        return;
+    }
     stop_workers(pool);
     pthread_mutex_destroy(&pool->busy);
     pthread_mutex_destroy(&pool->lock);
@@ -164,6 +176,7 @@ void masa__pool_run(masa_pool *pool, size_t n_tasks, masa_task_fn task,
         return;
     /* task indices share 32 bits with the generation */
     if (pool->n_started == 0 || n_tasks == 1 || n_tasks > 0xffffffffu ||
+        pool->epoch != masa__fork_epoch() ||
         pthread_mutex_trylock(&pool->busy) != 0) {
         run_inline(n_tasks, task, arg);
         return;

@@ -107,7 +107,7 @@ MASA_API masa_status masa_kv_cache_truncate(masa_kv_cache *cache,
                           "cache holds", fn, length, cache->length);
     cache->length = length;
     if (length == 0)
-        cache->owner = NULL;
+        cache->owner_id = 0;
     return MASA_OK;
 }
 

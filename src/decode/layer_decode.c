@@ -115,10 +115,18 @@ static masa_status check_cache(const char *fn, const masa_layer *layer,
         return masa__fail(MASA_ERROR_BAD_SHAPE,
                           "%s: the cache holds %zu sequences, batch is %zu",
                           fn, cache->batch, batch);
-    if (cache->length > 0 && cache->owner != layer)
+    if (cache->length > 0 && cache->owner_id != layer->id)
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
-                          "%s: the cache holds keys of another layer (reset "
-                          "it before using it with this one)", fn);
+                          "%s: the cache holds keys of another layer, or of "
+                          "one since destroyed (reset it before using it "
+                          "with this one)", fn);
+    if (cache->length > 0 &&
+        cache->owner_version != masa__layer_version(layer))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: the layer's parameters were modified after "
+                          "the cache was filled (a set_*, init_*, weight "
+                          "policy, refresh or *_touch call): its keys and "
+                          "values are stale; reset the cache", fn);
     if (n_new > cache->max_seq - cache->length)
         return masa__fail(MASA_ERROR_OUT_OF_RANGE,
                           "%s: the cache is full: it holds %zu of %zu "
@@ -187,6 +195,13 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: x, y, the workspace and the cache memory must "
                           "not overlap", fn);
+    if ((st = masa__check_not_param(fn, layer, "y", y, act)) != MASA_OK ||
+        (st = masa__check_not_param(fn, layer, "the workspace", workspace,
+                                    wsb)) != MASA_OK ||
+        (st = masa__check_not_param(fn, layer, "the cache memory", cache->k,
+                                    cache->bytes)) != MASA_OK)
+        return st;
+    masa__call_enter();
 
     float *ws = workspace;
     float *q = ws + d.q, *kn = ws + d.kn, *vn = ws + d.vn;
@@ -216,6 +231,8 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
                           ws + d.partial[3]};
     masa__decode_project(layer, &o, 1, rows);
     cache->length += n_new;
-    cache->owner = layer;
+    cache->owner_id = layer->id;
+    cache->owner_version = masa__layer_version(layer);
+    masa__call_exit();
     return MASA_OK;
 }

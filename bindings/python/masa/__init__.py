@@ -36,6 +36,7 @@ from .errors import (
     BadFormatError,
     ClosedHandleError,
     FileIOError,
+    HandleInUseError,
     InternalError,
     InvalidArgumentError,
     LibraryError,
@@ -61,9 +62,10 @@ Q, K, V, O = Projection.Q, Projection.K, Projection.V, Projection.O
 
 __all__ = [
     "BadShapeError", "BadStructSizeError", "BufferTooSmallError", "ClosedHandleError",
-    "Coefficients", "Context", "Dictionary", "InternalError", "InvalidArgumentError",
-    "KVCache", "Layer", "LibraryError", "LibraryNotFoundError", "LibraryVersionError", "MAX_POSITION",
-    "MasaError", "BadFormatError", "FileIOError", "NotFoundError",
+    "Coefficients", "Context", "Dictionary", "HandleInUseError", "InternalError",
+    "InvalidArgumentError", "KVCache", "Layer", "LibraryError", "LibraryNotFoundError",
+    "LibraryVersionError", "MAX_POSITION", "MasaError", "BadFormatError", "FileIOError",
+    "NotFoundError",
     "NotReadyError", "NullArgumentError", "O", "OutOfMemoryError", "OutOfRangeError",
     "Projection", "Q", "K", "Reserve", "SizeOverflowError", "ThreadError", "V",
     "blis_arch", "default_context", "last_error", "library_path", "status_string",

@@ -191,6 +191,7 @@ SIGNATURES = {
     "masa_dictionary_shape": (_status, [dictionary_p, _size_p, _size_p, _size_p], True),
     "masa_dictionary_data": (c_void_p, [dictionary_p], False),
     "masa_dictionary_init_uniform": (_status, [dictionary_p, c_float, c_uint64], True),
+    "masa_dictionary_touch": (_status, [dictionary_p], True),
     # coefficient tables
     "masa_coefficients_create": (
         _status, [context_p, c_size_t, c_size_t, POINTER(coefficients_p)], True),
@@ -202,6 +203,7 @@ SIGNATURES = {
     "masa_coefficients_init_cyclic": (_status, [coefficients_p], True),
     "masa_coefficients_init_blocks": (_status, [coefficients_p], True),
     "masa_coefficients_add_uniform": (_status, [coefficients_p, c_float, c_uint64], True),
+    "masa_coefficients_touch": (_status, [coefficients_p], True),
     # composition
     "masa_compose": (
         _status, [dictionary_p, coefficients_p, c_size_t, c_void_p, c_size_t], True),
@@ -214,6 +216,7 @@ SIGNATURES = {
     "masa_layer_set_dense": (_status, [layer_p, c_int, c_void_p], True),
     "masa_layer_set_bias": (_status, [layer_p, c_int, c_void_p], True),
     "masa_layer_remove_bias": (_status, [layer_p, c_int], True),
+    "masa_layer_touch": (_status, [layer_p], True),
     "masa_layer_set_weight_policy": (_status, [layer_p, c_int], True),
     "masa_layer_weight_policy": (_status, [layer_p, POINTER(c_int)], True),
     "masa_layer_refresh_weights": (_status, [layer_p], True),

@@ -16,8 +16,9 @@ from ctypes import byref, c_size_t
 import numpy as np
 
 from . import _lib
-from ._arrays import FLOAT32, float32_array, pointer, seed_arg, size_arg
+from ._arrays import FLOAT32, check_no_overlap, float32_array, pointer, seed_arg, size_arg
 from ._handle import Handle
+from .errors import HandleInUseError
 
 
 # ---------------------------------------------------------------------------
@@ -94,8 +95,10 @@ class Context(Handle):
     """A libmasa context: worker threads and BLIS settings.
 
     ``n_threads=0`` uses every online CPU. Closing a context first closes every
-    layer, dictionary and coefficient table created from it (the C API
-    requires them to be destroyed first).
+    layer, KV cache, dictionary and coefficient table created from it (the C
+    API requires them to be destroyed first); if one of its dictionaries or
+    tables is used by an open layer of another context, close() raises
+    HandleInUseError and closes nothing.
     """
 
     def __init__(self, n_threads: int = 0):
@@ -109,22 +112,30 @@ class Context(Handle):
 
     @property
     def threads(self) -> int:
-        return int(_lib.lib().masa_context_threads(self._handle()))
+        with self._reading():
+            return int(_lib.lib().masa_context_threads(self._handle()))
 
     def _adopt(self, child):
         self._children.add(child)
 
     def close(self) -> None:
-        if self.closed:
-            return
-        children = list(self._children)
-        # Layers point into dictionaries and tables: close them first.
-        for child in children:
-            if isinstance(child, _layer_types()):
+        with self._writing():
+            if self.closed:
+                return
+            children = [c for c in list(self._children) if not c.closed]
+            for child in children:
+                for user in getattr(child, "_open_users", lambda: ())():
+                    if user.context is not self:
+                        raise HandleInUseError(
+                            f"cannot close the Context: its {type(child).__name__} is used by "
+                            f"an open Layer of another context (close that layer first)")
+            # Layers point into dictionaries and tables: close them first.
+            for child in children:
+                if isinstance(child, _layer_types()):
+                    child.close()
+            for child in children:
                 child.close()
-        for child in children:
-            child.close()
-        super().close()
+            super().close()
 
     def __repr__(self):
         if self.closed:
@@ -162,7 +173,24 @@ def _check_context(context):
 # ---------------------------------------------------------------------------
 
 
-class Dictionary(Handle):
+class _Parameters(Handle):
+    """A Dictionary or Coefficients: layers using it are its users. Closing
+    it while an open layer uses it raises HandleInUseError (the layer keeps
+    it alive and usable; close the layer, or set its projection to other
+    parameters, first)."""
+
+    def _open_users(self):
+        return [u for u in list(self._users) if not u.closed]
+
+    def _check_close(self):
+        users = self._open_users()
+        if users:
+            raise HandleInUseError(
+                f"cannot close the {type(self).__name__}: {len(users)} open Layer(s) use it "
+                f"(close them or give their projections other parameters first)")
+
+
+class Dictionary(_Parameters):
     """S shared atoms of shape rows x cols, stored as a float32 numpy array of
     shape (n_atoms, rows, cols) that the C dictionary wraps zero-copy.
 
@@ -183,11 +211,13 @@ class Dictionary(Handle):
         S, r, c = data.shape
         L = _lib.lib()
         out = _lib.dictionary_p()
-        L.masa_dictionary_wrap(ctx, S, r, c, pointer(data), byref(out))
-        self._data = data
-        self.context = context
-        self._init_handle(out, L.masa_dictionary_destroy, [context, data])
-        context._adopt(self)
+        with context._reading():
+            L.masa_dictionary_wrap(_check_context(context), S, r, c, pointer(data), byref(out))
+            self._data = data
+            self.context = context
+            self._users = weakref.WeakSet()
+            self._init_handle(out, L.masa_dictionary_destroy, [context, data])
+            context._adopt(self)
 
     @classmethod
     def wrap(cls, context, array):
@@ -198,7 +228,8 @@ class Dictionary(Handle):
     def shape(self):
         """(n_atoms, rows, cols) as the library reports it."""
         n, r, c = c_size_t(), c_size_t(), c_size_t()
-        _lib.lib().masa_dictionary_shape(self._handle(), byref(n), byref(r), byref(c))
+        with self._reading():
+            _lib.lib().masa_dictionary_shape(self._handle(), byref(n), byref(r), byref(c))
         return (n.value, r.value, c.value)
 
     @property
@@ -212,11 +243,21 @@ class Dictionary(Handle):
 
     def data_pointer(self) -> int:
         """masa_dictionary_data(): the address the library uses."""
-        return _lib.lib().masa_dictionary_data(self._handle()) or 0
+        with self._reading():
+            return _lib.lib().masa_dictionary_data(self._handle()) or 0
 
     def init_uniform(self, bound: float = 0.0, seed: int = 0) -> "Dictionary":
         """Uniform atoms in [-bound, bound]; bound 0 = 1/sqrt(rows)."""
-        _lib.lib().masa_dictionary_init_uniform(self._handle(), float(bound), seed_arg(seed))
+        with self._writing():
+            _lib.lib().masa_dictionary_init_uniform(self._handle(), float(bound), seed_arg(seed))
+        return self
+
+    def touch(self) -> "Dictionary":
+        """Declare that ``atoms`` was written directly (numpy writes are
+        invisible to libmasa): reserves and KV caches filled before by
+        layers using this dictionary are refused afterwards."""
+        with self._writing():
+            _lib.lib().masa_dictionary_touch(self._handle())
         return self
 
     def compose(self, coefficients, layer_index: int, out=None) -> np.ndarray:
@@ -228,10 +269,13 @@ class Dictionary(Handle):
             out = np.empty((rows, cols), dtype=FLOAT32)
         else:
             float32_array(out, "out", shape=(rows, cols), writeable=True)
-        _lib.lib().masa_compose(
-            self._handle(), coefficients._handle(), size_arg(layer_index, "layer_index"),
-            pointer(out), out.size,
-        )
+        check_no_overlap([("out", out), ("the atoms", self._data),
+                          ("the coefficients", coefficients._data)])
+        with self._reading(coefficients):
+            _lib.lib().masa_compose(
+                self._handle(), coefficients._handle(), size_arg(layer_index, "layer_index"),
+                pointer(out), out.size,
+            )
         return out
 
     def __repr__(self):
@@ -244,7 +288,7 @@ class Dictionary(Handle):
 # ---------------------------------------------------------------------------
 
 
-class Coefficients(Handle):
+class Coefficients(_Parameters):
     """An L x S coefficient table, stored as a float32 numpy array of shape
     (n_layers, n_atoms) that the C table wraps zero-copy."""
 
@@ -260,11 +304,13 @@ class Coefficients(Handle):
         nl, na = data.shape
         L = _lib.lib()
         out = _lib.coefficients_p()
-        L.masa_coefficients_wrap(ctx, nl, na, pointer(data), byref(out))
-        self._data = data
-        self.context = context
-        self._init_handle(out, L.masa_coefficients_destroy, [context, data])
-        context._adopt(self)
+        with context._reading():
+            L.masa_coefficients_wrap(_check_context(context), nl, na, pointer(data), byref(out))
+            self._data = data
+            self.context = context
+            self._users = weakref.WeakSet()
+            self._init_handle(out, L.masa_coefficients_destroy, [context, data])
+            context._adopt(self)
 
     @classmethod
     def wrap(cls, context, array):
@@ -275,7 +321,8 @@ class Coefficients(Handle):
     def shape(self):
         """(n_layers, n_atoms) as the library reports it."""
         nl, na = c_size_t(), c_size_t()
-        _lib.lib().masa_coefficients_shape(self._handle(), byref(nl), byref(na))
+        with self._reading():
+            _lib.lib().masa_coefficients_shape(self._handle(), byref(nl), byref(na))
         return (nl.value, na.value)
 
     @property
@@ -284,21 +331,32 @@ class Coefficients(Handle):
         return self._data
 
     def data_pointer(self) -> int:
-        return _lib.lib().masa_coefficients_data(self._handle()) or 0
+        with self._reading():
+            return _lib.lib().masa_coefficients_data(self._handle()) or 0
 
     def init_cyclic(self) -> "Coefficients":
         """c[l, s] = 1 if s == l mod S (repeat-all-over)."""
-        _lib.lib().masa_coefficients_init_cyclic(self._handle())
+        with self._writing():
+            _lib.lib().masa_coefficients_init_cyclic(self._handle())
         return self
 
     def init_blocks(self) -> "Coefficients":
         """c[l, s] = 1 if s == floor(l S / L) (sequential blocks)."""
-        _lib.lib().masa_coefficients_init_blocks(self._handle())
+        with self._writing():
+            _lib.lib().masa_coefficients_init_blocks(self._handle())
         return self
 
     def add_uniform(self, bound: float, seed: int = 0) -> "Coefficients":
         """Add uniform noise in [-bound, bound]."""
-        _lib.lib().masa_coefficients_add_uniform(self._handle(), float(bound), seed_arg(seed))
+        with self._writing():
+            _lib.lib().masa_coefficients_add_uniform(self._handle(), float(bound), seed_arg(seed))
+        return self
+
+    def touch(self) -> "Coefficients":
+        """Declare that ``values`` was written directly (see
+        Dictionary.touch)."""
+        with self._writing():
+            _lib.lib().masa_coefficients_touch(self._handle())
         return self
 
     def __repr__(self):

@@ -31,27 +31,29 @@ class KVCache(Handle):
         batch = size_arg(batch, "batch")
         max_seq = size_arg(max_seq, "max_seq")
         nbytes = c_size_t()
-        L.masa_kv_cache_size(layer._handle(), batch, max_seq, byref(nbytes))
-        shape = (2, batch, layer.n_kv_heads, max_seq, layer.head_dim)
-        memory = np.zeros(shape, dtype=FLOAT32)
-        assert memory.nbytes == nbytes.value
-        out = _lib.kv_cache_p()
-        L.masa_kv_cache_create(layer._handle(), batch, max_seq, pointer(memory),
-                               memory.nbytes, byref(out))
-        self.memory = memory
-        self.batch = batch
-        self.max_seq = max_seq
-        self.context = layer.context
-        # The C handle comes from the context's allocator: the context stays
-        # alive (and closes the cache first) while the cache exists.
-        self._init_handle(out, L.masa_kv_cache_destroy, [layer.context, memory])
-        layer.context._adopt(self)
+        with layer._reading(layer.context):
+            L.masa_kv_cache_size(layer._handle(), batch, max_seq, byref(nbytes))
+            shape = (2, batch, layer.n_kv_heads, max_seq, layer.head_dim)
+            memory = np.zeros(shape, dtype=FLOAT32)
+            assert memory.nbytes == nbytes.value
+            out = _lib.kv_cache_p()
+            L.masa_kv_cache_create(layer._handle(), batch, max_seq, pointer(memory),
+                                   memory.nbytes, byref(out))
+            self.memory = memory
+            self.batch = batch
+            self.max_seq = max_seq
+            self.context = layer.context
+            # The C handle comes from the context's allocator: the context
+            # stays alive (and closes the cache first) while the cache exists.
+            self._init_handle(out, L.masa_kv_cache_destroy, [layer.context, memory])
+            layer.context._adopt(self)
 
     @property
     def length(self) -> int:
         """Positions filled per sequence (the RoPE position of the next token)."""
         n = c_size_t()
-        _lib.lib().masa_kv_cache_length(self._handle(), byref(n))
+        with self._reading():
+            _lib.lib().masa_kv_cache_length(self._handle(), byref(n))
         return n.value
 
     @property
@@ -71,11 +73,13 @@ class KVCache(Handle):
 
     def reset(self) -> None:
         """Empty the cache (length 0)."""
-        _lib.lib().masa_kv_cache_reset(self._handle())
+        with self._writing():
+            _lib.lib().masa_kv_cache_reset(self._handle())
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` positions (length <= self.length)."""
-        _lib.lib().masa_kv_cache_truncate(self._handle(), size_arg(length, "length"))
+        with self._writing():
+            _lib.lib().masa_kv_cache_truncate(self._handle(), size_arg(length, "length"))
 
     def __repr__(self):
         if self.closed:
@@ -84,11 +88,9 @@ class KVCache(Handle):
 
 
 def decode_workspace_size(layer, batch: int, n_new: int) -> int:
-    n = c_size_t()
-    _lib.lib().masa_layer_decode_workspace_size(
-        layer._handle(), size_arg(batch, "batch"), size_arg(n_new, "n_new"), byref(n)
-    )
-    return n.value
+    with layer._locked():
+        layer._check_parameters_open()
+        return layer._size(_lib.lib().masa_layer_decode_workspace_size, batch, n_new, "n_new")
 
 
 def decode(layer, cache: KVCache, x, out=None):
@@ -96,8 +98,8 @@ def decode(layer, cache: KVCache, x, out=None):
     return their outputs (masa_layer_decode)."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a masa.KVCache, got {type(cache).__name__}")
-    handle = layer._handle()
-    cache_handle = cache._handle()
+    layer._handle()
+    cache._handle()
     float32_array(x, "x", shape=(None, None, layer.d_model))
     batch, n_new, _ = x.shape
     if out is None:
@@ -105,8 +107,13 @@ def decode(layer, cache: KVCache, x, out=None):
     else:
         y = float32_array(out, "out", shape=x.shape, writeable=True)
     check_no_overlap([("x", x), ("out", y), ("cache memory", cache.memory)])
-    layer._check_parameters_open()
-    ws = workspace(decode_workspace_size(layer, batch, n_new))
-    _lib.lib().masa_layer_decode(handle, cache_handle, batch, n_new, pointer(x),
-                                 pointer(y), pointer(ws), ws.nbytes)
+    # the cache is modified: exclusive; the layer and its parameters shared
+    with layer._locked(extra_writes=(cache,)):
+        handle, cache_handle = layer._handle(), cache._handle()
+        layer._check_parameters_open()
+        layer._check_not_parameters([("out", y)])
+        ws = workspace(layer._size(_lib.lib().masa_layer_decode_workspace_size, batch, n_new,
+                                   "n_new"))
+        _lib.lib().masa_layer_decode(handle, cache_handle, batch, n_new, pointer(x),
+                                     pointer(y), pointer(ws), ws.nbytes)
     return y

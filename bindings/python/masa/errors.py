@@ -11,7 +11,8 @@ Two families:
   is the wrong version (an ``OSError``).
 
 Using an object after ``close()`` raises :class:`ClosedHandleError` (a
-``ValueError``, like operations on a closed file).
+``ValueError``, like operations on a closed file); closing an object an open
+layer still uses raises :class:`HandleInUseError` (a ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -127,6 +128,12 @@ def error_for_status(status, message, function=None, status_name=None):
 
 class ClosedHandleError(ValueError):
     """An object was used after close() (or after its context was closed)."""
+
+
+class HandleInUseError(RuntimeError):
+    """close() of a Dictionary, Coefficients or Context that an open Layer
+    of another owner still uses: close that layer (or give its projection
+    other parameters) first. Nothing was closed."""
 
 
 class LibraryError(OSError):

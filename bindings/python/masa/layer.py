@@ -19,7 +19,7 @@ from ._arrays import (
     size_arg,
     workspace,
 )
-from ._handle import Handle
+from ._handle import Handle, locked
 from .core import Coefficients, Context, Dictionary, Projection, _check_context
 from .errors import ClosedHandleError
 
@@ -67,15 +67,14 @@ class Reserve:
     """What a training forward saved for backward: the reserve buffer plus the
     input x (referenced, not copied: do not modify x before backward)."""
 
-    __slots__ = ("_layer", "x", "batch", "seq", "pos_offset", "buffer", "generation")
+    __slots__ = ("_layer", "x", "batch", "seq", "pos_offset", "buffer")
 
-    def __init__(self, layer, x, pos_offset, buffer, generation):
+    def __init__(self, layer, x, pos_offset, buffer):
         self._layer = weakref.ref(layer)  # no cycle through layer.last_reserve
         self.x = x
         self.batch, self.seq = x.shape[0], x.shape[1]
         self.pos_offset = pos_offset
         self.buffer = buffer
-        self.generation = generation
 
     @property
     def layer(self):
@@ -87,6 +86,32 @@ class Reserve:
         return self.buffer.nbytes
 
 
+class _LayerLocks:
+    """Layer._locked(): the parameters to lock are read before their locks
+    are taken, so a set_masa in between makes it take them again."""
+
+    __slots__ = ("_args", "_held")
+
+    def __init__(self, layer, write, extra_reads, extra_writes):
+        self._args = (layer, write, tuple(extra_reads), tuple(extra_writes))
+        self._held = None
+
+    def __enter__(self):
+        layer, write, extra_reads, extra_writes = self._args
+        while True:
+            params = layer._param_handles()
+            held = locked(reads=params + extra_reads + (() if write else (layer,)),
+                          writes=extra_writes + ((layer,) if write else ()))
+            held.__enter__()
+            if layer._param_handles() is params:
+                self._held = held
+                return self
+            held.__exit__(None, None, None)
+
+    def __exit__(self, *exc):
+        return self._held.__exit__(*exc)
+
+
 class Layer(Handle):
     """A MASA attention layer (masa_layer).
 
@@ -95,7 +120,19 @@ class Layer(Handle):
     forward. A projection may carry a low-rank term A B beside its base
     (W = base + A B); one whose base was never set is A B alone. The layer
     keeps its context, the dictionaries and tables it uses and the arrays it
-    wraps alive.
+    wraps alive and usable: closing a Dictionary or Coefficients an open
+    layer uses raises masa.HandleInUseError.
+
+    Threads: forward, backward, decode and the queries may run on one layer
+    from several threads at once; set_*, remove_bias, set_weight_policy,
+    refresh_weights, touch and close wait for them (and they for it).
+
+    Parameters modified between forward and backward (set_*, remove_*,
+    weight policy, refresh, init_* of a dictionary or table it uses, and
+    touch() after writing parameter arrays directly) make backward refuse
+    the earlier reserve (masa.h: "Parameters modified between forward and
+    backward"); numpy writes to parameter arrays not declared by touch()
+    are invisible.
     """
 
     def __init__(
@@ -124,18 +161,19 @@ class Layer(Handle):
             opts.rope_theta = float(rope_theta)
         opts.softmax_scale = float(softmax_scale or 0.0)
         out = _lib.layer_p()
-        L.masa_layer_create(ctx, byref(opts), byref(out))
+        with context._reading():
+            L.masa_layer_create(_check_context(context), byref(opts), byref(out))
 
-        self.context = context
-        # Everything the C layer points into; also held by the finalizer.
-        self._proj = [None] * len(PROJECTIONS)
-        self._bias = [None] * len(PROJECTIONS)
-        self._lowrank = [None] * len(PROJECTIONS)  # (a, b) arrays
-        self._generation = 0
-        self.last_reserve = None
-        self._init_handle(out, L.masa_layer_destroy,
-                          [context, self._proj, self._bias, self._lowrank])
-        context._adopt(self)
+            self.context = context
+            # Everything the C layer points into; also held by the finalizer.
+            self._proj = [None] * len(PROJECTIONS)
+            self._bias = [None] * len(PROJECTIONS)
+            self._lowrank = [None] * len(PROJECTIONS)  # (a, b) arrays
+            self._cache = {}  # parameter handles and arrays, per projection state
+            self.last_reserve = None
+            self._init_handle(out, L.masa_layer_destroy,
+                              [context, self._proj, self._bias, self._lowrank])
+            context._adopt(self)
 
         dq = self.projection_shape(Projection.Q)[1]
         dkv = self.projection_shape(Projection.K)[1]
@@ -154,7 +192,8 @@ class Layer(Handle):
         """(d_in, d_out) of projection `which`'s weight."""
         p = Projection.parse(which)
         d_in, d_out = c_size_t(), c_size_t()
-        _lib.lib().masa_layer_projection_shape(self._handle(), p, byref(d_in), byref(d_out))
+        with self._reading():
+            _lib.lib().masa_layer_projection_shape(self._handle(), p, byref(d_in), byref(d_out))
         return (d_in.value, d_out.value)
 
     def projection_kind(self, which):
@@ -171,11 +210,11 @@ class Layer(Handle):
         if not isinstance(coefficients, Coefficients):
             raise TypeError("coefficients must be a masa.Coefficients")
         index = size_arg(layer_index, "layer_index")
-        _lib.lib().masa_layer_set_masa(
-            self._handle(), p, dictionary._handle(), coefficients._handle(), index
-        )
-        self._proj[p] = _Masa(dictionary, coefficients, index)
-        self._generation += 1
+        with self._locked(write=True, extra_reads=(dictionary, coefficients)):
+            _lib.lib().masa_layer_set_masa(
+                self._handle(), p, dictionary._handle(), coefficients._handle(), index
+            )
+            self._replace(p, _Masa(dictionary, coefficients, index))
 
     def set_dense(self, which, weight=None) -> np.ndarray:
         """Make projection `which` dense. weight: a float32 (d_in, d_out) array
@@ -186,9 +225,9 @@ class Layer(Handle):
             weight = np.zeros(shape, dtype=FLOAT32)
         else:
             float32_array(weight, "weight", shape=shape, writeable=True)
-        _lib.lib().masa_layer_set_dense(self._handle(), p, pointer(weight))
-        self._proj[p] = _Dense(weight)
-        self._generation += 1
+        with self._writing():
+            _lib.lib().masa_layer_set_dense(self._handle(), p, pointer(weight))
+            self._replace(p, _Dense(weight))
         return weight
 
     def set_bias(self, which, bias=None) -> np.ndarray:
@@ -200,16 +239,99 @@ class Layer(Handle):
             bias = np.zeros((d_out,), dtype=FLOAT32)
         else:
             float32_array(bias, "bias", shape=(d_out,), writeable=True)
-        _lib.lib().masa_layer_set_bias(self._handle(), p, pointer(bias))
-        self._bias[p] = bias
-        self._generation += 1
+        with self._writing():
+            _lib.lib().masa_layer_set_bias(self._handle(), p, pointer(bias))
+            self._bias[p] = bias
+            self._cache.clear()
         return bias
 
     def remove_bias(self, which) -> None:
         p = Projection.parse(which)
-        _lib.lib().masa_layer_remove_bias(self._handle(), p)
-        self._bias[p] = None
-        self._generation += 1
+        with self._writing():
+            _lib.lib().masa_layer_remove_bias(self._handle(), p)
+            self._bias[p] = None
+            self._cache.clear()
+
+    def touch(self) -> None:
+        """Declare that a dense weight or bias array of this layer was
+        written directly (numpy writes are invisible to libmasa): reserves
+        and KV caches filled before are refused afterwards."""
+        with self._writing():
+            _lib.lib().masa_layer_touch(self._handle())
+
+    def _replace(self, p, state):
+        """Projection p now uses `state`; keeps the users of dictionaries
+        and tables current (they refuse close() while used)."""
+        old = self._proj[p]
+        self._proj[p] = state
+        self._cache.clear()
+        if isinstance(old, _Masa):
+            still = set()
+            for s in self._proj:
+                if isinstance(s, _Masa):
+                    still.update((id(s.dictionary), id(s.coefficients)))
+            for obj in (old.dictionary, old.coefficients):
+                if id(obj) not in still:
+                    obj._users.discard(self)
+        if isinstance(state, _Masa):
+            state.dictionary._users.add(self)
+            state.coefficients._users.add(self)
+
+    def _param_handles(self):
+        """The dictionaries and tables the projections use (distinct)."""
+        cached = self._cache.get("handles")
+        if cached is None:
+            out = {}
+            for s in self._proj:
+                if isinstance(s, _Masa):
+                    out.setdefault(id(s.dictionary), s.dictionary)
+                    out.setdefault(id(s.coefficients), s.coefficients)
+            cached = self._cache["handles"] = tuple(out.values())
+        return cached
+
+    def _locked(self, write=False, extra_reads=(), extra_writes=()):
+        """This layer's lock (shared, or exclusive with write=True) and
+        shared locks of the parameters it uses, retaken if a concurrent
+        set_masa changed them meanwhile."""
+        return _LayerLocks(self, write, extra_reads, extra_writes)
+
+    def _parameter_arrays(self):
+        """(name, array) of every parameter buffer the layer reads, each
+        once: outputs must not overlap them."""
+        cached = self._cache.get("arrays")
+        if cached is None:
+            out, seen = [], set()
+
+            def add(name, arr):
+                if id(arr) not in seen:
+                    seen.add(id(arr))
+                    out.append((name, arr))
+
+            for p in PROJECTIONS:
+                s = self._proj[p]
+                if isinstance(s, _Masa):
+                    add(f"the {p.letter}.atoms", s.dictionary.atoms)
+                    add(f"the {p.letter}.coefficients", s.coefficients.values)
+                elif isinstance(s, _Dense):
+                    add(f"the {p.letter}.weight", s.weight)
+                if self._bias[p] is not None:
+                    add(f"the {p.letter}.bias", self._bias[p])
+                if self._lowrank[p] is not None:
+                    add(f"the {p.letter}.lowrank_a", self._lowrank[p][0])
+                    add(f"the {p.letter}.lowrank_b", self._lowrank[p][1])
+            cached = self._cache["arrays"] = tuple(out)
+        return cached
+
+    def _check_not_parameters(self, outputs):
+        """ValueError if an output array overlaps a parameter array."""
+        params = self._parameter_arrays()
+        for name, arr in outputs:
+            if arr is None:
+                continue
+            for pname, parr in params:
+                if np.may_share_memory(arr, parr):
+                    raise ValueError(f"{name} must not overlap {pname} (an output would "
+                                     f"overwrite a parameter)")
 
     # ------------------------------------------------------ low-rank terms
 
@@ -238,17 +360,20 @@ class Layer(Handle):
             b = np.zeros((r, d_out), dtype=FLOAT32)
         else:
             float32_array(b, "b", shape=(r, d_out), writeable=True)
-        _lib.lib().masa_layer_set_lowrank(self._handle(), p, r, pointer(a), pointer(b))
-        self._lowrank[p] = (a, b)
-        self._generation += 1
+        # the library recomposes a cached MASA weight: the parameters are read
+        with self._locked(write=True):
+            _lib.lib().masa_layer_set_lowrank(self._handle(), p, r, pointer(a), pointer(b))
+            self._lowrank[p] = (a, b)
+            self._cache.clear()
         return a, b
 
     def remove_lowrank(self, which) -> None:
         """Remove projection `which`'s low-rank term (no-op without one)."""
         p = Projection.parse(which)
-        _lib.lib().masa_layer_remove_lowrank(self._handle(), p)
-        self._lowrank[p] = None
-        self._generation += 1
+        with self._locked(write=True):
+            _lib.lib().masa_layer_remove_lowrank(self._handle(), p)
+            self._lowrank[p] = None
+            self._cache.clear()
 
     def lowrank(self, which):
         """(a, b) arrays of projection `which`'s low-rank term, or None."""
@@ -258,8 +383,9 @@ class Layer(Handle):
         """masa_layer_lowrank(): (rank, address of A, address of B) the
         library uses (0, 0, 0 without a term)."""
         r, a, b = c_size_t(), c_void_p(), c_void_p()
-        _lib.lib().masa_layer_lowrank(self._handle(), Projection.parse(which),
-                                      byref(r), byref(a), byref(b))
+        with self._reading():
+            _lib.lib().masa_layer_lowrank(self._handle(), Projection.parse(which),
+                                          byref(r), byref(a), byref(b))
         return r.value, a.value or 0, b.value or 0
 
     # --------------------------------------------------------- weight policy
@@ -272,20 +398,25 @@ class Layer(Handle):
         to the atoms or coefficients until then. Setting 'cached' again
         refills it."""
         value = WeightPolicy.parse(policy)
-        _lib.lib().masa_layer_set_weight_policy(self._handle(), int(value))
-        self._generation += 1  # W_l may differ: earlier reserves are refused
+        with self._locked(write=True):
+            handle = self._handle()
+            self._check_parameters_open()
+            _lib.lib().masa_layer_set_weight_policy(handle, int(value))
 
     @property
     def weight_policy(self) -> WeightPolicy:
         value = c_int()
-        _lib.lib().masa_layer_weight_policy(self._handle(), byref(value))
+        with self._reading():
+            _lib.lib().masa_layer_weight_policy(self._handle(), byref(value))
         return WeightPolicy(value.value)
 
     def refresh_weights(self) -> None:
         """Recompose the cached weights from the current atoms and
         coefficients (after an optimiser step); nothing to do on the fly."""
-        _lib.lib().masa_layer_refresh_weights(self._handle())
-        self._generation += 1
+        with self._locked(write=True):
+            handle = self._handle()
+            self._check_parameters_open()
+            _lib.lib().masa_layer_refresh_weights(handle)
 
     def weight(self, which):
         """The dense weight array of projection `which` (None unless dense)."""
@@ -305,17 +436,25 @@ class Layer(Handle):
 
     def c_weight_pointer(self, which) -> int:
         """masa_layer_weight(): address of the dense weight the library uses (0 if none)."""
-        return _lib.lib().masa_layer_weight(self._handle(), Projection.parse(which)) or 0
+        with self._reading():
+            return _lib.lib().masa_layer_weight(self._handle(), Projection.parse(which)) or 0
 
     def c_bias_pointer(self, which) -> int:
         """masa_layer_bias(): address of the bias the library uses (0 if none)."""
-        return _lib.lib().masa_layer_bias(self._handle(), Projection.parse(which)) or 0
+        with self._reading():
+            return _lib.lib().masa_layer_bias(self._handle(), Projection.parse(which)) or 0
 
     def gradient_shapes(self):
         """{name: shape} of every parameter gradient backward can produce:
         '<p>.atoms', '<p>.coefficients' (MASA), '<p>.weight' (dense),
         '<p>.bias' (with a bias), '<p>.lowrank_a', '<p>.lowrank_b' (with a
         low-rank term), for p in q, k, v, o."""
+        with self._locked():
+            self._handle()
+            self._check_parameters_open()
+            return self._gradient_shapes()
+
+    def _gradient_shapes(self):
         shapes = {}
         for p in PROJECTIONS:
             state = self._proj[p]
@@ -334,17 +473,17 @@ class Layer(Handle):
     # ----------------------------------------------------------------- sizes
 
     def workspace_size(self, batch: int, seq: int) -> int:
-        n = c_size_t()
-        _lib.lib().masa_layer_workspace_size(
-            self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
-        )
-        return n.value
+        with self._reading():
+            return self._size(_lib.lib().masa_layer_workspace_size, batch, seq)
 
     def reserve_size(self, batch: int, seq: int) -> int:
+        with self._reading():
+            return self._size(_lib.lib().masa_layer_reserve_size, batch, seq)
+
+    def _size(self, query, batch, seq, seq_name="seq"):
+        """A size query; the caller holds the layer's lock."""
         n = c_size_t()
-        _lib.lib().masa_layer_reserve_size(
-            self._handle(), size_arg(batch, "batch"), size_arg(seq, "seq"), byref(n)
-        )
+        query(self._handle(), size_arg(batch, "batch"), size_arg(seq, seq_name), byref(n))
         return n.value
 
     # ------------------------------------------------------------- decoding
@@ -383,7 +522,7 @@ class Layer(Handle):
         what backward() needs (also kept as self.last_reserve unless
         keep_reserve=False). out: optional float32 array for y.
         """
-        handle = self._handle()
+        self._handle()
         self._check_x(x)
         pos = size_arg(pos_offset, "pos_offset")
         batch, seq, _ = x.shape
@@ -392,23 +531,25 @@ class Layer(Handle):
         else:
             y = float32_array(out, "out", shape=x.shape, writeable=True)
             check_no_overlap([("x", x), ("out", y)])
-        self._check_parameters_open()
-
-        ws_bytes = self.workspace_size(batch, seq)
-        ws = workspace(ws_bytes)
-        if training:
-            rbytes = self.reserve_size(batch, seq)
-            buf = np.empty(max(1, (rbytes + 3) // 4), dtype=FLOAT32)
-            res_ptr, res_bytes = pointer(buf), buf.nbytes
-        else:
-            buf, res_ptr, res_bytes = None, None, 0
-        _lib.lib().masa_layer_forward(
-            handle, batch, seq, pos, pointer(x), pointer(y),
-            pointer(ws), ws.nbytes, res_ptr, res_bytes,
-        )
+        with self._locked():
+            handle = self._handle()
+            self._check_parameters_open()
+            self._check_not_parameters([("out", y)])
+            L = _lib.lib()
+            ws = workspace(self._size(L.masa_layer_workspace_size, batch, seq))
+            if training:
+                rbytes = self._size(L.masa_layer_reserve_size, batch, seq)
+                buf = np.empty(max(1, (rbytes + 3) // 4), dtype=FLOAT32)
+                res_ptr, res_bytes = pointer(buf), buf.nbytes
+            else:
+                buf, res_ptr, res_bytes = None, None, 0
+            L.masa_layer_forward(
+                handle, batch, seq, pos, pointer(x), pointer(y),
+                pointer(ws), ws.nbytes, res_ptr, res_bytes,
+            )
         if not training:
             return y
-        reserve = Reserve(self, x, pos, buf, self._generation)
+        reserve = Reserve(self, x, pos, buf)
         if keep_reserve:
             self.last_reserve = reserve
         return y, reserve
@@ -435,6 +576,11 @@ class Layer(Handle):
         - accumulate: add into the `out` buffers (MASA_GRAD_ADD) instead of
           overwriting them. Coefficient gradients only touch this layer's row.
         """
+        self._handle()
+        with self._locked():
+            return self._backward(dy, reserve, out, params, accumulate, need_dx, dx)
+
+    def _backward(self, dy, reserve, out, params, accumulate, need_dx, dx):
         handle = self._handle()
         if reserve is None:
             reserve = self.last_reserve
@@ -444,12 +590,11 @@ class Layer(Handle):
             raise TypeError(f"reserve must be a masa.Reserve, got {type(reserve).__name__}")
         if reserve.layer is not self:
             raise ValueError("reserve comes from a different layer")
-        if reserve.generation != self._generation:
-            raise ValueError("the layer's projections or biases were replaced after this forward call")
+        # parameters modified since that forward: refused by the library
         x = reserve.x
         float32_array(dy, "dy", shape=x.shape)
 
-        shapes = self.gradient_shapes()
+        shapes = self._gradient_shapes()
         out = {} if out is None else dict(out)
         for name in out:
             if name not in shapes:
@@ -478,6 +623,7 @@ class Layer(Handle):
             [("x", x), ("dy", dy), ("dx", dx)] + [(f"grads[{k!r}]", v) for k, v in grads.items()]
         )
         self._check_parameters_open()
+        self._check_not_parameters([("dx", dx)] + [(f"out[{k!r}]", v) for k, v in grads.items()])
 
         L = _lib.lib()
         g = _lib.init_struct(_lib.LayerGrads, L.masa_layer_grads_default)
@@ -489,8 +635,7 @@ class Layer(Handle):
             letter, what = name.split(".")
             field_of[what][Projection.parse(letter)] = pointer(arr)
 
-        ws_bytes = self.workspace_size(reserve.batch, reserve.seq)
-        ws = workspace(ws_bytes)
+        ws = workspace(self._size(L.masa_layer_workspace_size, reserve.batch, reserve.seq))
         L.masa_layer_backward(
             handle, reserve.batch, reserve.seq, reserve.pos_offset,
             pointer(x), pointer(dy), None if dx is None else pointer(dx),

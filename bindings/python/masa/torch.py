@@ -15,8 +15,10 @@
   ``lowrank_only`` are ``A B`` alone (the low-rank baseline).
 
 Parameter tensors are handed to C zero-copy (their CPU storage is wrapped);
-when a parameter's storage changes (``param.data = ...``, ``.to()``), it is
-wrapped again at the next forward. Forward and backward run in libmasa through
+when a parameter's storage changes (``param.data = ...``, ``.to()``,
+``share_memory()``), it is wrapped again at the next forward. A change
+between forward and backward is refused by backward (RuntimeError): the
+forward computed with the old storage, which may be freed. Forward and backward run in libmasa through
 a ``torch.autograd.Function``; backward returns fresh gradient tensors, so
 torch accumulates the atom gradients of all layers and any optimizer trains
 them. Only CPU float32 tensors are supported: anything else raises TypeError.
@@ -253,6 +255,8 @@ class _MasaAttentionFunction(torch.autograd.Function):
         _, reserve = layer.forward(x.detach().numpy(), pos_offset, training=True,
                                    out=y.numpy(), keep_reserve=False)
         ctx.layer, ctx.names, ctx.reserve = layer, names, reserve
+        # the storage the C layer computed with (and still points into)
+        ctx.storage = tuple(_storage_key(t) for t in params)
         ctx.save_for_backward(x, *params)  # torch checks in-place changes
         return y
 
@@ -261,6 +265,15 @@ class _MasaAttentionFunction(torch.autograd.Function):
     def backward(ctx, dy):
         saved = ctx.saved_tensors
         params = saved[1:]
+        for name, t, key in zip(ctx.names, params, ctx.storage):
+            if _storage_key(t) != key:
+                # share_memory(), param.data = ..., .to(): the layer still
+                # points at the old block, which may be freed already
+                raise RuntimeError(
+                    f"masa.torch: the storage of parameter {name!r} changed between forward "
+                    f"and backward (share_memory(), .data assignment, .to(), ...); the "
+                    f"forward's saved state no longer matches it. Change parameter storage "
+                    f"before forward, then run forward again.")
         needs = ctx.needs_input_grad
         dy = dy.to(torch.float32).contiguous()
         grads, out = {}, {}

@@ -113,7 +113,7 @@ def test_backward_bad_input(ctx, rng, layer):
     with pytest.raises(ValueError, match="overlap"):
         layer.backward(y, reserve, out={"q.bias": x.reshape(-1)[:8]})
     layer.set_bias("k")
-    with pytest.raises(ValueError, match="replaced"):
+    with pytest.raises(masa.InvalidArgumentError, match="parameters were modified"):
         layer.backward(y, reserve)
 
 
@@ -217,18 +217,28 @@ def test_closed_handles(ctx, rng):
         with pytest.raises(masa.ClosedHandleError, match="Layer is closed"):
             call()
 
+    # A dictionary or table an open layer uses cannot be closed: the layer
+    # keeps it alive and usable.
     built = build_layer(ctx, rng, 8, 2)
     _, d, c, _ = built.params["q"]
+    y = built.layer.forward(x_of())
+    for obj in (d, c):
+        with pytest.raises(masa.HandleInUseError, match="open Layer"):
+            obj.close()
+        assert not obj.closed
+    np.testing.assert_array_equal(built.layer.forward(x_of()), y)
+    # Once no open layer uses it, it closes, and cannot be used again.
+    built.layer.set_masa("q", masa.Dictionary(ctx, 2, 8, 8), c, 0)
     d.close()
-    with pytest.raises(masa.ClosedHandleError, match="Dictionary that is closed"):
-        built.layer.forward(x_of())
+    assert d.closed
     with pytest.raises(masa.ClosedHandleError):
         d.init_uniform()
     with pytest.raises(masa.ClosedHandleError):
         built.layer.set_masa("q", d, c, 0)
-    # Replacing the closed dictionary makes the layer usable again.
-    built.layer.set_masa("q", masa.Dictionary(ctx, 2, 8, 8), c, 0)
     built.layer.forward(x_of())
+    built.layer.close()
+    c.close()
+    assert c.closed
 
 
 def test_closing_context_closes_children(rng):

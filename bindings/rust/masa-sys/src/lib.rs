@@ -217,6 +217,7 @@ extern "C" {
     ) -> masa_status;
     pub fn masa_dictionary_data(dict: *mut masa_dictionary) -> *mut f32;
     pub fn masa_dictionary_init_uniform(dict: *mut masa_dictionary, bound: f32, seed: u64) -> masa_status;
+    pub fn masa_dictionary_touch(dict: *mut masa_dictionary) -> masa_status;
 
     // Coefficient tables
     pub fn masa_coefficients_create(
@@ -242,6 +243,7 @@ extern "C" {
     pub fn masa_coefficients_init_cyclic(coef: *mut masa_coefficients) -> masa_status;
     pub fn masa_coefficients_init_blocks(coef: *mut masa_coefficients) -> masa_status;
     pub fn masa_coefficients_add_uniform(coef: *mut masa_coefficients, bound: f32, seed: u64) -> masa_status;
+    pub fn masa_coefficients_touch(coef: *mut masa_coefficients) -> masa_status;
 
     // Composition
     pub fn masa_compose(
@@ -275,6 +277,7 @@ extern "C" {
     pub fn masa_layer_set_bias(layer: *mut masa_layer, which: masa_projection, bias: *mut f32)
         -> masa_status;
     pub fn masa_layer_remove_bias(layer: *mut masa_layer, which: masa_projection) -> masa_status;
+    pub fn masa_layer_touch(layer: *mut masa_layer) -> masa_status;
     pub fn masa_layer_set_weight_policy(layer: *mut masa_layer, policy: masa_weight_policy) -> masa_status;
     pub fn masa_layer_weight_policy(layer: *const masa_layer, policy: *mut masa_weight_policy)
         -> masa_status;

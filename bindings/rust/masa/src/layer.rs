@@ -458,8 +458,12 @@ impl<'a> Layer<'a> {
 
     /// The factors of projection `which`'s low-rank term, writable (a
     /// cached MASA projection then needs [`refresh_weights`](Self::refresh_weights)).
+    /// A modification of the parameters as [`weight_mut`](Self::weight_mut) is.
     pub fn lowrank_mut(&mut self, which: Projection) -> Option<(&mut [f32], &mut [f32])> {
         let p = &self.proj[which.index()];
+        if p.lowrank.is_some() {
+            self.touch();
+        }
         // SAFETY: as lowrank(); exclusive through `&mut self`. A and B are
         // distinct allocations (owned) or distinct `&mut` borrows (wrapped).
         p.lowrank.map(|(a, b)| unsafe {
@@ -534,11 +538,23 @@ impl<'a> Layer<'a> {
         p.weight.map(|w| unsafe { core::slice::from_raw_parts(w.as_ptr(), p.d_in * p.d_out) })
     }
 
-    /// The dense weight of projection `which`, writable.
+    /// The dense weight of projection `which`, writable. Counts as a
+    /// modification of the parameters (`masa_layer_touch`): reserves and KV
+    /// caches this layer filled before are refused afterwards.
     pub fn weight_mut(&mut self, which: Projection) -> Option<&mut [f32]> {
         let p = &self.proj[which.index()];
+        if p.weight.is_some() {
+            self.touch();
+        }
         // SAFETY: as weight(); exclusive through `&mut self`.
         p.weight.map(|w| unsafe { core::slice::from_raw_parts_mut(w.as_ptr(), p.d_in * p.d_out) })
+    }
+
+    /// Declares the layer's parameters modified (`masa_layer_touch`).
+    fn touch(&self) {
+        // SAFETY: valid handle; the call only bumps a counter and cannot
+        // fail on a valid layer, so its status carries nothing.
+        unsafe { sys::masa_layer_touch(self.raw.as_ptr()) };
     }
 
     /// The bias of projection `which` (`d_out` floats), or `None`.
@@ -548,9 +564,13 @@ impl<'a> Layer<'a> {
         p.bias.map(|b| unsafe { core::slice::from_raw_parts(b.as_ptr(), p.d_out) })
     }
 
-    /// The bias of projection `which`, writable.
+    /// The bias of projection `which`, writable; a modification of the
+    /// parameters as [`weight_mut`](Self::weight_mut) is.
     pub fn bias_mut(&mut self, which: Projection) -> Option<&mut [f32]> {
         let p = &self.proj[which.index()];
+        if p.bias.is_some() {
+            self.touch();
+        }
         // SAFETY: as weight_mut().
         p.bias.map(|b| unsafe { core::slice::from_raw_parts_mut(b.as_ptr(), p.d_out) })
     }

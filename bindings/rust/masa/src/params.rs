@@ -138,8 +138,11 @@ impl<'a> Dictionary<'a> {
     }
 
     /// All atoms, writable (e.g. for an optimizer step). Not available while
-    /// a [`Layer`](crate::Layer) borrows the dictionary.
+    /// a [`Layer`](crate::Layer) borrows the dictionary. Counts as a
+    /// modification (`masa_dictionary_touch`).
     pub fn data_mut(&mut self) -> &mut [f32] {
+        // SAFETY: valid handle; cannot fail on a valid dictionary.
+        unsafe { sys::masa_dictionary_touch(self.raw.as_ptr()) };
         // SAFETY: as in data(), and `&mut self` makes the access exclusive.
         unsafe { core::slice::from_raw_parts_mut(self.data.as_ptr(), self.len()) }
     }
@@ -281,7 +284,10 @@ impl<'a> Coefficients<'a> {
     }
 
     /// The whole table, writable. Not available while a layer borrows it.
+    /// Counts as a modification (`masa_coefficients_touch`).
     pub fn data_mut(&mut self) -> &mut [f32] {
+        // SAFETY: valid handle; cannot fail on a valid table.
+        unsafe { sys::masa_coefficients_touch(self.raw.as_ptr()) };
         // SAFETY: as data(), exclusive through `&mut self`.
         unsafe { core::slice::from_raw_parts_mut(self.data.as_ptr(), self.len()) }
     }
