@@ -688,4 +688,8 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
 }
 #endif
 
+/* Compressing pretrained weights: Matrix PCA, grouping, calibration
+ * statistics, the whitened low-rank residual. */
+#include "compress.h"
+
 #endif /* MASA_MASA_H */

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Compares the dynamic symbols exported by libmasa with the functions
-declared MASA_API in the public header: none missing, none extra.
+declared MASA_API in the public headers: none missing, none extra.
 
-usage: check_symbols.py <libmasa.so> <masa.h>
+usage: check_symbols.py <libmasa.so> <header or directory of headers>...
+(a directory stands for every .h file in it: masa.h includes the others)
 """
+import os
 import re
 import subprocess
 import sys
@@ -20,15 +22,29 @@ def exported(lib):
     return names
 
 
-def declared(header):
-    text = open(header, encoding="utf-8").read()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(", text))
+def headers(paths):
+    for path in paths:
+        if os.path.isdir(path):
+            yield from sorted(os.path.join(path, name)
+                              for name in os.listdir(path)
+                              if name.endswith(".h"))
+        else:
+            yield path
+
+
+def declared(paths):
+    names = set()
+    for header in headers(paths):
+        text = open(header, encoding="utf-8").read()
+        text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+        names |= set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(",
+                                text))
+    return names
 
 
 def main():
-    lib, header = sys.argv[1], sys.argv[2]
-    exp, dec = exported(lib), declared(header)
+    lib, paths = sys.argv[1], sys.argv[2:]
+    exp, dec = exported(lib), declared(paths)
     missing, extra = sorted(dec - exp), sorted(exp - dec)
     print(f"{len(dec)} functions declared, {len(exp)} symbols exported")
     for name in missing:
