@@ -45,8 +45,8 @@ def compressed_cores(model, results, context=None):
             g["d_model"], g["n_heads"], n_kv_heads=g["n_kv_heads"], head_dim=g["head_dim"],
             causal=True, rope=True, rope_theta=g["rope_theta"], softmax_scale=g["head_dim"] ** -0.5,
             bias=biases, layer_index=0, shared=source or None,
-            lowrank={p: int(a.shape[1]) for p, (a, _) in lowrank.items()},
-            context=context)
+            lowrank={p: int(a.shape[1]) for p, (a, _) in lowrank.items()} or None,
+            lowrank_only="".join(p for p in lowrank if p not in source), context=context)
         with torch.no_grad():
             for p in biases:
                 core.biases[p].copy_(getattr(attn, PROJ[p]).bias.detach().float())
