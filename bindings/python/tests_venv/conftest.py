@@ -43,14 +43,14 @@ def truncated(model, n_layers):
     from torch import nn
 
     m = copy.copy(model)
-    m.model = copy.copy(model.model)
-    m.model._modules = dict(model.model._modules)
-    m.model.layers = nn.ModuleList([copy.deepcopy(layer) for layer in model.model.layers[:n_layers]])
-    m._modules = dict(model._modules)
-    m._modules["model"] = m.model
+    m._modules = dict(model._modules)  # before any assignment: copy.copy shares the dict
+    inner = copy.copy(model.model)
+    inner._modules = dict(model.model._modules)
+    inner.layers = nn.ModuleList([copy.deepcopy(layer) for layer in model.model.layers[:n_layers]])
+    m.model = inner
     m.config = copy.deepcopy(model.config)
     m.config.num_hidden_layers = n_layers
-    m.model.config = m.config
+    inner.config = m.config
     m.generation_config = copy.deepcopy(model.generation_config)
     return m
 

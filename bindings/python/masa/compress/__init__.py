@@ -222,7 +222,7 @@ def calibration_data(model, tokenizer, n_sequences, seq_len, cache_path=None, co
     return stats, drift, {"seconds": seconds, "rows": rows, "backend": st.backend}
 
 
-def compress_model(model, tokenizer, method, removed, *, source, calib_sequences=32,
+def compress_model(model, tokenizer, method, removed, *, source, calib_sequences=16,
                    calib_len=512, calib_cache=None, kl_groups=3, context=None, prefer_c=True,
                    progress=None):
     """Compresses the attention of a loaded model; returns (results,

@@ -29,7 +29,7 @@ def main(argv=None):
     ap.add_argument("--removed", type=float, default=0.2,
                     help="fraction of attention parameters removed (per projection type)")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--calib-sequences", type=int, default=32)
+    ap.add_argument("--calib-sequences", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--calib-cache", help="an .npz file keeping the calibration statistics "
                                           "(reused by later runs with the same split)")

@@ -4,8 +4,8 @@
   entering the projection. Q, K and V read the same rows (the attention
   block's input, after the layer norm), so they share one matrix ("qkv");
   O reads the attention output (the heads concatenated), matrix "o".
-  Accumulated by libmasa's calibration handles (masa.compression.Calib,
-  C core: BLIS dsyrk in double) when available, else by torch in float64.
+  Accumulated by libmasa's calibration handles (masa_calib: BLIS dsyrk in
+  double) when the library has them, else by torch in float64.
 - Logit-lens drift: for the output h_l of every decoder layer, the
   distribution softmax(lm_head(final_norm(h_l))); the drift between layers l
   and l+1 is KL(P_l || P_(l+1)) averaged over calibration tokens. The paper
@@ -28,14 +28,14 @@ STAT_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}
 
 
 def _calib_backend():
+    """libmasa's calibration handle class, or None without the C core."""
     try:
-        from .. import compression  # the C core (branch `compress`)
+        from .c_core import Calib, clib
 
-        if hasattr(compression, "Calib"):
-            return compression
-    except ImportError:
-        pass
-    return None
+        clib()
+        return Calib
+    except (ImportError, AttributeError):
+        return None
 
 
 class _TorchGram:
@@ -55,8 +55,8 @@ class _TorchGram:
 
 
 class _CGram:
-    def __init__(self, compression, dim, context):
-        self.handle = compression.Calib(context, dim)
+    def __init__(self, calib_class, dim, context):
+        self.handle = calib_class(context, dim)
 
     def accumulate(self, x):
         self.handle.accumulate(np.ascontiguousarray(x, dtype=np.float32))
@@ -77,7 +77,7 @@ class InputStatistics:
     def __init__(self, model, context=None, prefer_c=True):
         self.model = model
         backend = _calib_backend() if prefer_c else None
-        self.backend = "libmasa C (masa.compression.Calib)" if backend else "torch float64"
+        self.backend = "libmasa C (masa_calib)" if backend else "torch float64"
         self.stats = {}
         self._hooks = []
         for i, attn in attention_modules(model):
@@ -160,7 +160,7 @@ class LogitLens:
 
 
 @torch.no_grad()
-def calibrate(model, sequences, context=None, lens_tokens=64, progress=None):
+def calibrate(model, sequences, context=None, lens_tokens=32, progress=None):
     """Runs the calibration sequences ([n, T] token ids) through the model
     with both hooks. Returns (InputStatistics, KL drift array, seconds)."""
     t0 = time.perf_counter()

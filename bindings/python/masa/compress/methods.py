@@ -30,7 +30,7 @@ import numpy as np
 from .calibration import STAT_OF
 
 METHODS = ("svd", "svd-llm", "pca", "pca-kl", "pca-dp", "full")
-FULL_ATOM_SHARES = (0.1, 0.25, 0.5, 0.75)
+FULL_ATOM_SHARES = (0.1, 0.25, 0.5)
 
 
 def dense_params(weights):
@@ -93,6 +93,12 @@ def _groups(core, w, starts, counts, gram):
     return out, captured
 
 
+def _whitened_energy(e, c):
+    """||X E||_F^2 = tr(E^T C E)."""
+    e = np.asarray(e, dtype=np.float64)
+    return float(np.sum(e * (c @ e)))
+
+
 def kl_starts(drift, n_groups):
     """Group starts cutting after the n_groups - 1 layers with the largest
     drift to the next layer."""
@@ -148,14 +154,10 @@ def compress_projection(core, method, w, budget, stats=None, key=None, drift=Non
                     after += info["error_after"]
             # whitened error of the whole reconstruction, relative to the
             # whitened energy of the weights (comparable across shares)
-            ref = 0.0
-            for l in range(L):
-                c = stats(l, key)
-                ref += float(np.einsum("ij,ik,kj->", w[l].astype(np.float64), c, w[l].astype(np.float64)))
+            ref = sum(_whitened_energy(w[l], stats(l, key)) for l in range(L))
             if rank < 1:
                 for l in range(L):
-                    d = (w[l] - reconstruct(res, l, (d_in, d_out))).astype(np.float64)
-                    after += float(np.einsum("ij,ik,kj->", d, stats(l, key), d))
+                    after += _whitened_energy(w[l] - reconstruct(res, l, (d_in, d_out)), stats(l, key))
             rel = after / ref
             entry = {"atom_share": share, "starts": list(map(int, starts)),
                      "atoms": [int(c) for c in counts], "rank": int(max(rank, 0)),
