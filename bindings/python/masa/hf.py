@@ -478,7 +478,9 @@ def load_model(source="smollm2", dtype=torch.float32):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if source == "smollm2":
         source = smollm2_gguf_path()
     if os.path.isfile(source) and source.endswith(".gguf"):
