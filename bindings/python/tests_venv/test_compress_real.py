@@ -79,3 +79,28 @@ def test_pipeline_end_to_end(small_model, ctx, tmp_path, method):
     assert ((la - lb).norm() / la.norm()).item() < 1e-4
     # compression changed the model, but not beyond recognition
     assert 1e-4 < ((la - l0).norm() / l0.norm()).item() < 0.5
+
+
+def test_healing_trains_only_compressed_parameters(small_model, ctx):
+    from masa.compress.heal import heal
+
+    model, tok = small_model
+    m = truncated(model, 2)
+    results, _, _ = compress_model(m, tok, "full", 0.3, source="smollm2", calib_sequences=2,
+                                   calib_len=128, context=ctx)
+    frozen = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    healed, rep = heal(m, tok, results, steps=3, lr=1e-3, seq_len=32, context=ctx)
+    assert rep["steps"] == 3 and rep["tokens"] == 96 and rep["parameters_trained"] > 0
+    # every kind of compressed parameter moved
+    for p in "qkvo":
+        before, after = results[p], healed[p]
+        if before["groups"]:
+            assert not np.array_equal(before["groups"][0]["atoms"], after["groups"][0]["atoms"])
+            assert not np.array_equal(before["groups"][0]["coefs"], after["groups"][0]["coefs"])
+        a0, b0 = before["lowrank"][0]
+        a1, b1 = after["lowrank"][0]
+        assert a1.shape == a0.shape and not np.array_equal(a0, a1) and not np.array_equal(b0, b1)
+    # the rest of the model is untouched and its attention is the original again
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert not isinstance(m.model.layers[0].self_attn, hf.LibmasaAttention)

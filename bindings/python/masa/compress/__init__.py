@@ -135,7 +135,8 @@ def results_from(tensors, config):
     return out
 
 
-def load_compressed(out_dir, path="libmasa", context=None, model=None, tokenizer=None):
+def load_compressed(out_dir, path="libmasa", context=None, model=None, tokenizer=None,
+                    keep_original=False):
     """(model, tokenizer, info): the source model with its attention
     replaced by the compressed one, on libmasa (path "libmasa"; architectures
     libmasa does not cover fall back to "materialised") or written back into
@@ -158,7 +159,7 @@ def load_compressed(out_dir, path="libmasa", context=None, model=None, tokenizer
         from .modules import compressed_cores
 
         cores = compressed_cores(model, results, context)
-        hf.swap_attention(model, cores=cores, context=context)
+        hf.swap_attention(model, cores=cores, context=context, keep_original=keep_original)
     elif path == "materialised":
         materialise_results(model, results)
     elif path != "transformers":

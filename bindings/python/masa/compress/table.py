@@ -172,7 +172,7 @@ class Runner:
         self.restore()
         if (base_method == "full" and ratio == 0.2) or self.args.all_libmasa:
             _, _, info = load_compressed(d, path="libmasa", model=self.model, tokenizer=self.tok,
-                                         context=self.context)
+                                         context=self.context, keep_original=True)
             if info["path"] == "libmasa":
                 r = self.ppl(f"{name}, libmasa")
                 entry["libmasa"] = {k: r[k] for k in ("ppl", "mean_nll", "tokens", "seconds")}
@@ -327,13 +327,17 @@ def main(argv=None):
     ap.add_argument("--all-libmasa", action="store_true",
                     help="evaluate every entry through libmasa too (default: the full method only)")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--skip-dense", action="store_true",
+                    help="leave the dense rows to another run (several runs may share --out, "
+                         "each with its own --methods/--ratios)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     os.makedirs(args.scratch, exist_ok=True)
     if not args.report_only:
         r = Runner(args)
         r.log(f"table run: methods {args.methods}, ratios {args.ratios}")
-        r.run_dense()
+        if not args.skip_dense:
+            r.run_dense()
         ratios = sorted((float(x) for x in args.ratios.split(",")), key=lambda x: (x != 0.2, x))
         for ratio in ratios:
             for m in args.methods.split(","):
