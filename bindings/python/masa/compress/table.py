@@ -170,7 +170,9 @@ class Runner:
         r = self.ppl(f"{name}, materialised")
         entry["materialised"] = {k: r[k] for k in ("ppl", "mean_nll", "tokens", "seconds")}
         self.restore()
-        if (base_method == "full" and ratio == 0.2) or self.args.all_libmasa:
+        # the libmasa path once (full method, 20%): it must agree with the
+        # materialised one; --all-libmasa for every entry
+        if (method == "full" and ratio == 0.2) or self.args.all_libmasa:
             _, _, info = load_compressed(d, path="libmasa", model=self.model, tokenizer=self.tok,
                                          context=self.context, keep_original=True)
             if info["path"] == "libmasa":
