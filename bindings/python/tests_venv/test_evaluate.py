@@ -10,10 +10,6 @@ import pytest
 from conftest import truncated
 from masa import evaluate, hf
 
-# ppl of windows 0 and 39 alone (1,022 predicted tokens), dense SmolLM2,
-# measured with the transformers path (torch 2.x, transformers 5.x).
-TWO_WINDOW_PPL = None
-
 
 @pytest.fixture(scope="module")
 def corpus(smollm2):
@@ -53,6 +49,3 @@ def test_two_windows_transformers_and_libmasa(smollm2, corpus, ctx):
     got = evaluate.perplexity(swapped, windows, progress=False)
     assert abs(got["ppl"] - ref["ppl"]) <= 1e-4 * ref["ppl"]
     assert math.isfinite(ref["ppl"]) and 5 < ref["ppl"] < 200
-    if TWO_WINDOW_PPL is not None:
-        assert abs(ref["ppl"] - TWO_WINDOW_PPL) <= 1e-3 * TWO_WINDOW_PPL
-    print("two-window ppl", ref["ppl"], got["ppl"])
