@@ -191,6 +191,7 @@ if want fuzz; then
         ASAN_OPTIONS=detect_leaks=1 \
             "$fuzzer" -max_total_time="$FUZZ_SECONDS" -timeout=10 \
                 -rss_limit_mb=2048 -print_final_stats=1 \
+                -dict=tests/fuzz/fuzz_api.dict \
                 -artifact_prefix="$LOGS/" "$work" tests/fuzz/corpus \
                 >> "$log" 2>&1
         rc=$?

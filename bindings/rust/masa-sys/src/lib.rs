@@ -117,6 +117,8 @@ pub const MASA_PROJ_K: masa_projection = 1;
 pub const MASA_PROJ_V: masa_projection = 2;
 pub const MASA_PROJ_O: masa_projection = 3;
 pub const MASA_NUM_PROJECTIONS: usize = 4;
+/// `MASA_MAX_POSITION`: the largest RoPE position a token may have.
+pub const MASA_MAX_POSITION: usize = 4294967295;
 
 /// `struct masa_layer_options`; initialise with [`masa_layer_options_default`].
 #[repr(C)]
@@ -153,6 +155,9 @@ pub struct masa_layer_grads {
     pub d_coefficients: [*mut f32; MASA_NUM_PROJECTIONS],
     pub d_weight: [*mut f32; MASA_NUM_PROJECTIONS],
     pub d_bias: [*mut f32; MASA_NUM_PROJECTIONS],
+    /// Low-rank terms (appended; a struct of the older size is still accepted).
+    pub d_lowrank_a: [*mut f32; MASA_NUM_PROJECTIONS],
+    pub d_lowrank_b: [*mut f32; MASA_NUM_PROJECTIONS],
 }
 
 extern "C" {
@@ -351,6 +356,25 @@ extern "C" {
     ) -> masa_status;
 }
 
+// Low-rank terms of projections: W = base + A B (masa_layer_set_lowrank).
+extern "C" {
+    pub fn masa_layer_set_lowrank(
+        layer: *mut masa_layer,
+        which: masa_projection,
+        rank: usize,
+        a: *mut f32,
+        b: *mut f32,
+    ) -> masa_status;
+    pub fn masa_layer_remove_lowrank(layer: *mut masa_layer, which: masa_projection) -> masa_status;
+    pub fn masa_layer_lowrank(
+        layer: *mut masa_layer,
+        which: masa_projection,
+        rank: *mut usize,
+        a: *mut *mut f32,
+        b: *mut *mut f32,
+    ) -> masa_status;
+}
+
 #[cfg(test)]
 mod layout {
     use super::*;
@@ -363,7 +387,7 @@ mod layout {
     fn struct_layouts_match_lp64() {
         assert_eq!(size_of::<masa_context_options>(), 40);
         assert_eq!(size_of::<masa_layer_options>(), 56);
-        assert_eq!(size_of::<masa_layer_grads>(), 16 + 16 * 8);
+        assert_eq!(size_of::<masa_layer_grads>(), 16 + 24 * 8);
         assert_eq!(align_of::<masa_layer_grads>(), 8);
     }
 }
