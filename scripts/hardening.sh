@@ -2,8 +2,8 @@
 # Hardening checks of libmasa (project issue #6). Run from a clone after
 # scripts/install-deps.sh and scripts/build.sh:
 #
-#   scripts/hardening.sh              all steps, fuzzing 60 s
-#   FUZZ_SECONDS=600 scripts/hardening.sh
+#   scripts/hardening.sh              all steps, fuzzing 60 s + 30 s
+#   FUZZ_SECONDS=600 FUZZ_ST_SECONDS=600 scripts/hardening.sh
 #   HARDENING_STEPS="asan fuzz" scripts/hardening.sh    a subset
 #
 # Steps (each in its own build directory, all gitignored by /build*/):
@@ -18,15 +18,19 @@
 #             'hardening' and 'fuzz-replay' (the fuzz corpus replayed without
 #             libFuzzer) with meson test --setup valgrind; not 'abi'
 #             (no libmasa code there)
-#   fuzz      the libFuzzer harness tests/fuzz/fuzz_api.c (clang only) for
-#             FUZZ_SECONDS over a scratch copy of tests/fuzz/corpus; a crash
-#             is saved in build-hardening/ as crash-*
+#   fuzz      the libFuzzer harnesses (clang only), each over a scratch copy
+#             of its committed corpus: tests/fuzz/fuzz_api.c for FUZZ_SECONDS
+#             (tests/fuzz/corpus), then the safetensors reader
+#             tests/fuzz/fuzz_safetensors.c for FUZZ_ST_SECONDS (default 30;
+#             tests/fuzz/corpus_safetensors); a crash is saved in
+#             build-hardening/ as crash-*
 # Logs go to build-hardening/<step>.log. Exits nonzero if any step fails or
 # reports anything; prints a summary at the end.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+FUZZ_ST_SECONDS=${FUZZ_ST_SECONDS:-30}
 STEPS=${HARDENING_STEPS:-"asan tsan valgrind fuzz"}
 LOGS="$ROOT/build-hardening"
 mkdir -p "$LOGS"
@@ -105,8 +109,9 @@ if want tsan; then
     targets="test_concurrency"
     tests="concurrency"
     # Suites whose code runs on the pool with shared outputs: threading,
-    # decoding (split key ranges), the flash kernels (split key tiles).
-    for t_name in threads decode flash; do
+    # decoding (split key ranges), the flash kernels (split key tiles),
+    # Matrix PCA (column blocks, calls sharing a context).
+    for t_name in threads decode flash compress_pca; do
         if [ -f "tests/test_$t_name.c" ]; then
             targets="$targets test_$t_name"
             tests="$tests $t_name"
@@ -165,47 +170,61 @@ if want valgrind; then
 fi
 
 # ---------------------------------------------------------------- fuzz ----
-if want fuzz; then
-    note "fuzz: tests/fuzz/fuzz_api for ${FUZZ_SECONDS}s"
+# fuzz_one NAME SECONDS: one libFuzzer harness over a scratch copy of its
+# committed corpus (tests/fuzz/corpus for fuzz_api, corpus_NAME otherwise).
+fuzz_one() {
+    name=$1
+    seconds=$2
+    step=fuzz-${name#fuzz_}
+    [ "$name" = fuzz_api ] && step=fuzz
+    note "$step: tests/fuzz/$name for ${seconds}s"
     t=$(date +%s)
-    log="$LOGS/fuzz.log"
+    log="$LOGS/$step.log"
     fuzzer=""
-    if [ -x build-asan/tests/fuzz/fuzz_api ]; then
-        meson compile -C build-asan fuzz_api > "$log" 2>&1 &&
-            fuzzer=build-asan/tests/fuzz/fuzz_api
+    if [ -x "build-asan/tests/fuzz/$name" ]; then
+        meson compile -C build-asan "$name" > "$log" 2>&1 &&
+            fuzzer="build-asan/tests/fuzz/$name"
     elif command -v clang >/dev/null 2>&1; then
         # asan step skipped or built with gcc: a clang build just for it
         if CC=clang setup_dir build-fuzz -Db_lundef=false > "$log" 2>&1 &&
-           meson compile -C build-fuzz fuzz_api >> "$log" 2>&1; then
-            fuzzer=build-fuzz/tests/fuzz/fuzz_api
+           meson compile -C build-fuzz "$name" >> "$log" 2>&1; then
+            fuzzer="build-fuzz/tests/fuzz/$name"
         fi
     fi
+    corpus=tests/fuzz/corpus
+    [ "$name" = fuzz_api ] || corpus="tests/fuzz/corpus_${name#fuzz_}"
     if [ -z "$fuzzer" ]; then
-        record fuzz FAIL $(( $(date +%s) - t )) \
+        record "$step" FAIL $(( $(date +%s) - t )) \
             "no fuzzer: needs clang with libFuzzer (libclang-rt-14-dev) and tests/fuzz in tests/meson.build (see $log)"
-    else
-        # New inputs go to a scratch corpus; the committed one stays as is.
-        work="$LOGS/fuzz-corpus"
-        mkdir -p "$work"
-        UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-        ASAN_OPTIONS=detect_leaks=1 \
-            "$fuzzer" -max_total_time="$FUZZ_SECONDS" -timeout=10 \
-                -rss_limit_mb=2048 -print_final_stats=1 \
-                -dict=tests/fuzz/fuzz_api.dict \
-                -artifact_prefix="$LOGS/" "$work" tests/fuzz/corpus \
-                >> "$log" 2>&1
-        rc=$?
-        execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-        cov=$(grep -E '^#[0-9]+' "$log" | tail -n 1 | sed -n 's/.*cov: \([0-9]*\).*/\1/p')
-        detail="${execs:-?} executions, coverage ${cov:-?} edges, corpus $(ls "$work" | wc -l) files"
-        if [ $rc -eq 0 ]; then
-            record fuzz PASS $(( $(date +%s) - t )) "$detail"
-        else
-            record fuzz FAIL $(( $(date +%s) - t )) \
-                "$detail; CRASH, input saved as $(ls -t "$LOGS"/crash-* "$LOGS"/timeout-* "$LOGS"/leak-* "$LOGS"/oom-* 2>/dev/null | head -n 1) (see $log)"
-            show "$log" 60
-        fi
+        return
     fi
+    # New inputs go to a scratch corpus; the committed one stays as is.
+    work="$LOGS/$step-corpus"
+    mkdir -p "$work"
+    dict=""
+    [ -f "tests/fuzz/$name.dict" ] && dict="-dict=tests/fuzz/$name.dict"
+    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+    ASAN_OPTIONS=detect_leaks=1 \
+        "$fuzzer" -max_total_time="$seconds" -timeout=10 \
+            -rss_limit_mb=2048 -print_final_stats=1 ${dict:+"$dict"} \
+            -artifact_prefix="$LOGS/" "$work" "$corpus" \
+            >> "$log" 2>&1
+    rc=$?
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    cov=$(grep -E '^#[0-9]+' "$log" | tail -n 1 | sed -n 's/.*cov: \([0-9]*\).*/\1/p')
+    detail="${execs:-?} executions, coverage ${cov:-?} edges, corpus $(ls "$work" | wc -l) files"
+    if [ $rc -eq 0 ]; then
+        record "$step" PASS $(( $(date +%s) - t )) "$detail"
+    else
+        record "$step" FAIL $(( $(date +%s) - t )) \
+            "$detail; CRASH, input saved as $(ls -t "$LOGS"/crash-* "$LOGS"/timeout-* "$LOGS"/leak-* "$LOGS"/oom-* 2>/dev/null | head -n 1) (see $log)"
+        show "$log" 60
+    fi
+}
+
+if want fuzz; then
+    fuzz_one fuzz_api "$FUZZ_SECONDS"
+    fuzz_one fuzz_safetensors "$FUZZ_ST_SECONDS"
 fi
 
 echo

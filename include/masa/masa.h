@@ -109,7 +109,10 @@ typedef enum masa_status {
     MASA_ERROR_BAD_STRUCT_SIZE = 8,  /* an options struct has an unknown size */
     MASA_ERROR_NOT_READY = 9,        /* a layer lacks a projection it needs */
     MASA_ERROR_THREAD = 10,          /* a thread could not be created */
-    MASA_ERROR_INTERNAL = 11         /* a bug in libmasa; please report it */
+    MASA_ERROR_INTERNAL = 11,        /* a bug in libmasa; please report it */
+    MASA_ERROR_IO = 12,              /* a file could not be opened, read or written */
+    MASA_ERROR_BAD_FORMAT = 13,      /* a file's contents are malformed */
+    MASA_ERROR_NOT_FOUND = 14        /* no tensor or entry of that name */
 } masa_status;
 
 /* A short constant description of a status ("invalid argument"); never NULL.
@@ -815,5 +818,8 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
 /* Compressing pretrained weights: Matrix PCA, grouping, calibration
  * statistics, the whitened low-rank residual. */
 #include "compress.h"
+
+/* safetensors files and compressed models (include/masa/io.h) */
+#include "io.h"
 
 #endif /* MASA_MASA_H */

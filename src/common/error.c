@@ -40,6 +40,9 @@ MASA_API const char *masa_status_string(masa_status status)
     case MASA_ERROR_NOT_READY: return "layer not ready";
     case MASA_ERROR_THREAD: return "thread creation failed";
     case MASA_ERROR_INTERNAL: return "internal error";
+    case MASA_ERROR_IO: return "input/output error";
+    case MASA_ERROR_BAD_FORMAT: return "malformed file";
+    case MASA_ERROR_NOT_FOUND: return "not found";
     }
     return "unknown status";
 }

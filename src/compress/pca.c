@@ -28,8 +28,9 @@ static void atom_block(void *arg, size_t thread, size_t col0, size_t n_cols,
 {
     atom_job *j = arg;
     double *out = j->scratch + thread * j->n_atoms * j->block_cols;
-    masa__dgemm(j->n_atoms, n_cols, j->n_mats, 1.0, j->mix, j->n_mats, 1,
-                block, n_cols, 1, 0.0, out, n_cols, 1, 1);
+    /* already one of the pool's tasks: this thread only */
+    masa__dgemm(NULL, j->n_atoms, n_cols, j->n_mats, 1.0, j->mix, j->n_mats,
+                1, block, n_cols, 1, 0.0, out, n_cols, 1);
     for (size_t s = 0; s < j->n_atoms; s++) {
         float *dst = j->atoms + s * j->n_cols + col0;
         const double *src = out + s * n_cols;

@@ -77,6 +77,27 @@ class InternalError(MasaError, RuntimeError):
     status = 11
 
 
+class FileIOError(MasaError, OSError):
+    """A file could not be opened, read or written (MASA_ERROR_IO)."""
+
+    status = 12
+
+
+class BadFormatError(MasaError, ValueError):
+    """A file's contents are malformed (MASA_ERROR_BAD_FORMAT)."""
+
+    status = 13
+
+
+class NotFoundError(MasaError, KeyError):
+    """No tensor or metadata entry of that name (MASA_ERROR_NOT_FOUND)."""
+
+    status = 14
+
+    def __str__(self):  # KeyError would quote the message
+        return Exception.__str__(self)
+
+
 _BY_STATUS = {
     cls.status: cls
     for cls in (
@@ -91,6 +112,9 @@ _BY_STATUS = {
         NotReadyError,
         ThreadError,
         InternalError,
+        FileIOError,
+        BadFormatError,
+        NotFoundError,
     )
 }
 

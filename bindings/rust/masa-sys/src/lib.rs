@@ -1,5 +1,5 @@
 //! Raw FFI declarations for libmasa, written by hand from `include/masa/masa.h`
-//! (version 0.1.0).
+//! and `include/masa/compress.h` (version 0.1.0).
 //!
 //! Everything here mirrors the C header one to one; the header is the
 //! reference documentation of every function (ownership, shapes, layouts,
@@ -57,6 +57,9 @@ pub const MASA_ERROR_BAD_STRUCT_SIZE: masa_status = 8;
 pub const MASA_ERROR_NOT_READY: masa_status = 9;
 pub const MASA_ERROR_THREAD: masa_status = 10;
 pub const MASA_ERROR_INTERNAL: masa_status = 11;
+pub const MASA_ERROR_IO: masa_status = 12;
+pub const MASA_ERROR_BAD_FORMAT: masa_status = 13;
+pub const MASA_ERROR_NOT_FOUND: masa_status = 14;
 
 // ---------------------------------------------------------------------------
 // Opaque handles
@@ -84,6 +87,16 @@ opaque! {
     masa_layer;
     /// `struct masa_kv_cache` (opaque).
     masa_kv_cache;
+    /// `struct masa_calib` (opaque; `include/masa/compress.h`).
+    masa_calib;
+    /// `struct masa_safetensors` (opaque; `include/masa/io.h`).
+    masa_safetensors;
+    /// `struct masa_safetensors_writer` (opaque; `include/masa/io.h`).
+    masa_safetensors_writer;
+    /// `struct masa_model` (opaque; `include/masa/io.h`).
+    masa_model;
+    /// `struct masa_model_writer` (opaque; `include/masa/io.h`).
+    masa_model_writer;
 }
 
 // ---------------------------------------------------------------------------
@@ -375,6 +388,378 @@ extern "C" {
     ) -> masa_status;
 }
 
+// ---------------------------------------------------------------------------
+// Compression (`include/masa/compress.h`): Matrix PCA, grouping planner,
+// calibration statistics, whitened low-rank residual
+// ---------------------------------------------------------------------------
+
+/// `MASA_PCA_RANK_RTOL`: eigenvalues below this times the largest count as 0.
+pub const MASA_PCA_RANK_RTOL: f64 = 1e-10;
+
+/// `struct masa_pca_result`; set `size` with [`masa_pca_result_default`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct masa_pca_result {
+    pub size: usize,
+    pub rank: usize,
+    pub total_energy: f64,
+    pub captured_energy: f64,
+    pub residual_energy: f64,
+}
+
+/// `struct masa_group_plan_result`; set `size` with
+/// [`masa_group_plan_result_default`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct masa_group_plan_result {
+    pub size: usize,
+    pub n_groups: usize,
+    pub params: usize,
+    pub error: f64,
+    pub total_energy: f64,
+}
+
+/// `struct masa_residual_result`; set `size` with
+/// [`masa_residual_result_default`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct masa_residual_result {
+    pub size: usize,
+    pub error_before: f64,
+    pub error_after: f64,
+    pub dropped: f64,
+    pub jitter: f64,
+}
+
+extern "C" {
+    // Gram and Matrix PCA
+    pub fn masa_gram(
+        ctx: *mut masa_context,
+        n_mats: usize,
+        rows: usize,
+        cols: usize,
+        mats: *const *const f32,
+        gram: *mut f64,
+        gram_len: usize,
+    ) -> masa_status;
+    pub fn masa_gram_eigenvalues(
+        ctx: *mut masa_context,
+        n: usize,
+        gram: *const f64,
+        gram_ld: usize,
+        eigenvalues: *mut f64,
+    ) -> masa_status;
+    pub fn masa_pca_result_default(result: *mut masa_pca_result, size: usize);
+    pub fn masa_matrix_pca(
+        ctx: *mut masa_context,
+        n_mats: usize,
+        rows: usize,
+        cols: usize,
+        mats: *const *const f32,
+        gram: *const f64,
+        gram_ld: usize,
+        n_atoms: usize,
+        atoms: *mut f32,
+        atoms_len: usize,
+        coefs: *mut f32,
+        coefs_len: usize,
+        eigenvalues: *mut f64,
+        result: *mut masa_pca_result,
+    ) -> masa_status;
+    pub fn masa_matrix_pca_create(
+        ctx: *mut masa_context,
+        n_mats: usize,
+        rows: usize,
+        cols: usize,
+        mats: *const *const f32,
+        gram: *const f64,
+        gram_ld: usize,
+        n_atoms: usize,
+        dict: *mut *mut masa_dictionary,
+        coef: *mut *mut masa_coefficients,
+        result: *mut masa_pca_result,
+    ) -> masa_status;
+
+    // Grouping
+    pub fn masa_group_plan_result_default(result: *mut masa_group_plan_result, size: usize);
+    pub fn masa_group_plan(
+        ctx: *mut masa_context,
+        n_layers: usize,
+        gram: *const f64,
+        rows: usize,
+        cols: usize,
+        budget: usize,
+        group_starts: *mut usize,
+        group_atoms: *mut usize,
+        capacity: usize,
+        result: *mut masa_group_plan_result,
+    ) -> masa_status;
+    pub fn masa_group_plan_fixed(
+        ctx: *mut masa_context,
+        n_layers: usize,
+        gram: *const f64,
+        rows: usize,
+        cols: usize,
+        budget: usize,
+        n_groups: usize,
+        group_starts: *const usize,
+        group_atoms: *mut usize,
+        result: *mut masa_group_plan_result,
+    ) -> masa_status;
+
+    // Calibration statistics
+    pub fn masa_calib_create(ctx: *mut masa_context, dim: usize, out: *mut *mut masa_calib) -> masa_status;
+    pub fn masa_calib_create_from_data(
+        ctx: *mut masa_context,
+        dim: usize,
+        matrix: *const f64,
+        n_rows: u64,
+        out: *mut *mut masa_calib,
+    ) -> masa_status;
+    pub fn masa_calib_destroy(calib: *mut masa_calib);
+    pub fn masa_calib_accumulate(calib: *mut masa_calib, x: *const f32, n_rows: usize) -> masa_status;
+    pub fn masa_calib_merge(dst: *mut masa_calib, src: *const masa_calib) -> masa_status;
+    pub fn masa_calib_shape(calib: *const masa_calib, dim: *mut usize, n_rows: *mut u64) -> masa_status;
+    pub fn masa_calib_data(calib: *const masa_calib) -> *const f64;
+
+    // Whitened low-rank residual
+    pub fn masa_residual_result_default(result: *mut masa_residual_result, size: usize);
+    pub fn masa_residual_lowrank(
+        ctx: *mut masa_context,
+        d_in: usize,
+        d_out: usize,
+        w: *const f32,
+        w_hat: *const f32,
+        calib: *const f64,
+        rank: usize,
+        a: *mut f32,
+        a_len: usize,
+        b: *mut f32,
+        b_len: usize,
+        result: *mut masa_residual_result,
+    ) -> masa_status;
+}
+
+// ---------------------------------------------------------------------------
+// safetensors files and compressed models (`include/masa/io.h`)
+// ---------------------------------------------------------------------------
+
+/// `enum masa_dtype`.
+pub type masa_dtype = c_uint;
+pub const MASA_DTYPE_F32: masa_dtype = 0;
+pub const MASA_DTYPE_F16: masa_dtype = 1;
+pub const MASA_DTYPE_BF16: masa_dtype = 2;
+pub const MASA_DTYPE_F64: masa_dtype = 3;
+pub const MASA_DTYPE_BOOL: masa_dtype = 4;
+pub const MASA_DTYPE_U8: masa_dtype = 5;
+pub const MASA_DTYPE_I8: masa_dtype = 6;
+pub const MASA_DTYPE_I16: masa_dtype = 7;
+pub const MASA_DTYPE_U16: masa_dtype = 8;
+pub const MASA_DTYPE_I32: masa_dtype = 9;
+pub const MASA_DTYPE_U32: masa_dtype = 10;
+pub const MASA_DTYPE_I64: masa_dtype = 11;
+pub const MASA_DTYPE_U64: masa_dtype = 12;
+pub const MASA_DTYPE_F8_E5M2: masa_dtype = 13;
+pub const MASA_DTYPE_F8_E4M3: masa_dtype = 14;
+
+/// `enum masa_model_kind`.
+pub type masa_model_kind = c_uint;
+pub const MASA_MODEL_ABSENT: masa_model_kind = 0;
+pub const MASA_MODEL_MASA: masa_model_kind = 1;
+pub const MASA_MODEL_DENSE: masa_model_kind = 2;
+pub const MASA_MODEL_LOWRANK: masa_model_kind = 3;
+/// `MASA_MODEL_FORMAT_VERSION`.
+pub const MASA_MODEL_FORMAT_VERSION: c_uint = 1;
+
+extern "C" {
+    pub fn masa_dtype_name(dtype: masa_dtype) -> *const c_char;
+    pub fn masa_dtype_size(dtype: masa_dtype) -> usize;
+
+    pub fn masa_safetensors_open(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        out: *mut *mut masa_safetensors,
+    ) -> masa_status;
+    pub fn masa_safetensors_open_memory(
+        ctx: *mut masa_context,
+        data: *const c_void,
+        bytes: usize,
+        out: *mut *mut masa_safetensors,
+    ) -> masa_status;
+    pub fn masa_safetensors_close(st: *mut masa_safetensors);
+    pub fn masa_safetensors_tensor_count(st: *const masa_safetensors) -> usize;
+    pub fn masa_safetensors_find(
+        st: *const masa_safetensors,
+        name: *const c_char,
+        index: *mut usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_tensor(
+        st: *const masa_safetensors,
+        index: usize,
+        name: *mut *const c_char,
+        dtype: *mut masa_dtype,
+        ndim: *mut usize,
+        shape: *mut *const usize,
+        data: *mut *const c_void,
+        bytes: *mut usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_read_f32(
+        st: *const masa_safetensors,
+        index: usize,
+        dst: *mut f32,
+        count: usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_f32(
+        st: *mut masa_safetensors,
+        index: usize,
+        data: *mut *const f32,
+        count: *mut usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_metadata_count(st: *const masa_safetensors) -> usize;
+    pub fn masa_safetensors_metadata_entry(
+        st: *const masa_safetensors,
+        index: usize,
+        key: *mut *const c_char,
+        value: *mut *const c_char,
+    ) -> masa_status;
+    pub fn masa_safetensors_metadata_get(
+        st: *const masa_safetensors,
+        key: *const c_char,
+        value: *mut *const c_char,
+    ) -> masa_status;
+
+    pub fn masa_safetensors_writer_create(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        out: *mut *mut masa_safetensors_writer,
+    ) -> masa_status;
+    pub fn masa_safetensors_writer_add(
+        w: *mut masa_safetensors_writer,
+        name: *const c_char,
+        dtype: masa_dtype,
+        ndim: usize,
+        shape: *const usize,
+        data: *const c_void,
+        bytes: usize,
+    ) -> masa_status;
+    pub fn masa_safetensors_writer_set_metadata(
+        w: *mut masa_safetensors_writer,
+        key: *const c_char,
+        value: *const c_char,
+    ) -> masa_status;
+    pub fn masa_safetensors_writer_finish(w: *mut masa_safetensors_writer) -> masa_status;
+    pub fn masa_safetensors_writer_destroy(w: *mut masa_safetensors_writer);
+
+    pub fn masa_model_writer_create(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        n_layers: usize,
+        out: *mut *mut masa_model_writer,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_group(
+        w: *mut masa_model_writer,
+        which: masa_projection,
+        first_layer: usize,
+        dict: *const masa_dictionary,
+        coef: *const masa_coefficients,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_dense(
+        w: *mut masa_model_writer,
+        which: masa_projection,
+        layer: usize,
+        d_in: usize,
+        d_out: usize,
+        weight: *const f32,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_lowrank(
+        w: *mut masa_model_writer,
+        which: masa_projection,
+        layer: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        a: *const f32,
+        b: *const f32,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_calib(
+        w: *mut masa_model_writer,
+        name: *const c_char,
+        calib: *const masa_calib,
+    ) -> masa_status;
+    pub fn masa_model_writer_add_tensor(
+        w: *mut masa_model_writer,
+        name: *const c_char,
+        dtype: masa_dtype,
+        ndim: usize,
+        shape: *const usize,
+        data: *const c_void,
+        bytes: usize,
+    ) -> masa_status;
+    pub fn masa_model_writer_set_metadata(
+        w: *mut masa_model_writer,
+        key: *const c_char,
+        value: *const c_char,
+    ) -> masa_status;
+    pub fn masa_model_writer_finish(w: *mut masa_model_writer) -> masa_status;
+    pub fn masa_model_writer_destroy(w: *mut masa_model_writer);
+
+    pub fn masa_model_open(
+        ctx: *mut masa_context,
+        path: *const c_char,
+        out: *mut *mut masa_model,
+    ) -> masa_status;
+    pub fn masa_model_close(model: *mut masa_model);
+    pub fn masa_model_layers(model: *const masa_model, n_layers: *mut usize) -> masa_status;
+    pub fn masa_model_projection(
+        model: *const masa_model,
+        which: masa_projection,
+        kind: *mut masa_model_kind,
+        d_in: *mut usize,
+        d_out: *mut usize,
+        n_groups: *mut usize,
+    ) -> masa_status;
+    pub fn masa_model_group(
+        model: *const masa_model,
+        which: masa_projection,
+        group: usize,
+        first_layer: *mut usize,
+        n_layers: *mut usize,
+        dict: *mut *mut masa_dictionary,
+        coef: *mut *mut masa_coefficients,
+    ) -> masa_status;
+    pub fn masa_model_lowrank(
+        model: *const masa_model,
+        which: masa_projection,
+        layer: usize,
+        rank: *mut usize,
+        a: *mut *mut f32,
+        b: *mut *mut f32,
+    ) -> masa_status;
+    pub fn masa_model_dense(
+        model: *const masa_model,
+        which: masa_projection,
+        layer: usize,
+        weight: *mut *mut f32,
+    ) -> masa_status;
+    pub fn masa_model_apply(
+        model: *const masa_model,
+        layer_index: usize,
+        layer: *mut masa_layer,
+    ) -> masa_status;
+    pub fn masa_model_calib_count(model: *const masa_model) -> usize;
+    pub fn masa_model_calib_name(
+        model: *const masa_model,
+        index: usize,
+        name: *mut *const c_char,
+    ) -> masa_status;
+    pub fn masa_model_calib(
+        model: *const masa_model,
+        name: *const c_char,
+        out: *mut *mut masa_calib,
+    ) -> masa_status;
+    pub fn masa_model_file(model: *mut masa_model) -> *mut masa_safetensors;
+}
+
 #[cfg(test)]
 mod layout {
     use super::*;
@@ -389,5 +774,8 @@ mod layout {
         assert_eq!(size_of::<masa_layer_options>(), 56);
         assert_eq!(size_of::<masa_layer_grads>(), 16 + 24 * 8);
         assert_eq!(align_of::<masa_layer_grads>(), 8);
+        assert_eq!(size_of::<masa_pca_result>(), 40);
+        assert_eq!(size_of::<masa_group_plan_result>(), 40);
+        assert_eq!(size_of::<masa_residual_result>(), 40);
     }
 }

@@ -48,6 +48,42 @@ fn struct_sizes_match_c() {
 }
 
 #[test]
+fn compress_struct_sizes_match_c() {
+    unsafe {
+        let mut p = masa_pca_result::default();
+        masa_pca_result_default(&mut p, size_of::<masa_pca_result>());
+        assert_eq!(p.size, size_of::<masa_pca_result>());
+        let mut g = masa_group_plan_result::default();
+        masa_group_plan_result_default(&mut g, size_of::<masa_group_plan_result>());
+        assert_eq!(g.size, size_of::<masa_group_plan_result>());
+        let mut r = masa_residual_result::default();
+        masa_residual_result_default(&mut r, size_of::<masa_residual_result>());
+        assert_eq!(r.size, size_of::<masa_residual_result>());
+    }
+}
+
+#[test]
+fn calib_through_the_raw_api() {
+    unsafe {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(masa_context_create(std::ptr::null(), &mut ctx), MASA_OK);
+        let mut c = std::ptr::null_mut();
+        assert_eq!(masa_calib_create(ctx, 2, &mut c), MASA_OK);
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        assert_eq!(masa_calib_accumulate(c, x.as_ptr(), 2), MASA_OK);
+        let d = std::slice::from_raw_parts(masa_calib_data(c), 4);
+        assert_eq!(d, &[10.0, 14.0, 14.0, 20.0]);
+        let (mut dim, mut rows) = (0usize, 0u64);
+        assert_eq!(masa_calib_shape(c, &mut dim, &mut rows), MASA_OK);
+        assert_eq!((dim, rows), (2, 2));
+        assert_eq!(masa_calib_merge(c, c), MASA_ERROR_INVALID_ARGUMENT);
+        masa_calib_destroy(c);
+        masa_calib_destroy(std::ptr::null_mut());
+        masa_context_destroy(ctx);
+    }
+}
+
+#[test]
 fn status_strings_and_last_error() {
     unsafe {
         let ok = CStr::from_ptr(masa_status_string(MASA_OK));

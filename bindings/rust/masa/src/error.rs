@@ -34,6 +34,12 @@ pub enum Status {
     Thread,
     /// A bug in libmasa.
     Internal,
+    /// A file could not be opened, read or written.
+    Io,
+    /// A file's contents are malformed.
+    BadFormat,
+    /// No tensor or entry of that name.
+    NotFound,
     /// A status this binding does not know (a newer library).
     Unknown(u32),
 }
@@ -54,6 +60,9 @@ impl Status {
             sys::MASA_ERROR_NOT_READY => Status::NotReady,
             sys::MASA_ERROR_THREAD => Status::Thread,
             sys::MASA_ERROR_INTERNAL => Status::Internal,
+            sys::MASA_ERROR_IO => Status::Io,
+            sys::MASA_ERROR_BAD_FORMAT => Status::BadFormat,
+            sys::MASA_ERROR_NOT_FOUND => Status::NotFound,
             other => Status::Unknown(other),
         })
     }
@@ -72,6 +81,9 @@ impl Status {
             Status::NotReady => sys::MASA_ERROR_NOT_READY,
             Status::Thread => sys::MASA_ERROR_THREAD,
             Status::Internal => sys::MASA_ERROR_INTERNAL,
+            Status::Io => sys::MASA_ERROR_IO,
+            Status::BadFormat => sys::MASA_ERROR_BAD_FORMAT,
+            Status::NotFound => sys::MASA_ERROR_NOT_FOUND,
             Status::Unknown(raw) => raw,
         }
     }

@@ -72,6 +72,10 @@
 //! # Ok::<(), masa::Error>(())
 //! ```
 //!
+//! The [`compress`] module turns pretrained weights into MASA form (Matrix
+//! PCA, the grouping planner, calibration statistics, the whitened low-rank
+//! residual).
+//!
 //! # Ownership and lifetimes
 //!
 //! - Every object borrows the [`Context`] it was created from.
@@ -113,8 +117,10 @@
 
 #![warn(missing_docs)]
 
+pub mod compress;
 mod context;
 mod error;
+pub mod io;
 mod layer;
 mod params;
 
