@@ -73,33 +73,18 @@ def plan_of(results):
 
 
 def write_safetensors(path, tensors, metadata):
-    """Through libmasa's C writer (masa.safetensors_file) when built in,
-    else the safetensors package; both write atomically."""
-    try:
-        from .. import safetensors_file
+    """Through libmasa's safetensors writer (masa.safetensors_file: atomic,
+    fsync'd)."""
+    from .. import safetensors_file
 
-        safetensors_file.save(path, tensors, metadata=metadata)
-        return "libmasa C writer"
-    except (ImportError, AttributeError):
-        from safetensors.numpy import save_file
-
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return "safetensors package"
+    safetensors_file.save_file(tensors, path, metadata=metadata)
+    return "libmasa C writer"
 
 
 def read_safetensors(path):
-    try:
-        from .. import safetensors_file
+    from .. import safetensors_file
 
-        return safetensors_file.load(path)
-    except (ImportError, AttributeError):
-        from safetensors.numpy import load_file
-
-        return load_file(path)
+    return safetensors_file.load_file(path)
 
 
 def write_json(path, obj):
