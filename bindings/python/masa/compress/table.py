@@ -265,12 +265,12 @@ def write_report(out):
                     s += f"groups {info['starts']} atoms {info['atoms']}"
                 if "captured_energy" in info:
                     s += f", captured energy {info['captured_energy']:.1%}"
-                if "rank" in info:
+                if "rank" in info and "relative_error" not in info:
                     s += f", rank {info['rank']}"
                 if "atom_share" in info:
                     s += f", atom share of budget {info['atom_share']}"
                 if "relative_error" in info:
-                    s += f"rank {info['rank']}, whitened/plain relative error {info['relative_error']:.3f}"
+                    s += f"rank {info['rank']}, relative error {info['relative_error']:.3f} (whitened for SVD-LLM)"
                 parts.append(s)
             heal = rep.get("healing")
             extra = (f"; healing {heal['steps']} steps, {heal['tokens']} tokens, {heal['seconds']:.0f} s"
@@ -290,6 +290,20 @@ def write_report(out):
                   "| model | prefill tokens/s (512) | decode ms/token |",
                   "|---|---|---|"]
         lines += [f"| {a} | {b:.0f} | {c:.1f} |" for a, b, c in speed]
+    tp = os.path.join(out, "throughput.json")
+    if os.path.exists(tp):
+        with open(tp) as f:
+            t = json.load(f)
+        lines += ["", "## Throughput, measured separately (throughput.json)", "",
+                  f"2 threads; load average {' '.join(t.get('load_before', []))} before, "
+                  f"{' '.join(t.get('load_after', []))} after (a shared 2-core machine: noisy).", "",
+                  "| model | prefill tokens/s (512) | decode ms/token |", "|---|---|---|"]
+        for key, label in (("dense_transformers", "dense, transformers"),
+                           ("dense_libmasa", "dense, libmasa"),
+                           ("full20_libmasa", "full method 20%, libmasa")):
+            if key in t:
+                lines.append(f"| {label} | {t[key]['prefill_tokens_per_s']:.0f} | "
+                             f"{t[key]['decode_ms_per_token']:.1f} |")
     write_atomic(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
     plot(e, base, os.path.join(out, "ppl_vs_compression.png"))
 
