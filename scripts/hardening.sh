@@ -276,7 +276,7 @@ fuzz_one() {
     UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     ASAN_OPTIONS=detect_leaks=1 \
         "$fuzzer" -max_total_time="$seconds" -timeout=10 \
-            -rss_limit_mb=2048 -print_final_stats=1 $dict \
+            -rss_limit_mb=2048 -print_final_stats=1 ${dict:+"$dict"} \
             -artifact_prefix="$LOGS/" "$work" "$corpus" \
             >> "$log" 2>&1
     rc=$?

@@ -26,7 +26,7 @@ echo "== Python venv tests (pytest in the venv of install-deps.sh)"
 # transformers, ...) that only the venv has; MASA_NO_VENV=1 skips it.
 VENV=${MASA_VENV:-$HOME/.cache/libmasa/venv}
 if [ "${MASA_NO_VENV:-0}" != 1 ]; then
-    MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
+    MASA_LIBRARY="$ROOT/build/lib/libmasa.so" HF_HUB_OFFLINE=1 \
         "$VENV/bin/python" -m pytest -q bindings/python/tests_venv | tee "$LOGS/venv.log"
 else
     echo "skipped (MASA_NO_VENV=1)" | tee "$LOGS/venv.log"

@@ -312,7 +312,10 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
             get one ("qkv", ...).
         layer_index: this layer's row in the shared coefficient tables.
         shared: a SharedAtoms module; its projections are MASA here, the
-            others dense. None: every projection dense.
+            others dense. None: every projection dense. Or a dict
+            {projection: (SharedAtoms, row)} when projections are grouped
+            differently (e.g. per-projection layer groups of a compressed
+            pretrained model); layer_index is then not used.
         external: projections (e.g. "qkvo") whose dense weights the layer
             does not own: every forward call takes them as
             ``weights={p: tensor}``, (d_in, d_out) CPU float32 tensors that
@@ -350,18 +353,13 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         self.rope_theta = float(rope_theta)
         self.softmax_scale = float(softmax_scale) if softmax_scale else 1.0 / math.sqrt(self.head_dim)
         self.layer_index = int(layer_index)
-        if shared is not None:
-            if not isinstance(shared, SharedAtoms):
-                raise TypeError("shared must be a masa.torch.SharedAtoms")
-            for p in shared.projections:
-                if shared.shapes[p] != self.shapes[p]:
-                    raise ValueError(
-                        f"shared atoms of {p!r} have shape {shared.shapes[p]}, "
-                        f"this layer needs {self.shapes[p]}")
-            if not 0 <= self.layer_index < shared.n_layers:
-                raise ValueError(f"layer_index {layer_index} out of range for {shared.n_layers} shared layers")
-        self.shared = shared  # registered as a submodule; parameters() lists it once
-        self.masa_projections = shared.projections if shared is not None else ""
+        self._masa_source = self._masa_sources(shared, self.layer_index)
+        # registered as submodules: parameters() lists each SharedAtoms once
+        self.shared = shared if isinstance(shared, SharedAtoms) else None
+        self.shared_groups = nn.ModuleList(
+            [] if shared is None or isinstance(shared, SharedAtoms)
+            else list({id(m): m for m, _ in self._masa_source.values()}.values()))
+        self.masa_projections = "".join(p for p in PROJECTIONS if p in self._masa_source)
         external = _projection_set(external, "external")
         overlap = external & set(self.masa_projections)
         if overlap:
@@ -393,6 +391,35 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         self._bound = {}
         self.reset_parameters()
 
+    def _masa_sources(self, shared, layer_index):
+        """{projection: (SharedAtoms, row)} from ``shared``: one SharedAtoms
+        (its projections, row layer_index) or a dict {projection:
+        (SharedAtoms, row)} (projections grouped differently)."""
+        if shared is None:
+            return {}
+        if isinstance(shared, SharedAtoms):
+            pairs = {p: (shared, layer_index) for p in shared.projections}
+        elif isinstance(shared, dict):
+            pairs = {}
+            for p, pair in shared.items():
+                if str(p).lower() not in PROJECTIONS or not isinstance(pair, tuple) or len(pair) != 2:
+                    raise ValueError("shared as a dict maps a projection letter to (SharedAtoms, row)")
+                pairs[str(p).lower()] = (pair[0], int(pair[1]))
+        else:
+            raise TypeError("shared must be a masa.torch.SharedAtoms or {projection: (SharedAtoms, row)}")
+        for p, (module, row) in pairs.items():
+            if not isinstance(module, SharedAtoms):
+                raise TypeError("shared must be a masa.torch.SharedAtoms")
+            if p not in module.projections:
+                raise ValueError(f"the SharedAtoms given for {p!r} does not share {p!r}")
+            if module.shapes[p] != self.shapes[p]:
+                raise ValueError(
+                    f"shared atoms of {p!r} have shape {module.shapes[p]}, "
+                    f"this layer needs {self.shapes[p]}")
+            if not 0 <= row < module.n_layers:
+                raise ValueError(f"layer_index {row} out of range for {module.n_layers} shared layers")
+        return pairs
+
     @torch.no_grad()
     def reset_parameters(self):
         """Dense weights and biases uniform in +-1/sqrt(d_in) (as nn.Linear)."""
@@ -410,7 +437,8 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
 
     def _ctx(self):
         if self._context is None or self._context.closed:
-            self._context = self.shared.context() if self.shared is not None else default_context()
+            sources = list(self._masa_source.values())
+            self._context = sources[0][0].context() if sources else default_context()
         return self._context
 
     def c_layer(self, weights=None):
@@ -425,10 +453,11 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
             self._bound = {}
         for p in PROJECTIONS:
             if p in self.masa_projections:
-                d, c = self.shared.handles(p)
+                module, row = self._masa_source[p]
+                d, c = module.handles(p)
                 current = layer.masa(p)
                 if current is None or current[0] is not d or current[1] is not c:
-                    layer.set_masa(p, d, c, self.layer_index)
+                    layer.set_masa(p, d, c, row)
             elif p in self.external_projections:
                 if weights is not None and p in weights:  # else bound later
                     w = weights[p]
@@ -465,8 +494,9 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         out = []
         for p in PROJECTIONS:
             if p in self.masa_projections:
-                out.append((f"{p}.atoms", self.shared.atoms[p]))
-                out.append((f"{p}.coefficients", self.shared.coefficients[p]))
+                module = self._masa_source[p][0]
+                out.append((f"{p}.atoms", module.atoms[p]))
+                out.append((f"{p}.coefficients", module.coefficients[p]))
             elif p in self.external_projections:
                 out.append((f"{p}.weight", weights[p]))
             elif p not in self.lowrank_only_projections:
@@ -483,7 +513,8 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         (an external projection's base is ``weights[p]``), low-rank term
         included."""
         if p in self.masa_projections:
-            base = self.shared.compose(p, self.layer_index)
+            module, row = self._masa_source[p]
+            base = module.compose(p, row)
         elif p in self.external_projections:
             base = self._external_weights(weights)[p]
         elif p in self.lowrank_only_projections:

@@ -1,0 +1,106 @@
+"""masa.compress on real SmolLM2 weights: the C core against the float64
+reference, and the pipeline end to end on the first 4 layers (compress,
+write, reload through libmasa and materialised; both agree)."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import truncated
+from masa import hf
+from masa.compress import (attention_weights, compress_model, load_compressed, methods,
+                           save)
+from masa.compress.c_core import CCore
+from masa.compress.core import NumpyCore
+
+
+@pytest.fixture(scope="module")
+def weights(small_model):
+    return attention_weights(small_model[0])
+
+
+def test_c_core_matches_reference_on_real_weights(weights):
+    w = weights["k"]  # 4 x 576 x 192
+    c, r = CCore(), NumpyCore()
+    g1, g2 = c.gram(list(w)), r.gram(list(w))
+    assert np.abs(g1 - g2).max() <= 1e-12 * np.abs(g2).max()
+    a1, c1, e1 = c.matrix_pca(list(w), 2)
+    a2, c2, e2 = r.matrix_pca(list(w), 2)
+    assert np.abs(e1 - e2).max() <= 1e-10 * e2[0]
+    rec1 = np.einsum("ls,sij->lij", c1.astype(np.float64), a1.astype(np.float64))
+    rec2 = np.einsum("ls,sij->lij", c2.astype(np.float64), a2.astype(np.float64))
+    assert np.abs(rec1 - rec2).max() <= 1e-5 * np.abs(rec2).max()
+    budget = int(0.7 * w.size)
+    assert c.group_plan(g1, 576, 192, budget)[:2] == r.group_plan(g2, 576, 192, budget)[:2]
+    # nearly orthogonal layers: 2 of 4 atoms capture about half the energy
+    assert 0.4 < e1[:2].sum() / e1.sum() < 0.75
+
+
+def test_residual_c_matches_reference(weights, small_model):
+    w = weights["q"][1]
+    x = np.random.default_rng(0).standard_normal((700, 576))
+    cmat = x.T @ x
+    a1, b1, i1 = CCore().residual(w, None, cmat, 32)
+    a2, b2, i2 = NumpyCore().residual(w, None, cmat, 32)
+    assert abs(i1["error_after"] - i2["error_after"]) <= 1e-5 * i2["error_before"]
+    assert np.abs(a1 @ b1 - a2 @ b2).max() <= 1e-4 * np.abs(a2 @ b2).max()
+    assert i1["error_after"] < i1["error_before"]
+
+
+@pytest.mark.parametrize("method", ["full", "svd"])
+def test_pipeline_end_to_end(small_model, ctx, tmp_path, method):
+    model, tok = small_model
+    m = truncated(model, 4)
+    results, config, report = compress_model(m, tok, method, 0.3, source="smollm2",
+                                             calib_sequences=2, calib_len=256, context=ctx)
+    if method == "full":  # whitened: calibrated on 2 x 256 tokens
+        assert report["calibration"]["rows"] == 512
+    else:
+        assert report["calibration"] is None
+    kept, dense = report["attention_params_kept"], report["attention_params_dense"]
+    assert kept <= 0.7 * dense and kept > 0.6 * dense
+    assert kept == sum(methods.count_params(r, r["groups"][0]["atoms"].shape[1:] if r["groups"]
+                                            else (r["lowrank"][0][0].shape[0], r["lowrank"][0][1].shape[1]))
+                       for r in results.values())
+    save(tmp_path, results, config, report)
+    ids = tok("Why did the chicken cross the road? To get to the other side. " * 4,
+              return_tensors="pt", add_special_tokens=False).input_ids[:, :64]
+    a = truncated(model, 4)
+    a, _, info = load_compressed(tmp_path, path="materialised", model=a, tokenizer=tok)
+    assert info["path"] == "materialised"
+    b = truncated(model, 4)
+    b, _, info = load_compressed(tmp_path, path="libmasa", model=b, tokenizer=tok, context=ctx)
+    assert info["path"] == "libmasa"
+    assert isinstance(b.model.layers[0].self_attn, hf.LibmasaAttention)
+    with torch.no_grad():
+        la = a(input_ids=ids, use_cache=False).logits.double()
+        lb = b(input_ids=ids).logits.double()
+        l0 = model(input_ids=ids, use_cache=False).logits.double()
+    assert ((la - lb).norm() / la.norm()).item() < 1e-4
+    # compression changed the model, but not beyond recognition
+    assert 1e-4 < ((la - l0).norm() / l0.norm()).item() < 0.5
+
+
+def test_healing_trains_only_compressed_parameters(small_model, ctx):
+    from masa.compress.heal import heal
+
+    model, tok = small_model
+    m = truncated(model, 4)  # 4 layers: the budget leaves room for an atom
+    results, _, _ = compress_model(m, tok, "full", 0.2, source="smollm2", calib_sequences=2,
+                                   calib_len=128, context=ctx)
+    frozen = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    healed, rep = heal(m, tok, results, steps=3, lr=1e-3, seq_len=32, context=ctx)
+    assert rep["steps"] == 3 and rep["tokens"] == 96 and rep["parameters_trained"] > 0
+    # every kind of compressed parameter moved
+    for p in "qkvo":
+        before, after = results[p], healed[p]
+        if before["groups"]:
+            assert not np.array_equal(before["groups"][0]["atoms"], after["groups"][0]["atoms"])
+            assert not np.array_equal(before["groups"][0]["coefs"], after["groups"][0]["coefs"])
+        a0, b0 = before["lowrank"][0]
+        a1, b1 = after["lowrank"][0]
+        assert a1.shape == a0.shape and not np.array_equal(a0, a1) and not np.array_equal(b0, b1)
+    # the rest of the model is untouched and its attention is the original again
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert not isinstance(m.model.layers[0].self_attn, hf.LibmasaAttention)
