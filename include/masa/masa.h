@@ -688,4 +688,7 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
 }
 #endif
 
+/* Further public parts of the API, each documented in its own header. */
+#include "masa/replaceme.h"
+
 #endif /* MASA_MASA_H */

@@ -4,6 +4,7 @@ declared MASA_API in the public header: none missing, none extra.
 
 usage: check_symbols.py <libmasa.so> <masa.h>
 """
+import os
 import re
 import subprocess
 import sys
@@ -20,10 +21,20 @@ def exported(lib):
     return names
 
 
-def declared(header):
-    text = open(header, encoding="utf-8").read()
+def declared(header, seen=None):
+    """MASA_API functions of the header and of the public headers it
+    includes as "masa/<name>.h"."""
+    seen = set() if seen is None else seen
+    path = os.path.realpath(header)
+    if path in seen:
+        return set()
+    seen.add(path)
+    text = open(path, encoding="utf-8").read()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(", text))
+    names = set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(", text))
+    for inc in re.findall(r'#include\s+"masa/(\w+\.h)"', text):
+        names |= declared(os.path.join(os.path.dirname(path), inc), seen)
+    return names
 
 
 def main():
