@@ -351,6 +351,9 @@ extern "C" {
     ) -> masa_status;
 }
 
+mod replaceme;
+pub use replaceme::*;
+
 #[cfg(test)]
 mod layout {
     use super::*;

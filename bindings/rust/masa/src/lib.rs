@@ -117,6 +117,7 @@ mod context;
 mod error;
 mod layer;
 mod params;
+pub mod replaceme;
 
 pub use context::{blis_arch, version_number, version_string, Context};
 pub use error::{Error, Origin, Result, Status};
