@@ -360,7 +360,7 @@ def parse_span(text):
     return a, b - a
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m masa.replaceme", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="smollm2, a .gguf file, a .safetensors file or a model directory")
     ap.add_argument("--out", required=True, help="directory for the pruned model and the report")
@@ -382,33 +382,50 @@ def main(argv=None):
     ap.add_argument("--text", help="text file instead of the fortunes")
     ap.add_argument("--eval", action="store_true",
                     help="perplexity before and after (40 windows of 512 tokens)")
-    ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
+    ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS,
+                    help="evaluation windows (calibration avoids them even without --eval)")
+    ap.add_argument("--eval-len", type=int, default=WINDOW, help="tokens per evaluation window")
     ap.add_argument("--threads", type=int, default=0, help="torch and libmasa threads (0: all)")
     args = ap.parse_args(argv)
     if args.blocks is not None and args.blocks < 1:
         ap.error("--blocks must be >= 1")
+    if args.eval_windows < 2:
+        ap.error("--eval-windows must be >= 2")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = Context(args.threads)
+    t = time.monotonic()
+    model, tok = load_model(args.model)
+    log(f"loaded {args.model}: {len(layers_of(model))} blocks, d_model "
+        f"{model.config.hidden_size} ({time.monotonic() - t:.1f} s)")
+    report = run(args, model, tok, Context(args.threads))
+    print(json.dumps({k: report[k] for k in report if k != "candidates"}, indent=2))
+    return 0
+
+
+def run(args, model, tok, ctx):
+    """The pipeline on a loaded model (pruned in place); returns the report
+    and writes args.out."""
+    n_layers = len(layers_of(model))
     report = {"model": args.model, "method": args.method, "calibration": {
         "sequences": args.calib_seqs, "tokens_per_sequence": args.calib_len,
         "tokens": args.calib_seqs * args.calib_len}}
-    t = time.monotonic()
-    model, tok = load_model(args.model)
-    n_layers = len(layers_of(model))
-    log(f"loaded {args.model}: {n_layers} blocks, d_model {model.config.hidden_size} "
-        f"({time.monotonic() - t:.1f} s)")
     tokens = corpus_tokens(tok, args.text)
     cal = calibration_starts(len(tokens), args.calib_seqs, args.calib_len,
-                             args.eval_windows, WINDOW)
-    ev = eval_starts(len(tokens), args.eval_windows, WINDOW)
+                             args.eval_windows, args.eval_len)
+    ev = eval_starts(len(tokens), args.eval_windows, args.eval_len)
     report["text"] = {"tokens": int(len(tokens)), "source": args.text or str(FORTUNES_DIR)}
+    report["evaluation"] = {"windows": args.eval_windows, "tokens_per_window": args.eval_len}
     if args.eval:
         t = time.monotonic()
-        report["ppl_before"] = perplexity(model, tokens, ev, progress="ppl before")
+        report["ppl_before"] = perplexity(model, tokens, ev, args.eval_len,
+                                          progress="ppl before")
         report["eval_seconds_before"] = time.monotonic() - t
         log(f"perplexity before: {report['ppl_before']:.3f}")
 
@@ -463,13 +480,13 @@ def main(argv=None):
     report["layers_after"] = len(layers_of(model))
     if args.eval:
         t = time.monotonic()
-        report["ppl_after"] = perplexity(model, tokens, ev, progress="ppl after")
+        report["ppl_after"] = perplexity(model, tokens, ev, args.eval_len,
+                                         progress="ppl after")
         report["eval_seconds_after"] = time.monotonic() - t
         log(f"perplexity after: {report['ppl_after']:.3f}")
     save_model(model, tok, args.out, report)
     log(f"wrote {args.out}")
-    print(json.dumps({k: report[k] for k in report if k != "candidates"}, indent=2))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
