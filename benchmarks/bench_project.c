@@ -150,7 +150,8 @@ static void teardown(bench *b)
 /* One MASA projection forward (+ backward) on layer l's Q. */
 static void masa_proj(bench *b, masa_layer *layer, bool backward)
 {
-    masa__project(layer, MASA_PROJ_Q, b->x, b->rows, b->y, b->wscratch);
+    /* no low-rank term: its scratch is never touched */
+    masa__project(layer, MASA_PROJ_Q, b->x, b->rows, b->y, b->wscratch, NULL);
     if (!backward)
         return;
     masa_layer_grads g;
@@ -159,7 +160,7 @@ static void masa_proj(bench *b, masa_layer *layer, bool backward)
     g.d_coefficients[MASA_PROJ_Q] = b->d_coef;
     masa__project_backward(layer, MASA_PROJ_Q, b->x, b->dy, b->rows, &g,
                            b->dx, 0.0f, b->wscratch, b->gscratch,
-                           b->partials);
+                           b->partials, NULL);
 }
 
 static void run_variant(bench *b, int v)

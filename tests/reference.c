@@ -284,3 +284,37 @@ void ref_masa_grads(size_t n_atoms, size_t rows, size_t cols,
             dc[s] = acc;
     }
 }
+
+void ref_lowrank_add(size_t rows, size_t cols, size_t rank, const double *A,
+                     const double *B, double *W)
+{
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < cols; j++) {
+            double acc = 0.0;
+            for (size_t k = 0; k < rank; k++)
+                acc += A[i * rank + k] * B[k * cols + j];
+            W[i * cols + j] += acc;
+        }
+}
+
+void ref_lowrank_grads(size_t rows, size_t cols, size_t rank,
+                       const double *A, const double *B, const double *dW,
+                       double *dA, double *dB)
+{
+    if (dA)
+        for (size_t i = 0; i < rows; i++)
+            for (size_t k = 0; k < rank; k++) {
+                double acc = 0.0;
+                for (size_t j = 0; j < cols; j++)
+                    acc += dW[i * cols + j] * B[k * cols + j];
+                dA[i * rank + k] = acc;
+            }
+    if (dB)
+        for (size_t k = 0; k < rank; k++)
+            for (size_t j = 0; j < cols; j++) {
+                double acc = 0.0;
+                for (size_t i = 0; i < rows; i++)
+                    acc += A[i * rank + k] * dW[i * cols + j];
+                dB[k * cols + j] = acc;
+            }
+}

@@ -62,4 +62,15 @@ void ref_masa_grads(size_t n_atoms, size_t rows, size_t cols,
                     const double *atoms, const double *c, const double *dW,
                     double *d_atoms, double *dc);
 
+/* Low-rank term of a projection weight, W = base + A B (A rows x rank,
+ * B rank x cols): W += A B. */
+void ref_lowrank_add(size_t rows, size_t cols, size_t rank, const double *A,
+                     const double *B, double *W);
+
+/* From the gradient dW of the whole weight: dA = dW B^T (rows x rank) and
+ * dB = A^T dW (rank x cols), overwritten; either may be NULL. */
+void ref_lowrank_grads(size_t rows, size_t cols, size_t rank,
+                       const double *A, const double *B, const double *dW,
+                       double *dA, double *dB);
+
 #endif

@@ -111,7 +111,14 @@ void tu_assert_close_ff_(const char *file, int line, const char *what,
 
 /* ---- Layer fixture ---- */
 
-int tu_is_masa(const tu_layer *t, int p) { return (t->spec.masa_mask >> p) & 1u; }
+int tu_has_base(const tu_layer *t, int p)
+{
+    return !((t->spec.baseless_mask >> p) & 1u);
+}
+int tu_is_masa(const tu_layer *t, int p)
+{
+    return tu_has_base(t, p) && ((t->spec.masa_mask >> p) & 1u);
+}
 int tu_has_bias(const tu_layer *t, int p) { return (t->spec.bias_mask >> p) & 1u; }
 
 size_t tu_atoms_len(const tu_layer *t, int p)
@@ -172,7 +179,9 @@ void tu_layer_init(tu_layer *t, masa_context *ctx, const tu_spec *s,
         /* Weight scale ~2.5/sqrt(fan-in): attention logits of order one, so
          * the softmax is neither flat nor saturated. */
         float a = (float)(2.5 / sqrt((double)din));
-        if (tu_is_masa(t, p)) {
+        if (!tu_has_base(t, p)) {
+            ck_assert_ptr_null(masa_layer_weight(t->layer, (masa_projection)p));
+        } else if (tu_is_masa(t, p)) {
             size_t S = s->n_atoms, L = s->n_layers;
             t->lidx[p] = s->layer_index;
             if (s->share_dict && p != REF_O && shared_d) {
@@ -212,6 +221,35 @@ void tu_layer_init(tu_layer *t, masa_context *ctx, const tu_spec *s,
             for (size_t i = 0; i < din * dout; i++) /* documented: zeroed */
                 ck_assert(w[i] == 0.0f);
             tu_fill(&rng, w, din * dout, -a, a);
+        }
+        if ((s->lowrank_mask >> p) & 1u) {
+            size_t r = s->rank, r2 = 0;
+            r = r < din ? r : din;
+            r = r < dout ? r : dout;
+            t->rank[p] = r;
+            float *A = NULL, *B = NULL, *A2, *B2;
+            if (s->wrap) {
+                A = own(t, din * r);
+                B = own(t, r * dout);
+            }
+            TU_OK(masa_layer_set_lowrank(t->layer, (masa_projection)p, r, A, B));
+            TU_OK(masa_layer_lowrank(t->layer, (masa_projection)p, &r2, &A2, &B2));
+            ck_assert_uint_eq(r2, r);
+            if (s->wrap) {
+                ck_assert_ptr_eq(A2, A);
+                ck_assert_ptr_eq(B2, B);
+            } else {
+                for (size_t i = 0; i < din * r; i++) /* documented: zeroed */
+                    ck_assert(A2[i] == 0.0f);
+                for (size_t i = 0; i < r * dout; i++)
+                    ck_assert(B2[i] == 0.0f);
+            }
+            /* A B of the order of a weight: ~ a * sqrt(r) / sqrt(3 r) */
+            tu_fill(&rng, A2, din * r, -a, a);
+            tu_fill(&rng, B2, r * dout, -(float)(1.0 / sqrt((double)r)),
+                    (float)(1.0 / sqrt((double)r)));
+            /* a CACHED layer composed A B when it was zero */
+            TU_OK(masa_layer_refresh_weights(t->layer));
         }
         TU_OK(masa_layer_projection_shape(t->layer, (masa_projection)p, &din2, &dout2));
         ck_assert_uint_eq(din2, din);
@@ -268,8 +306,20 @@ void tu_ref_params(const tu_layer *t, double *W[REF_NPROJ],
             ref_compose(S, t->din[p], t->dout[p], atoms, c, W[p]);
             free(atoms);
             free(c);
-        } else {
+        } else if (tu_has_base(t, p)) {
             W[p] = tu_to_double(masa_layer_weight(t->layer, (masa_projection)p), n);
+        } else {
+            W[p] = tu_dalloc(n);
+        }
+        if (t->rank[p]) {
+            size_t r = 0;
+            float *A, *B;
+            TU_OK(masa_layer_lowrank(t->layer, (masa_projection)p, &r, &A, &B));
+            double *Ad = tu_to_double(A, t->din[p] * r);
+            double *Bd = tu_to_double(B, r * t->dout[p]);
+            ref_lowrank_add(t->din[p], t->dout[p], r, Ad, Bd, W[p]);
+            free(Ad);
+            free(Bd);
         }
         b[p] = tu_has_bias(t, p)
                    ? tu_to_double(masa_layer_bias(t->layer, (masa_projection)p),
@@ -308,6 +358,19 @@ void tu_reference(const tu_layer *t, size_t batch, size_t seq, size_t pos,
         ref_backward(&t->cfg, batch, seq, pos, xd, (const double *const *)W,
                      (const double *const *)b, dyd, out->dx, out->dW, out->db);
         for (int p = 0; p < REF_NPROJ; p++) {
+            if (t->rank[p]) {
+                size_t r = 0;
+                float *A, *B;
+                TU_OK(masa_layer_lowrank(t->layer, (masa_projection)p, &r, &A, &B));
+                double *Ad = tu_to_double(A, t->din[p] * r);
+                double *Bd = tu_to_double(B, r * t->dout[p]);
+                out->d_lowrank_a[p] = tu_dalloc(t->din[p] * r);
+                out->d_lowrank_b[p] = tu_dalloc(r * t->dout[p]);
+                ref_lowrank_grads(t->din[p], t->dout[p], r, Ad, Bd, out->dW[p],
+                                  out->d_lowrank_a[p], out->d_lowrank_b[p]);
+                free(Ad);
+                free(Bd);
+            }
             if (!tu_is_masa(t, p))
                 continue;
             size_t S = t->spec.n_atoms;
@@ -337,6 +400,8 @@ void tu_ref_out_free(tu_ref_out *out)
         free(out->db[p]);
         free(out->d_atoms[p]);
         free(out->dc[p]);
+        free(out->d_lowrank_a[p]);
+        free(out->d_lowrank_b[p]);
     }
     memset(out, 0, sizeof *out);
 }

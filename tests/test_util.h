@@ -67,6 +67,11 @@ typedef struct tu_spec {
     size_t n_atoms, n_layers, layer_index;
     int wrap;       /* 1: parameters wrap caller memory; 0: library-owned */
     int share_dict; /* MASA Q/K/V share one dictionary and table (MHA) */
+    /* Low-rank terms A B (masa_layer_set_lowrank), rank `rank` clamped to
+     * min(d_in, d_out): bit p of lowrank_mask gives projection p one; bit p
+     * of baseless_mask leaves its base unset (the term alone). */
+    unsigned lowrank_mask, baseless_mask;
+    size_t rank;
 } tu_spec;
 
 typedef struct tu_layer {
@@ -77,7 +82,8 @@ typedef struct tu_layer {
     masa_coefficients *coef[REF_NPROJ];
     size_t lidx[REF_NPROJ]; /* table row used by projection p */
     size_t din[REF_NPROJ], dout[REF_NPROJ];
-    float *mem[16]; /* caller-owned parameter memory */
+    size_t rank[REF_NPROJ];           /* 0: no low-rank term */
+    float *mem[24]; /* caller-owned parameter memory */
     size_t n_mem;
 } tu_layer;
 
@@ -85,7 +91,8 @@ void tu_layer_init(tu_layer *t, masa_context *ctx, const tu_spec *s,
                    uint64_t seed);
 void tu_layer_fini(tu_layer *t);
 
-int tu_is_masa(const tu_layer *t, int p);
+int tu_is_masa(const tu_layer *t, int p); /* MASA base */
+int tu_has_base(const tu_layer *t, int p);  /* MASA or dense base */
 int tu_has_bias(const tu_layer *t, int p);
 size_t tu_atoms_len(const tu_layer *t, int p); /* n_atoms * din * dout */
 size_t tu_coefs_len(const tu_layer *t, int p); /* n_layers * n_atoms */
@@ -103,6 +110,8 @@ typedef struct tu_ref_out {
     double *dW[REF_NPROJ], *db[REF_NPROJ];
     /* MASA projections: atom and coefficient-row gradients */
     double *d_atoms[REF_NPROJ], *dc[REF_NPROJ];
+    /* Low-rank terms: gradients of A and B */
+    double *d_lowrank_a[REF_NPROJ], *d_lowrank_b[REF_NPROJ];
 } tu_ref_out;
 void tu_reference(const tu_layer *t, size_t batch, size_t seq, size_t pos,
                   const float *x, const float *dy, tu_ref_out *out);

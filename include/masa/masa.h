@@ -323,7 +323,8 @@ MASA_API void masa_layer_options_default(masa_layer_options *options,
  */
 
 /* Creates a layer with no projections set. Every projection must be set with
- * masa_layer_set_masa() or masa_layer_set_dense() before forward.
+ * masa_layer_set_masa() or masa_layer_set_dense(), or given a low-rank term
+ * (masa_layer_set_lowrank()), before forward.
  * Errors: BAD_SHAPE (zero sizes, n_heads not a multiple of n_kv_heads,
  * head_dim 0 with d_model not a multiple of n_heads, odd head_dim with RoPE),
  * INVALID_ARGUMENT (rope_theta, softmax_scale), OVERFLOW, BAD_STRUCT_SIZE. */
@@ -341,8 +342,9 @@ MASA_API void masa_layer_destroy(masa_layer *layer);
  * The layer keeps pointers to dict and coef (not copies): they must outlive
  * the layer (or be replaced first) and may be shared by many layers.
  * With the MASA_WEIGHTS_CACHED policy the projection's composed weight is
- * allocated (if it has none yet) and filled; failing that, OUT_OF_MEMORY and
- * the projection is unchanged. */
+ * allocated (if it has none yet) and filled (with the projection's low-rank
+ * term, if any, added); failing that, OUT_OF_MEMORY and the projection is
+ * unchanged. */
 MASA_API masa_status masa_layer_set_masa(masa_layer *layer,
                                          masa_projection which,
                                          masa_dictionary *dict,
@@ -383,6 +385,79 @@ MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
                                                  size_t *d_in, size_t *d_out);
 
 /* ----------------------------------------------------------------------
+ * Low-rank terms
+ * ----------------------------------------------------------------------
+ * A projection may carry a low-rank term beside its base weight:
+ *
+ *     W = base + A B,   A: d_in x rank,  B: rank x d_out  (row-major)
+ *
+ * where the base is the MASA weight sum_s c[l, s] D_s (masa_layer_set_masa),
+ * a dense weight (masa_layer_set_dense) or nothing. A projection whose base
+ * was never set (neither set_masa nor set_dense was called on it since the
+ * layer was created) and that has a low-rank term computes only
+ * Y = (X A) B (+ bias): the low-rank baseline. Setting or changing the base
+ * keeps the low-rank term; removing the low-rank term of a projection
+ * without a base leaves it unset (forward then fails with NOT_READY).
+ *
+ * The term is applied as two thin products, (X A) B, which costs
+ * rows * rank * (d_in + d_out) multiply-adds instead of the
+ * rows * d_in * d_out of a full weight. Exceptions:
+ *   - a MASA projection under MASA_WEIGHTS_CACHED keeps base + A B composed
+ *     in its cache (see "Weight policy" below): one product, as dense;
+ *   - a MASA projection under MASA_WEIGHTS_ON_THE_FLY composes its base
+ *     into the workspace at every use anyway; when the call has more rows
+ *     than d_in * d_out / (d_in + d_out), A B is added to that composed
+ *     weight (rank * d_in * d_out multiply-adds, once) instead of running
+ *     the thin products (rank * rows * (d_in + d_out)): whichever is fewer.
+ * Dense and base-less projections always run the thin products. Incremental
+ * decoding (few rows) runs them too, reading A and B instead of a d_in x
+ * d_out matrix, unless a cache holds the composed weight.
+ *
+ * Gradients: dA = X^T (dY B^T), dB = (X A)^T dY, and dX gets dY B^T A^T
+ * (see masa_layer_grads). The base's gradients do not change: dW of the
+ * whole W is the same X^T dY.
+ */
+
+/* Gives projection `which` the low-rank term A B (replacing any it had).
+ *   rank  1 <= rank <= min(d_in, d_out)
+ *   a     d_in x rank floats, row-major; NULL: the layer allocates and owns
+ *         a zero-initialised A; otherwise the layer wraps caller memory,
+ *         which must stay valid while the layer uses it (as set_dense).
+ *   b     rank x d_out floats, likewise.
+ * a and b are chosen independently (e.g. a caller-filled A with an owned
+ * zero B: the term starts at zero but gets gradients, as LoRA starts;
+ * A = B = 0 gives zero gradients to both). masa_layer_lowrank() returns the
+ * pointers, owned or wrapped. On a MASA projection under the CACHED policy
+ * the composed weight is refilled (base + A B as they are now).
+ * Workspace sizes (masa_layer_workspace_size,
+ * masa_layer_decode_workspace_size) depend on the ranks: query them again
+ * after this call.
+ * Errors: NULL_ARGUMENT (layer); OUT_OF_RANGE (which); BAD_SHAPE (rank 0 or
+ * above min(d_in, d_out)); OUT_OF_MEMORY (owned A or B: the projection is
+ * unchanged). On error nothing is changed. */
+MASA_API masa_status masa_layer_set_lowrank(masa_layer *layer,
+                                            masa_projection which,
+                                            size_t rank, float *a, float *b);
+
+/* Removes the low-rank term of projection `which` (freeing the A and B the
+ * layer owns; no-op without one). A cached MASA weight is recomposed
+ * without it. Errors: NULL_ARGUMENT, OUT_OF_RANGE. */
+MASA_API masa_status masa_layer_remove_lowrank(masa_layer *layer,
+                                               masa_projection which);
+
+/* The low-rank term of projection `which`: *rank (0 when it has none) and
+ * pointers to A (d_in x rank) and B (rank x d_out), owned or wrapped, NULL
+ * without a term. The pointers stay valid until the term is set again or
+ * removed or the layer is destroyed; writing through them changes the
+ * layer's parameters (a CACHED MASA projection then needs
+ * masa_layer_refresh_weights()). Any output pointer may be NULL.
+ * Errors: NULL_ARGUMENT (layer), OUT_OF_RANGE (which); the outputs are then
+ * not written. */
+MASA_API masa_status masa_layer_lowrank(masa_layer *layer,
+                                        masa_projection which, size_t *rank,
+                                        float **a, float **b);
+
+/* ----------------------------------------------------------------------
  * Weight policy of MASA projections
  * ----------------------------------------------------------------------
  * Every forward, backward and decode call needs W_l = sum_s c[l, s] D_s of
@@ -394,7 +469,7 @@ MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
  *       S * d_in * d_out floats more than a dense layer would. Changes to
  *       atoms and coefficients are seen by the next call.
  *   MASA_WEIGHTS_CACHED  the layer keeps W_l of each of its MASA projections
- *       composed: calls read it as a dense layer reads its weight (the speed
+ *       composed (with the projection's low-rank term A B added, if any): calls read it as a dense layer reads its weight (the speed
  *       of a dense layer, the memory of one: d_in * d_out floats per MASA
  *       projection, so L layers sharing a dictionary hold L composed
  *       weights beside its S atoms).
@@ -407,14 +482,18 @@ MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
  *     MASA projection of the layer;
  *   - masa_layer_set_masa() on a layer whose policy is CACHED, for that
  *     projection;
- *   - masa_layer_refresh_weights(), for every MASA projection of the layer.
+ *   - masa_layer_refresh_weights(), for every MASA projection of the layer;
+ *   - masa_layer_set_lowrank() and masa_layer_remove_lowrank() on a MASA
+ *     projection of a CACHED layer, for that projection.
  * Nothing else updates it. It is STALE as soon as the caller changes the
- * atoms or coefficients it was composed from (writes through
- * masa_dictionary_data(), masa_coefficients_data() or wrapped memory, the
+ * atoms, coefficients or low-rank factors it was composed from (writes
+ * through masa_dictionary_data(), masa_coefficients_data(),
+ * masa_layer_lowrank()'s pointers or wrapped memory, the
  * init_* functions, an optimiser step): until the next refresh, forward,
  * decode and the dx of backward keep using the old W_l. Backward's dc and
  * dD are computed from G = X^T dY, the current atoms and the current
- * coefficients (they never read the cache). A training loop that updates
+ * coefficients, dA and dB from the current A and B (they never read the
+ * cache). A training loop that updates
  * the parameters after every step calls masa_layer_refresh_weights() on
  * each layer after the update (one composition per step instead of one per
  * forward and one per backward).
@@ -430,8 +509,8 @@ typedef enum masa_weight_policy {
 /* Sets the layer's weight policy (see above). CACHED allocates and fills
  * the cache of every MASA projection; set again when already CACHED, it
  * refills them (as masa_layer_refresh_weights()). ON_THE_FLY frees them.
- * Dense projections are not affected. Projections set later follow the
- * policy.
+ * Dense and base-less projections are not affected (their low-rank terms
+ * run as thin products). Projections set later follow the policy.
  * Errors: NULL_ARGUMENT; INVALID_ARGUMENT (policy not one of the values
  * above); OUT_OF_MEMORY (a cache could not be allocated: the layer keeps
  * its previous policy and caches, nothing is freed or composed). */
@@ -451,7 +530,8 @@ MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer);
 
 /* Bytes of workspace (scratch, any contents, not kept between calls) that
  * forward and backward need for `batch` sequences of `seq` tokens. It depends
- * on the layer's shapes and its context's thread count only. forward and
+ * on the layer's shapes, the ranks of its low-rank terms and its context's
+ * thread count only. forward and
  * backward accept any workspace at least this large. */
 MASA_API masa_status masa_layer_workspace_size(const masa_layer *layer,
                                                size_t batch, size_t seq,
@@ -504,6 +584,10 @@ typedef enum masa_grad_mode {
  *   d_weight[p]        dense: d_in * d_out floats, dW = X^T dY.
  *   d_bias[p]          d_out floats, column sums of dY (projection must have
  *                      a bias).
+ *   d_lowrank_a[p]     low-rank term: d_in * rank floats (A's layout),
+ *                      dA = X^T (dY B^T).
+ *   d_lowrank_b[p]     low-rank term: rank * d_out floats (B's layout),
+ *                      dB = (X A)^T dY.
  * Gradients that do not apply to a projection (d_atoms of a dense one, ...)
  * must be NULL.
  *
@@ -518,6 +602,10 @@ typedef struct masa_layer_grads {
     float *d_coefficients[MASA_NUM_PROJECTIONS];
     float *d_weight[MASA_NUM_PROJECTIONS];
     float *d_bias[MASA_NUM_PROJECTIONS];
+    /* Added after 0.1 (low-rank terms). A struct of an older program ends before
+     * these fields (its size says so); it is accepted and means NULL here. */
+    float *d_lowrank_a[MASA_NUM_PROJECTIONS];
+    float *d_lowrank_b[MASA_NUM_PROJECTIONS];
 } masa_layer_grads;
 
 /* Defaults into the first `size` bytes, as masa_context_options_default. */
@@ -638,8 +726,9 @@ MASA_API masa_status masa_kv_cache_shape(const masa_kv_cache *cache,
 
 /* Bytes of workspace masa_layer_decode() needs for `n_new` tokens of each of
  * `batch` sequences. It depends on the layer's shapes, the number of atoms
- * of its MASA projections (query again after masa_layer_set_masa() with
- * another dictionary) and its context's thread count, not on the weight
+ * of its MASA projections and the ranks of its low-rank terms (query again
+ * after masa_layer_set_masa() with another dictionary or
+ * masa_layer_set_lowrank()) and its context's thread count, not on the weight
  * policy or the cache length: one workspace serves a whole generation loop.
  * A workspace sized for n_new also serves every smaller n_new at the same
  * batch.
@@ -666,7 +755,9 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * The cached keys and values were computed with the layer's parameters at
  * the time they were added: changing the parameters does not update them.
  * MASA projections with the MASA_WEIGHTS_CACHED policy read the
- * composed weight, as a dense layer does. Otherwise, MASA projections of a
+ * composed weight (low-rank term included), as a dense layer does. Other
+ * projections apply a low-rank term as (x A) B, reading the small factors
+ * instead of a d_in x d_out matrix. Otherwise, MASA projections of a
  * single row (batch 1, one token) multiply
  * [c_1 x | ... | c_S x] by the atoms stacked as an (S d_in) x d_out matrix,
  * reading the atoms once and never forming W_l; from two rows up (with
@@ -688,7 +779,10 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
 }
 #endif
 
-/* Further public parts of the API, each documented in its own header. */
-#include "masa/replaceme.h"
+/* Compressing pretrained weights: Matrix PCA, grouping, calibration
+ * statistics, the whitened low-rank residual. */
+#include "compress.h"
+/* ReplaceMe: training-free depth pruning (linear-map estimators, merge). */
+#include "replaceme.h"
 
 #endif /* MASA_MASA_H */

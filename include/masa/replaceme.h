@@ -33,7 +33,7 @@
 #ifndef MASA_REPLACEME_H
 #define MASA_REPLACEME_H
 
-#include "masa/masa.h"
+#include "masa.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -152,6 +152,7 @@ MASA_API void masa_layer_destroy(masa_layer *layer)
         release_weight(layer, &layer->proj[p]);
         release_bias(layer, &layer->proj[p]);
         release_cache(layer, &layer->proj[p]);
+        masa__release_lowrank(layer, &layer->proj[p]);
     }
     masa__free(layer->ctx, layer);
 }
@@ -216,7 +217,7 @@ MASA_API masa_status masa_layer_set_masa(masa_layer *layer,
     ps->layer_index = layer_index;
     ps->composed_cache = cache;
     if (cache)
-        masa__compose(dict, coef, layer_index, cache, layer->ctx->pool);
+        masa__compose_projection(layer, which, cache);
     return MASA_OK;
 }
 
@@ -311,10 +312,11 @@ MASA_API masa_status masa_layer_projection_shape(const masa_layer *layer,
 masa_status masa__check_ready(const char *fn, const masa_layer *layer)
 {
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++)
-        if (!layer->proj[p].set)
+        if (!layer->proj[p].set && layer->proj[p].rank == 0)
             return masa__fail(MASA_ERROR_NOT_READY,
                               "%s: projection %s has no weight (call "
-                              "masa_layer_set_masa or masa_layer_set_dense)",
+                              "masa_layer_set_masa, masa_layer_set_dense or "
+                              "masa_layer_set_lowrank)",
                               fn, proj_names[p]);
     return MASA_OK;
 }
@@ -324,7 +326,7 @@ const float *masa__projection_weight(const masa_layer *layer, int p,
 {
     const masa_proj_state *ps = &layer->proj[p];
     if (!ps->is_masa)
-        return ps->weight;
+        return ps->weight; /* NULL without a base */
     if (ps->composed_cache)
         return ps->composed_cache;
     masa__compose(ps->dict, ps->coef, ps->layer_index, scratch,
@@ -394,8 +396,7 @@ MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer)
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
         masa_proj_state *ps = &layer->proj[p];
         if (ps->composed_cache)
-            masa__compose(ps->dict, ps->coef, ps->layer_index,
-                          ps->composed_cache, layer->ctx->pool);
+            masa__compose_projection(layer, p, ps->composed_cache);
     }
     return MASA_OK;
 }
@@ -473,7 +474,7 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
             wmax = n;
     }
     size_t tile = masa__attention_tile_floats(seq, layer->head_dim);
-    size_t tiles;
+    size_t tiles, lowrank;
     masa_workspace_layout w;
     size_t at = 0;
     w.fwd_qkv = 0;
@@ -485,6 +486,9 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     ok = ok && masa__add(&at, wmax);
     w.partials = at; /* doubles, only float-aligned: read with memcpy */
     ok = ok && masa__add(&at, 2 * MASA_ATOM_GRAD_PARTIALS);
+    w.lowrank = at;
+    ok = ok && masa__mul3(2, bt, masa__max_rank(layer), &lowrank) &&
+         masa__add(&at, lowrank);
     w.tiles = at;
     w.tile_floats = tile;
     ok = ok && masa__mul(tile, layer->ctx->n_threads, &tiles) &&

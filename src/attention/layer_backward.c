@@ -3,18 +3,37 @@
  * masa_layer_grads. For a MASA projection G = X^T dY is formed once and
  * dc[l, s] = <D_s, G>, dD_s += c[l, s] G and W_l (for dx) all come from one
  * pass over the atoms (masa__atom_grads). */
+#include <stddef.h>
 #include <string.h>
 
 #include "common/internal.h"
 
 static const char *const names[4] = {"Q", "K", "V", "O"};
 
+/* The struct of programs built before low-rank terms ends here. */
+#define GRADS_SIZE_V1 offsetof(masa_layer_grads, d_lowrank_a)
+
+/* Copies the caller's struct, of this library's size, a newer one's (unknown
+ * fields zero) or the older one without the low-rank fields (they read as
+ * NULL), into a full-size struct. */
+static masa_status read_grads(const char *fn, const masa_layer_grads *in,
+                              masa_layer_grads *out)
+{
+    memset(out, 0, sizeof *out);
+    if (in->size != GRADS_SIZE_V1) {
+        masa_status st = masa__check_struct_size(fn, in, in->size,
+                                                 sizeof *out);
+        if (st != MASA_OK)
+            return st;
+    }
+    memcpy(out, in, in->size < sizeof *out ? in->size : sizeof *out);
+    out->size = sizeof *out;
+    return MASA_OK;
+}
+
 static masa_status check_grads(const char *fn, const masa_layer *layer,
                                const masa_layer_grads *g)
 {
-    masa_status st = masa__check_struct_size(fn, g, g->size, sizeof *g);
-    if (st != MASA_OK)
-        return st;
     if (g->mode != MASA_GRAD_SET && g->mode != MASA_GRAD_ADD)
         return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                           "%s: grads->mode %d is neither MASA_GRAD_SET nor "
@@ -25,10 +44,14 @@ static masa_status check_grads(const char *fn, const masa_layer *layer,
             return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                               "%s: d_atoms/d_coefficients given for %s, which "
                               "is not a MASA projection", fn, names[p]);
-        if (ps->is_masa && g->d_weight[p])
+        if ((ps->is_masa || !ps->set) && g->d_weight[p])
             return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
-                              "%s: d_weight given for %s, which is a MASA "
-                              "projection", fn, names[p]);
+                              "%s: d_weight given for %s, which has no dense "
+                              "weight", fn, names[p]);
+        if (ps->rank == 0 && (g->d_lowrank_a[p] || g->d_lowrank_b[p]))
+            return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                              "%s: d_lowrank_a/d_lowrank_b given for %s, "
+                              "which has no low-rank term", fn, names[p]);
         if (!ps->bias && g->d_bias[p])
             return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                               "%s: d_bias given for %s, which has no bias", fn,
@@ -52,9 +75,9 @@ static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
 {
     static const char *const in_names[4] = {"x", "dy", "the reserve",
                                             "the workspace"};
-    const void *ptr[4 * MASA_NUM_PROJECTIONS + 1];
-    size_t len[4 * MASA_NUM_PROJECTIONS + 1];
-    const char *what[4 * MASA_NUM_PROJECTIONS + 1];
+    const void *ptr[6 * MASA_NUM_PROJECTIONS + 1];
+    size_t len[6 * MASA_NUM_PROJECTIONS + 1];
+    const char *what[6 * MASA_NUM_PROJECTIONS + 1];
     size_t n = 0;
     for (int p = 0; p < MASA_NUM_PROJECTIONS; p++) {
         const masa_proj_state *ps = &layer->proj[p];
@@ -79,6 +102,16 @@ static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
             len[n] = ps->d_out * sizeof(float);
             what[n++] = "d_bias";
         }
+        if (g->d_lowrank_a[p]) {
+            ptr[n] = g->d_lowrank_a[p];
+            len[n] = ps->d_in * ps->rank * sizeof(float);
+            what[n++] = "d_lowrank_a";
+        }
+        if (g->d_lowrank_b[p]) {
+            ptr[n] = g->d_lowrank_b[p];
+            len[n] = ps->rank * ps->d_out * sizeof(float);
+            what[n++] = "d_lowrank_b";
+        }
     }
     if (dx) {
         ptr[n] = dx;
@@ -101,12 +134,16 @@ static masa_status check_grad_overlaps(const char *fn, const masa_layer *layer,
 }
 
 /* A MASA projection forms G = X^T dY once; one pass over the atoms then
- * gives dc, dD and, when dx needs it and no composed cache holds it, W_l. */
+ * gives dc, dD and, when dx needs it and no composed cache holds it, W_l
+ * (with A B added when masa__lowrank_folds says so, as forward does). A
+ * low-rank term not held by that weight reaches dx as (dY B^T) A^T, whose
+ * dY B^T dA needs too; dB needs X A, recomputed rather than kept in the
+ * reserve (one thin product). */
 void masa__project_backward(const masa_layer *layer, int p, const float *in,
                             const float *dy, size_t rows,
                             const masa_layer_grads *g, float *dx, float beta,
                             float *w_scratch, float *g_scratch,
-                            void *partials)
+                            void *partials, float *lowrank_scratch)
 {
     const masa_proj_state *ps = &layer->proj[p];
     masa_pool *pool = layer->ctx->pool;
@@ -122,7 +159,10 @@ void masa__project_backward(const masa_layer *layer, int p, const float *in,
                 db[c] += dy[r * ps->d_out + c];
     }
     const float *w = ps->weight;
-    if (!ps->is_masa) {
+    bool folded = dx && masa__lowrank_folds(ps, rows);
+    if (!ps->set) {
+        w = NULL;
+    } else if (!ps->is_masa) {
         if (g->d_weight[p]) /* dW (+)= X^T dY */
             masa__gemm_pool(pool, nt, ps->d_in, ps->d_out, rows, 1.0f, in, 1,
                             ps->d_in, dy, ps->d_out, 1, add ? 1.0f : 0.0f,
@@ -145,10 +185,35 @@ void masa__project_backward(const masa_layer *layer, int p, const float *in,
             masa__compose(ps->dict, ps->coef, ps->layer_index, w_scratch,
                           pool);
         }
+        if (folded)
+            masa__add_lowrank(layer, p, w_scratch);
     }
-    if (dx)
+
+    size_t r = ps->rank;
+    bool lr_dx = dx && r && !(folded || (ps->is_masa && ps->composed_cache));
+    float *xa = lowrank_scratch, *dyb = lowrank_scratch + rows * r;
+    if (r && g->d_lowrank_b[p]) { /* dB (+)= (X A)^T dY */
+        masa__gemm_pool(pool, nt, rows, r, ps->d_in, 1.0f, in, ps->d_in, 1,
+                        ps->lowrank_a, r, 1, 0.0f, xa, r, 1);
+        masa__gemm_pool(pool, nt, r, ps->d_out, rows, 1.0f, xa, 1, r, dy,
+                        ps->d_out, 1, add ? 1.0f : 0.0f, g->d_lowrank_b[p],
+                        ps->d_out, 1);
+    }
+    if (r && (g->d_lowrank_a[p] || lr_dx)) /* dY B^T */
+        masa__gemm_pool(pool, nt, rows, r, ps->d_out, 1.0f, dy, ps->d_out, 1,
+                        ps->lowrank_b, 1, ps->d_out, 0.0f, dyb, r, 1);
+    if (r && g->d_lowrank_a[p]) /* dA (+)= X^T (dY B^T) */
+        masa__gemm_pool(pool, nt, ps->d_in, r, rows, 1.0f, in, 1, ps->d_in,
+                        dyb, r, 1, add ? 1.0f : 0.0f, g->d_lowrank_a[p], r,
+                        1);
+    if (dx && w) {
         masa__gemm_pool(pool, nt, rows, ps->d_in, ps->d_out, 1.0f, dy,
                         ps->d_out, 1, w, 1, ps->d_out, beta, dx, ps->d_in, 1);
+        beta = 1.0f;
+    }
+    if (lr_dx) /* dx (+)= (dY B^T) A^T */
+        masa__gemm_pool(pool, nt, rows, ps->d_in, r, 1.0f, dyb, r, 1,
+                        ps->lowrank_a, 1, r, beta, dx, ps->d_in, 1);
 }
 
 MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
@@ -169,10 +234,14 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     masa_status st = masa__check_ready(fn, layer);
     if (st != MASA_OK)
         return st;
-    masa_layer_grads none;
-    masa_layer_grads_init(&none);
-    if (!grads)
-        grads = &none;
+    masa_layer_grads full;
+    if (grads) {
+        if ((st = read_grads(fn, grads, &full)) != MASA_OK)
+            return st;
+    } else {
+        masa_layer_grads_init(&full);
+    }
+    grads = &full;
     if ((st = check_grads(fn, layer, grads)) != MASA_OK)
         return st;
     masa_workspace_layout wl;
@@ -206,11 +275,12 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     float *dv = dk + bt * layer->dkv;
     float *wscratch = ws + wl.weight, *gscratch = ws + wl.dweight;
     void *partials = ws + wl.partials;
+    float *lrscratch = ws + wl.lowrank;
     const float *attn = base + rl.attn;
 
     /* output projection */
     masa__project_backward(layer, MASA_PROJ_O, attn, dy, bt, grads, d_attn,
-                           0.0f, wscratch, gscratch, partials);
+                           0.0f, wscratch, gscratch, partials, lrscratch);
 
     masa_attn_args args = {
         .layer = layer, .batch = batch, .seq = seq, .q = base + rl.q,
@@ -231,6 +301,6 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     for (int p = MASA_PROJ_Q; p <= MASA_PROJ_V; p++)
         masa__project_backward(layer, p, x, d_proj[p], bt, grads, dx,
                                p == 0 ? 0.0f : 1.0f, wscratch, gscratch,
-                               partials);
+                               partials, lrscratch);
     return MASA_OK;
 }

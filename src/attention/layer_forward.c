@@ -17,21 +17,39 @@ bool masa__float_aligned(const void *p)
     return (uintptr_t)p % _Alignof(float) == 0;
 }
 
-/* out[rows x d_out] = in[rows x d_in] W (+ bias) */
+/* out[rows x d_out] = in[rows x d_in] W (+ bias), W = base + A B: one
+ * product with a weight that holds A B (cached or folded, see
+ * masa__lowrank_folds), else the base's product and then (X A) B. */
 void masa__project(const masa_layer *layer, int p, const float *in,
-                   size_t rows, float *out, float *weight_scratch)
+                   size_t rows, float *out, float *weight_scratch,
+                   float *lowrank_scratch)
 {
     const masa_proj_state *ps = &layer->proj[p];
-    const float *w = masa__projection_weight(layer, p, weight_scratch);
+    masa_pool *pool = layer->ctx->pool;
+    size_t nt = layer->ctx->n_threads;
     float beta = 0.0f;
     if (ps->bias) {
         for (size_t r = 0; r < rows; r++)
             memcpy(out + r * ps->d_out, ps->bias, ps->d_out * sizeof(float));
         beta = 1.0f;
     }
-    masa__gemm_pool(layer->ctx->pool, layer->ctx->n_threads, rows, ps->d_out,
-                    ps->d_in, 1.0f, in, ps->d_in, 1, w, ps->d_out, 1, beta,
-                    out, ps->d_out, 1);
+    if (ps->set) {
+        const float *w = masa__projection_weight(layer, p, weight_scratch);
+        if (masa__lowrank_folds(ps, rows)) /* w is weight_scratch */
+            masa__add_lowrank(layer, p, weight_scratch);
+        masa__gemm_pool(pool, nt, rows, ps->d_out, ps->d_in, 1.0f, in,
+                        ps->d_in, 1, w, ps->d_out, 1, beta, out, ps->d_out,
+                        1);
+        beta = 1.0f;
+    }
+    if (ps->rank && !masa__lowrank_in_weight(ps, rows)) {
+        size_t r = ps->rank;
+        masa__gemm_pool(pool, nt, rows, r, ps->d_in, 1.0f, in, ps->d_in, 1,
+                        ps->lowrank_a, r, 1, 0.0f, lowrank_scratch, r, 1);
+        masa__gemm_pool(pool, nt, rows, ps->d_out, r, 1.0f, lowrank_scratch,
+                        r, 1, ps->lowrank_b, ps->d_out, 1, beta, out,
+                        ps->d_out, 1);
+    }
 }
 
 MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
@@ -64,11 +82,14 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     float *base = reserve ? (float *)reserve : ws + wl.fwd_qkv;
     float *q = base + rl.q, *k = base + rl.k, *v = base + rl.v;
     float *attn = base + rl.attn, *lse = base + rl.lse;
-    float *wscratch = ws + wl.weight;
+    float *wscratch = ws + wl.weight, *lrscratch = ws + wl.lowrank;
 
-    masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch);
-    masa__project(layer, MASA_PROJ_K, x, bt, k, wscratch);
-    masa__project(layer, MASA_PROJ_V, x, bt, v, wscratch);
+    masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch,
+                  lrscratch);
+    masa__project(layer, MASA_PROJ_K, x, bt, k, wscratch,
+                  lrscratch);
+    masa__project(layer, MASA_PROJ_V, x, bt, v, wscratch,
+                  lrscratch);
     if (layer->rope) {
         masa__rope(q, batch, seq, layer->dq, layer->n_heads, layer->head_dim,
                    pos_offset, layer->rope_theta, +1);
@@ -86,6 +107,7 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                                     pos_offset};
         memcpy(reserve, &stamp, sizeof stamp);
     }
-    masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch);
+    masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch,
+                  lrscratch);
     return MASA_OK;
 }

@@ -143,7 +143,7 @@ void masa__atom_grads(const masa_dictionary *dict,
 /* ---- layers ---- */
 
 typedef struct masa_proj_state {
-    bool set;               /* a weight source has been chosen */
+    bool set;               /* a base weight (MASA or dense) has been chosen */
     bool is_masa;
     masa_dictionary *dict;  /* MASA */
     masa_coefficients *coef;
@@ -154,8 +154,13 @@ typedef struct masa_proj_state {
     bool bias_owned;
     size_t d_in, d_out;
     /* MASA under MASA_WEIGHTS_CACHED: W_l composed when the cache was last
-     * filled (owned, d_in * d_out floats); NULL otherwise. */
+     * filled (owned, d_in * d_out floats), low-rank term included; NULL
+     * otherwise. */
     float *composed_cache;
+    /* Low-rank term A B (rank 0: none): A d_in x rank, B rank x d_out. */
+    size_t rank;
+    float *lowrank_a, *lowrank_b;
+    bool lowrank_a_owned, lowrank_b_owned;
 } masa_proj_state;
 
 struct masa_layer {
@@ -192,6 +197,8 @@ typedef struct masa_workspace_layout {
     size_t partials;  /* MASA_ATOM_GRAD_PARTIALS doubles (backward), at
                          float alignment only */
     size_t grad_a;    /* dA, dQ, dK, dV (backward) */
+    size_t lowrank;   /* X A and dY B^T of a low-rank term: 2 * rows * the
+                         largest rank */
     size_t tiles;     /* per-thread attention tiles */
     size_t tile_floats; /* floats per thread */
     size_t total;     /* floats */
@@ -215,10 +222,32 @@ masa_status masa__check_call_buffers(const char *fn, const masa_layer *layer,
                                      masa_workspace_layout *wl,
                                      masa_reserve_layout *rl);
 
-/* Pointer to the weight of a projection: the dense weight, the composed
- * cache, or W_l composed into scratch. */
+/* Pointer to the base weight of a projection: the dense weight, the
+ * composed cache (low-rank term included), or W_l composed into scratch
+ * (without it). NULL for a projection without a base. */
 const float *masa__projection_weight(const masa_layer *layer, int p,
                                      float *scratch);
+
+/* W = sum_s c[l, s] D_s (+ A B) of MASA projection p into w. */
+void masa__compose_projection(const masa_layer *layer, int p, float *w);
+
+/* Whether a MASA projection under ON_THE_FLY adds its low-rank term to the
+ * weight it composes for a call of `rows` rows (rank d_in d_out
+ * multiply-adds once) rather than running (X A) B (rank rows (d_in + d_out)):
+ * the one with fewer multiply-adds. */
+bool masa__lowrank_folds(const masa_proj_state *ps, size_t rows);
+
+/* Whether projection p's weight as used at `rows` rows already holds its
+ * low-rank term (a composed cache, or folded); false without a term. */
+bool masa__lowrank_in_weight(const masa_proj_state *ps, size_t rows);
+
+/* w (d_in x d_out) += A B of projection p. */
+void masa__add_lowrank(const masa_layer *layer, int p, float *w);
+
+/* The largest rank of the layer's low-rank terms (0: none). */
+size_t masa__max_rank(const masa_layer *layer);
+/* Frees the factors the layer owns and forgets the term (rank 0). */
+void masa__release_lowrank(const masa_layer *layer, masa_proj_state *ps);
 
 /* ---- RoPE (rope.c) ---- */
 
@@ -253,22 +282,26 @@ size_t masa__attention_tile_floats(size_t seq, size_t head_dim);
 bool masa__overlaps(const void *a, size_t a_bytes, const void *b,
                     size_t b_bytes);
 bool masa__float_aligned(const void *p);
-/* out[rows x d_out] = in[rows x d_in] W_p (+ bias_p) */
+/* out[rows x d_out] = in[rows x d_in] W_p (+ bias_p). lowrank_scratch:
+ * rows * rank floats for X A. */
 void masa__project(const masa_layer *layer, int p, const float *in,
-                   size_t rows, float *out, float *weight_scratch);
+                   size_t rows, float *out, float *weight_scratch,
+                   float *lowrank_scratch);
 
 /* Backward of projection p (layer_backward.c), given its input X
  * (rows x d_in) and output gradient dY (rows x d_out): the parameter
  * gradients of g, and dx (+)= dY W_p^T when dx is not NULL (beta 0:
  * overwrite). Scratch: w_scratch and g_scratch d_in * d_out floats each,
- * partials MASA_ATOM_GRAD_PARTIALS doubles. */
+ * partials MASA_ATOM_GRAD_PARTIALS doubles, lowrank_scratch 2 * rows * rank
+ * floats. g is a full-size struct (older, smaller ones copied first). */
 void masa__project_backward(const masa_layer *layer, int p, const float *in,
                             const float *dy, size_t rows,
                             const masa_layer_grads *g, float *dx, float beta,
                             float *w_scratch, float *g_scratch,
-                            void *partials);
+                            void *partials, float *lowrank_scratch);
 
-/* MASA_ERROR_NOT_READY unless every projection has a weight. */
+/* MASA_ERROR_NOT_READY unless every projection has a base weight or a
+ * low-rank term. */
 masa_status masa__check_ready(const char *fn, const masa_layer *layer);
 
 /* ---- incremental decoding (kv_cache.c, decode_project.c,
@@ -293,13 +326,15 @@ masa_status masa__check_decodable(const char *fn, const masa_layer *layer);
 typedef enum masa_proj_path {
     MASA_PATH_DENSE = 0,    /* the dense weight */
     MASA_PATH_FACTORED = 1, /* [c_1 X | ... | c_S X] times the stacked atoms */
-    MASA_PATH_COMPOSE = 2   /* W_l from masa__projection_weight(), then X W */
+    MASA_PATH_COMPOSE = 2,  /* W_l from masa__projection_weight(), then X W */
+    MASA_PATH_NONE = 3      /* no base weight: only the low-rank term */
 } masa_proj_path;
 
 masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
                                       size_t rows);
 /* Floats of operand scratch projection p needs at `rows` rows (X' for the
- * factored path, W for composition, 0 for dense). */
+ * factored path, W for composition, 0 for dense), plus X A of a low-rank
+ * term applied as (X A) B. */
 size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows);
 
 /* Floats of partial sums projection p needs at up to `rows` rows. */

@@ -25,7 +25,13 @@
  * dimension, each thread reading a contiguous block of the weight, and the
  * blocks' partial sums are added afterwards; a product of many rows is split
  * by rows. Work too small to repay waking the pool (about 10 us) runs on the
- * calling thread. */
+ * calling thread.
+ *
+ * A low-rank term A B runs as (x A) B: it reads A and B, rank (d_in + d_out)
+ * floats, instead of adding to a d_in x d_out weight (few rows: thin
+ * products always move fewer bytes). x A runs in the same pass as the base
+ * products, then (x A) B adds to their outputs in a second pass. A cached
+ * MASA weight already holds A B and is read alone. */
 #include <string.h>
 
 #include "common/internal.h"
@@ -73,6 +79,8 @@ masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
                                       size_t rows)
 {
     const masa_proj_state *ps = &layer->proj[p];
+    if (!ps->set)
+        return MASA_PATH_NONE;
     if (!ps->is_masa)
         return MASA_PATH_DENSE;
     /* A composed cache (MASA_WEIGHTS_CACHED) reads only d_in x d_out
@@ -83,9 +91,16 @@ masa_proj_path masa__decode_proj_path(const masa_layer *layer, int p,
                                          : MASA_PATH_COMPOSE;
 }
 
-/* The largest scratch any row count up to `rows` needs, so a workspace sized
- * for n_new tokens serves every smaller n_new. */
-size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows)
+/* Rank of the term run as (x A) B, 0 when there is none or a composed cache
+ * holds it. */
+static size_t thin_rank(const masa_proj_state *ps)
+{
+    return ps->is_masa && ps->composed_cache ? 0 : ps->rank;
+}
+
+/* The largest operand scratch any row count up to `rows` needs, so a
+ * workspace sized for n_new tokens serves every smaller n_new. */
+static size_t operand_floats(const masa_layer *layer, int p, size_t rows)
 {
     const masa_proj_state *ps = &layer->proj[p];
     if (!ps->is_masa)
@@ -99,27 +114,46 @@ size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows)
     return xs > w ? xs : w;
 }
 
+/* Operand scratch, then x A (rows * rank floats) right after it: the
+ * operand part of fewer rows is never larger, so the sum fits. */
+size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows)
+{
+    size_t op = operand_floats(layer, p, rows), xa;
+    if (op == SIZE_MAX ||
+        !masa__mul(rows, thin_rank(&layer->proj[p]), &xa) ||
+        !masa__add(&op, xa))
+        return SIZE_MAX;
+    return op;
+}
+
+/* The base product's partial sums (d_out per row and block), then those of
+ * x A (rank per row and block), which runs in the same pass; (x A) B runs
+ * later and reuses the first part. */
 size_t masa__decode_proj_partials(const masa_layer *layer, int p,
                                   size_t rows)
 {
     /* inner-dimension blocks only below ROW_SPLIT_MIN_ROWS rows */
     size_t r = rows < ROW_SPLIT_MIN_ROWS ? rows : ROW_SPLIT_MIN_ROWS - 1, n;
-    if (!masa__mul3(layer->ctx->n_threads - 1, r, layer->proj[p].d_out, &n))
+    size_t width = layer->proj[p].d_out;
+    if (!masa__add(&width, thin_rank(&layer->proj[p])) ||
+        !masa__mul3(layer->ctx->n_threads - 1, r, width, &n))
         return SIZE_MAX;
     return n;
 }
 
-/* One product: out[rows x n] = a[rows x k] (row stride lda) b[k x n]. */
+/* One product: out[rows x n] = a[rows x k] (row stride lda) b[k x n]
+ * + beta out. */
 typedef struct product {
     const float *a, *b;
     size_t k, n, lda;
+    float beta;      /* 0 or 1 */
     size_t chunks;   /* blocks: of the inner dimension, or of the rows */
     bool by_rows;
     float *out, *partials;
 } product;
 
 typedef struct project_job {
-    product prod[MASA_NUM_PROJECTIONS];
+    product prod[2 * MASA_NUM_PROJECTIONS]; /* base products and x A */
     size_t n_prod, rows;
 } project_job;
 
@@ -132,20 +166,21 @@ static void run_block(const product *pr, size_t rows, size_t chunk)
         size_t r0 = rows * chunk / pr->chunks;
         size_t r1 = rows * (chunk + 1) / pr->chunks;
         masa__gemm(r1 - r0, pr->n, pr->k, 1.0f, pr->a + r0 * pr->lda,
-                   pr->lda, 1, pr->b, pr->n, 1, 0.0f, pr->out + r0 * pr->n,
-                   pr->n, 1, 1);
+                   pr->lda, 1, pr->b, pr->n, 1, pr->beta,
+                   pr->out + r0 * pr->n, pr->n, 1, 1);
         return;
     }
     size_t k0 = pr->k * chunk / pr->chunks;
     size_t k1 = pr->k * (chunk + 1) / pr->chunks;
     float *out = chunk == 0 ? pr->out
                             : pr->partials + (chunk - 1) * rows * pr->n;
+    float beta = chunk == 0 ? pr->beta : 0.0f;
     const float *a = pr->a + k0, *b = pr->b + k0 * pr->n;
     if (rows == 1)
-        masa__gemv(pr->n, k1 - k0, 1.0f, b, 1, pr->n, a, 0.0f, out, 1);
+        masa__gemv(pr->n, k1 - k0, 1.0f, b, 1, pr->n, a, beta, out, 1);
     else
         masa__gemm(rows, pr->n, k1 - k0, 1.0f, a, pr->lda, 1, b, pr->n, 1,
-                   0.0f, out, pr->n, 1, 1);
+                   beta, out, pr->n, 1, 1);
 }
 
 static void block_task(void *arg, size_t task, size_t thread)
@@ -173,41 +208,21 @@ static void factored_input(const masa_proj_state *ps, const float *x,
         }
 }
 
-void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
-                          size_t n, size_t rows)
+/* Splits the job's products across the pool (or not), runs them and adds
+ * the inner blocks' partial sums. */
+static void run_job(const masa_layer *layer, project_job *job)
 {
-    size_t T = layer->ctx->n_threads;
-    project_job job = {.n_prod = n, .rows = rows};
-    size_t tasks = 0;
-    double macs[MASA_NUM_PROJECTIONS], total_macs = 0;
-    for (size_t i = 0; i < n; i++) {
-        const masa_proj_state *ps = &layer->proj[projs[i].p];
-        product *pr = &job.prod[i];
-        *pr = (product){.a = projs[i].in, .b = ps->weight, .k = ps->d_in,
-                        .n = ps->d_out, .lda = ps->d_in, .out = projs[i].out,
-                        .partials = projs[i].partials};
-        switch (masa__decode_proj_path(layer, projs[i].p, rows)) {
-        case MASA_PATH_FACTORED:
-            factored_input(ps, projs[i].in, rows, projs[i].scratch);
-            pr->a = projs[i].scratch;
-            pr->b = ps->dict->atoms;
-            pr->k = ps->d_in * ps->dict->n_atoms;
-            pr->lda = pr->k;
-            break;
-        case MASA_PATH_COMPOSE:
-            pr->b = masa__projection_weight(layer, projs[i].p,
-                                            projs[i].scratch);
-            break;
-        case MASA_PATH_DENSE:
-            break;
-        }
+    size_t T = layer->ctx->n_threads, rows = job->rows, tasks = 0;
+    double macs[2 * MASA_NUM_PROJECTIONS], total_macs = 0;
+    for (size_t i = 0; i < job->n_prod; i++) {
+        product *pr = &job->prod[i];
         macs[i] = (double)rows * (double)pr->k * (double)pr->n;
         pr->chunks = 1;
         total_macs += macs[i];
     }
     bool pool = T > 1 && total_macs >= POOL_MIN_MACS;
-    for (size_t i = 0; i < n; i++) {
-        product *pr = &job.prod[i];
+    for (size_t i = 0; i < job->n_prod; i++) {
+        product *pr = &job->prod[i];
         if (pool && macs[i] >= SPLIT_MIN_MACS) {
             if (rows >= ROW_SPLIT_MIN_ROWS) {
                 /* blocks of rows, a few per thread so a thread the OS
@@ -222,22 +237,73 @@ void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
         tasks += pr->chunks;
     }
     if (pool)
-        masa__pool_run(layer->ctx->pool, tasks, block_task, &job);
+        masa__pool_run(layer->ctx->pool, tasks, block_task, job);
     else
         for (size_t t = 0; t < tasks; t++)
-            block_task(&job, t, 0);
-    for (size_t i = 0; i < n; i++) {
-        const product *pr = &job.prod[i];
-        const float *bias = layer->proj[projs[i].p].bias;
+            block_task(job, t, 0);
+    for (size_t i = 0; i < job->n_prod; i++) {
+        const product *pr = &job->prod[i];
         size_t len = rows * pr->n;
         for (size_t c = 1; !pr->by_rows && c < pr->chunks; c++) {
             const float *part = pr->partials + (c - 1) * len;
             for (size_t j = 0; j < len; j++)
                 pr->out[j] += part[j];
         }
-        if (bias)
+    }
+}
+
+void masa__decode_project(const masa_layer *layer, masa_decode_proj *projs,
+                          size_t n, size_t rows)
+{
+    size_t T = layer->ctx->n_threads;
+    project_job job = {.rows = rows}, second = {.rows = rows};
+    /* rows of the partial sums (inner-dimension blocks run below
+     * ROW_SPLIT_MIN_ROWS rows only) */
+    size_t split_rows = rows < ROW_SPLIT_MIN_ROWS ? rows
+                                                  : ROW_SPLIT_MIN_ROWS - 1;
+    for (size_t i = 0; i < n; i++) {
+        int p = projs[i].p;
+        const masa_proj_state *ps = &layer->proj[p];
+        masa_proj_path path = masa__decode_proj_path(layer, p, rows);
+        if (path != MASA_PATH_NONE) {
+            product *pr = &job.prod[job.n_prod++];
+            *pr = (product){.a = projs[i].in, .b = ps->weight, .k = ps->d_in,
+                            .n = ps->d_out, .lda = ps->d_in,
+                            .out = projs[i].out,
+                            .partials = projs[i].partials};
+            if (path == MASA_PATH_FACTORED) {
+                factored_input(ps, projs[i].in, rows, projs[i].scratch);
+                pr->a = projs[i].scratch;
+                pr->b = ps->dict->atoms;
+                pr->k = ps->d_in * ps->dict->n_atoms;
+                pr->lda = pr->k;
+            } else if (path == MASA_PATH_COMPOSE) {
+                pr->b = masa__projection_weight(layer, p, projs[i].scratch);
+            }
+        }
+        size_t r = thin_rank(ps);
+        if (r == 0)
+            continue;
+        /* x A after the operand scratch, its partial sums after the base
+         * product's (see masa__decode_proj_scratch and _partials) */
+        float *xa = projs[i].scratch + operand_floats(layer, p, rows);
+        job.prod[job.n_prod++] = (product){
+            .a = projs[i].in, .b = ps->lowrank_a, .k = ps->d_in, .n = r,
+            .lda = ps->d_in, .out = xa,
+            .partials = projs[i].partials + (T - 1) * split_rows * ps->d_out};
+        second.prod[second.n_prod++] = (product){
+            .a = xa, .b = ps->lowrank_b, .k = r, .n = ps->d_out, .lda = r,
+            .beta = path == MASA_PATH_NONE ? 0.0f : 1.0f,
+            .out = projs[i].out, .partials = projs[i].partials};
+    }
+    run_job(layer, &job);
+    if (second.n_prod)
+        run_job(layer, &second);
+    for (size_t i = 0; i < n; i++) {
+        const masa_proj_state *ps = &layer->proj[projs[i].p];
+        if (ps->bias)
             for (size_t r = 0; r < rows; r++)
-                for (size_t j = 0; j < pr->n; j++)
-                    pr->out[r * pr->n + j] += bias[j];
+                for (size_t j = 0; j < ps->d_out; j++)
+                    projs[i].out[r * ps->d_out + j] += ps->bias[j];
     }
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Compares the dynamic symbols exported by libmasa with the functions
-declared MASA_API in the public header: none missing, none extra.
+declared MASA_API in the public headers: none missing, none extra.
 
-usage: check_symbols.py <libmasa.so> <masa.h>
+usage: check_symbols.py <libmasa.so> <header or directory of headers>...
+(a directory stands for every .h file in it: masa.h includes the others)
 """
 import os
 import re
@@ -21,25 +22,29 @@ def exported(lib):
     return names
 
 
-def declared(header, seen=None):
-    """MASA_API functions of the header and of the public headers it
-    includes as "masa/<name>.h"."""
-    seen = set() if seen is None else seen
-    path = os.path.realpath(header)
-    if path in seen:
-        return set()
-    seen.add(path)
-    text = open(path, encoding="utf-8").read()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    names = set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(", text))
-    for inc in re.findall(r'#include\s+"masa/(\w+\.h)"', text):
-        names |= declared(os.path.join(os.path.dirname(path), inc), seen)
+def headers(paths):
+    for path in paths:
+        if os.path.isdir(path):
+            yield from sorted(os.path.join(path, name)
+                              for name in os.listdir(path)
+                              if name.endswith(".h"))
+        else:
+            yield path
+
+
+def declared(paths):
+    names = set()
+    for header in headers(paths):
+        text = open(header, encoding="utf-8").read()
+        text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+        names |= set(re.findall(r"MASA_API\b[^;{]*?\b(masa_\w+)\s*\(",
+                                text))
     return names
 
 
 def main():
-    lib, header = sys.argv[1], sys.argv[2]
-    exp, dec = exported(lib), declared(header)
+    lib, paths = sys.argv[1], sys.argv[2:]
+    exp, dec = exported(lib), declared(paths)
     missing, extra = sorted(dec - exp), sorted(exp - dec)
     print(f"{len(dec)} functions declared, {len(exp)} symbols exported")
     for name in missing:

@@ -92,6 +92,20 @@ static long scenario(alloc_state *s, float *y_out, float *d_atoms_out)
     }
     STEP(s, masa_layer_set_bias(layer, MASA_PROJ_V, NULL));
     masa_layer_bias(layer, MASA_PROJ_V)[1] = 0.5f;
+    /* low-rank terms the layer owns, on a MASA and a dense projection,
+     * composed into Q's cached weight */
+    STEP(s, masa_layer_set_lowrank(layer, MASA_PROJ_Q, 2, NULL, NULL));
+    STEP(s, masa_layer_set_lowrank(layer, MASA_PROJ_K, 3, NULL, NULL));
+    for (int p = MASA_PROJ_Q; p <= MASA_PROJ_K; p++) {
+        size_t r;
+        float *a, *b;
+        ck_assert_int_eq(masa_layer_lowrank(layer, p, &r, &a, &b), MASA_OK);
+        for (size_t i = 0; i < D * r; i++) {
+            a[i] = 0.2f * sinf((float)(i + 7 * p));
+            b[i] = 0.2f * cosf((float)(i + 5 * p));
+        }
+    }
+    STEP(s, masa_layer_set_weight_policy(layer, MASA_WEIGHTS_CACHED));
 
     size_t ws, rs;
     ck_assert_int_eq(masa_layer_workspace_size(layer, B, T, &ws), MASA_OK);

@@ -103,16 +103,22 @@ typedef struct shape {
     size_t d_model, n_heads, n_kv, batch, seq;
     int causal, rope;
     unsigned masa_mask, bias_mask;
+    /* low-rank terms (rank_seed picks the rank), projections with only the
+     * term, the cached weight policy */
+    unsigned lowrank_mask, baseless_mask, rank_seed;
+    int cached;
 } shape;
 
 static void run_case(masa_context *ctx, const shape *s, const char *phase)
 {
     snprintf(current, sizeof current,
              "%s, buffers %s a guard page: d_model %zu heads %zu kv %zu "
-             "batch %zu seq %zu causal %d rope %d masa 0x%x bias 0x%x",
+             "batch %zu seq %zu causal %d rope %d masa 0x%x bias 0x%x "
+             "lowrank 0x%x baseless 0x%x cached %d",
              phase, at_end ? "ending at" : "starting after", s->d_model,
              s->n_heads, s->n_kv, s->batch, s->seq, s->causal, s->rope,
-             s->masa_mask, s->bias_mask);
+             s->masa_mask, s->bias_mask, s->lowrank_mask, s->baseless_mask,
+             s->cached);
     masa_layer_options o;
     masa_layer_options_init(&o);
     o.d_model = s->d_model;
@@ -126,13 +132,24 @@ static void run_case(masa_context *ctx, const shape *s, const char *phase)
     enum { S = 2, L = 2 };
     masa_dictionary *dict[4] = {NULL};
     masa_coefficients *coef[4] = {NULL};
-    size_t din[4], dout[4];
+    size_t din[4], dout[4], rank[4] = {0};
     for (int p = 0; p < 4; p++) {
         ck_assert_int_eq(masa_layer_projection_shape(layer, p, &din[p],
                                                      &dout[p]),
                          MASA_OK);
         size_t n = din[p] * dout[p];
-        if (s->masa_mask >> p & 1) {
+        if (s->lowrank_mask >> p & 1) {
+            size_t most = din[p] < dout[p] ? din[p] : dout[p];
+            rank[p] = 1 + (s->rank_seed + (unsigned)p) % most;
+            ck_assert_int_eq(
+                masa_layer_set_lowrank(layer, p, rank[p],
+                                       guard_floats(din[p] * rank[p], 0.1f),
+                                       guard_floats(rank[p] * dout[p], 0.2f)),
+                MASA_OK);
+        }
+        if (rank[p] && (s->baseless_mask >> p & 1)) {
+            /* only the low-rank term */
+        } else if (s->masa_mask >> p & 1) {
             ck_assert_int_eq(masa_dictionary_wrap(ctx, S, din[p], dout[p],
                                                   guard_floats(S * n, 0.1f),
                                                   &dict[p]),
@@ -155,6 +172,10 @@ static void run_case(masa_context *ctx, const shape *s, const char *phase)
                              MASA_OK);
     }
 
+    if (s->cached)
+        ck_assert_int_eq(masa_layer_set_weight_policy(layer,
+                                                      MASA_WEIGHTS_CACHED),
+                         MASA_OK);
     size_t bt = s->batch * s->seq, n_act = bt * s->d_model, ws, rs;
     ck_assert_int_eq(masa_layer_workspace_size(layer, s->batch, s->seq, &ws),
                      MASA_OK);
@@ -179,11 +200,15 @@ static void run_case(masa_context *ctx, const shape *s, const char *phase)
         if (dict[p]) {
             g.d_atoms[p] = guard_floats(S * din[p] * dout[p], 0.0f);
             g.d_coefficients[p] = guard_floats(L * S, 0.0f);
-        } else {
+        } else if (masa_layer_weight(layer, p)) {
             g.d_weight[p] = guard_floats(din[p] * dout[p], 0.0f);
         }
         if (s->bias_mask >> p & 1)
             g.d_bias[p] = guard_floats(dout[p], 0.0f);
+        if (rank[p]) {
+            g.d_lowrank_a[p] = guard_floats(din[p] * rank[p], 0.0f);
+            g.d_lowrank_b[p] = guard_floats(rank[p] * dout[p], 0.0f);
+        }
     }
     ck_assert_int_eq(masa_layer_backward(layer, s->batch, s->seq, 5, x, dy,
                                          dx, &g, work, ws, reserve, rs),
@@ -192,6 +217,23 @@ static void run_case(masa_context *ctx, const shape *s, const char *phase)
     ck_assert_int_eq(masa_layer_backward(layer, s->batch, s->seq, 5, x, dy,
                                          dx, &g, work, ws, reserve, rs),
                      MASA_OK);
+    if (s->causal) { /* decode: the same tokens through a key/value cache */
+        size_t cb, dwb;
+        masa_kv_cache *cache = NULL;
+        ck_assert_int_eq(masa_kv_cache_size(layer, s->batch, s->seq, &cb),
+                         MASA_OK);
+        ck_assert_int_eq(masa_layer_decode_workspace_size(layer, s->batch,
+                                                          s->seq, &dwb),
+                         MASA_OK);
+        void *mem = guard_alloc(cb, 0xFF), *dws = guard_alloc(dwb, 0xFF);
+        ck_assert_int_eq(masa_kv_cache_create(layer, s->batch, s->seq, mem,
+                                              cb, &cache),
+                         MASA_OK);
+        ck_assert_int_eq(masa_layer_decode(layer, cache, s->batch, s->seq, x,
+                                           y, dws, dwb),
+                         MASA_OK);
+        masa_kv_cache_destroy(cache);
+    }
     float w[64 * 64];
     for (int p = 0; p < 4; p++)
         if (dict[p])
@@ -230,7 +272,11 @@ static void run_all(size_t threads)
                            .batch = tokens[ti][0], .seq = tokens[ti][1],
                            .causal = (int)(variant & 1),
                            .masa_mask = variant % 16,
-                           .bias_mask = (variant / 3) % 16};
+                           .bias_mask = (variant / 3) % 16,
+                           .lowrank_mask = (variant / 5) % 16,
+                           .baseless_mask = (variant / 7) % 16,
+                           .rank_seed = variant / 2,
+                           .cached = (int)(variant / 11 % 2)};
                 if (d % 4 == 0 && (variant & 2)) {
                     s.n_heads = 4; /* grouped queries */
                     s.n_kv = 2;

@@ -143,6 +143,9 @@ class _LayerGradsFields(Structure):
         ("d_coefficients", _FloatPtrs),
         ("d_weight", _FloatPtrs),
         ("d_bias", _FloatPtrs),
+        # low-rank terms (appended to the C struct; older sizes stay valid)
+        ("d_lowrank_a", _FloatPtrs),
+        ("d_lowrank_b", _FloatPtrs),
     ]
 
 
@@ -282,6 +285,19 @@ SIGNATURES = {
         True,
     ),
 }
+
+# ---------------------------------------------------------------------------
+# Low-rank terms of projections (W = base + A B; masa_layer_set_lowrank)
+# ---------------------------------------------------------------------------
+
+SIGNATURES.update({
+    # layer, which, rank, a (d_in x rank or NULL), b (rank x d_out or NULL)
+    "masa_layer_set_lowrank": (_status, [layer_p, c_int, c_size_t, c_void_p, c_void_p], True),
+    "masa_layer_remove_lowrank": (_status, [layer_p, c_int], True),
+    # layer, which, *rank, *a, *b
+    "masa_layer_lowrank": (
+        _status, [layer_p, c_int, _size_p, POINTER(c_void_p), POINTER(c_void_p)], True),
+})
 
 # ---------------------------------------------------------------------------
 # Finding the library

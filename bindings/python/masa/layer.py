@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import weakref
-from ctypes import byref, c_int, c_size_t
+from ctypes import byref, c_int, c_size_t, c_void_p
 
 import numpy as np
 
@@ -91,8 +91,11 @@ class Layer(Handle):
     """A MASA attention layer (masa_layer).
 
     Every projection ('q', 'k', 'v', 'o') must be made MASA (set_masa) or
-    dense (set_dense) before forward. The layer keeps its context, the
-    dictionaries and tables it uses and the arrays it wraps alive.
+    dense (set_dense), or given a low-rank term (set_lowrank), before
+    forward. A projection may carry a low-rank term A B beside its base
+    (W = base + A B); one whose base was never set is A B alone. The layer
+    keeps its context, the dictionaries and tables it uses and the arrays it
+    wraps alive.
     """
 
     def __init__(
@@ -127,9 +130,11 @@ class Layer(Handle):
         # Everything the C layer points into; also held by the finalizer.
         self._proj = [None] * len(PROJECTIONS)
         self._bias = [None] * len(PROJECTIONS)
+        self._lowrank = [None] * len(PROJECTIONS)  # (a, b) arrays
         self._generation = 0
         self.last_reserve = None
-        self._init_handle(out, L.masa_layer_destroy, [context, self._proj, self._bias])
+        self._init_handle(out, L.masa_layer_destroy,
+                          [context, self._proj, self._bias, self._lowrank])
         context._adopt(self)
 
         dq = self.projection_shape(Projection.Q)[1]
@@ -153,7 +158,8 @@ class Layer(Handle):
         return (d_in.value, d_out.value)
 
     def projection_kind(self, which):
-        """'masa', 'dense' or None (not set yet)."""
+        """The base: 'masa', 'dense' or None (not set: with a low-rank term,
+        the projection is A B alone)."""
         state = self._proj[Projection.parse(which)]
         return None if state is None else state.kind
 
@@ -204,6 +210,57 @@ class Layer(Handle):
         _lib.lib().masa_layer_remove_bias(self._handle(), p)
         self._bias[p] = None
         self._generation += 1
+
+    # ------------------------------------------------------ low-rank terms
+
+    def set_lowrank(self, which, rank=None, a=None, b=None):
+        """Give projection `which` the low-rank term A B (W = base + A B).
+
+        a: float32 (d_in, rank) and b: float32 (rank, d_out) arrays wrapped
+        zero-copy, or None for new zeroed ones; rank may be omitted when a or
+        b is given. 1 <= rank <= min(d_in, d_out). A projection whose base was
+        never set computes x A B alone. Returns (a, b)."""
+        p = Projection.parse(which)
+        d_in, d_out = self.projection_shape(p)
+        if rank is None:
+            if a is not None and getattr(a, "ndim", 0) == 2:
+                rank = a.shape[1]
+            elif b is not None and getattr(b, "ndim", 0) == 2:
+                rank = b.shape[0]
+            else:
+                raise ValueError("set_lowrank needs rank (or a or b to take it from)")
+        r = size_arg(rank, "rank")  # the library checks 1 <= r <= min(d_in, d_out)
+        if a is None:
+            a = np.zeros((d_in, r), dtype=FLOAT32)
+        else:
+            float32_array(a, "a", shape=(d_in, r), writeable=True)
+        if b is None:
+            b = np.zeros((r, d_out), dtype=FLOAT32)
+        else:
+            float32_array(b, "b", shape=(r, d_out), writeable=True)
+        _lib.lib().masa_layer_set_lowrank(self._handle(), p, r, pointer(a), pointer(b))
+        self._lowrank[p] = (a, b)
+        self._generation += 1
+        return a, b
+
+    def remove_lowrank(self, which) -> None:
+        """Remove projection `which`'s low-rank term (no-op without one)."""
+        p = Projection.parse(which)
+        _lib.lib().masa_layer_remove_lowrank(self._handle(), p)
+        self._lowrank[p] = None
+        self._generation += 1
+
+    def lowrank(self, which):
+        """(a, b) arrays of projection `which`'s low-rank term, or None."""
+        return self._lowrank[Projection.parse(which)]
+
+    def c_lowrank(self, which):
+        """masa_layer_lowrank(): (rank, address of A, address of B) the
+        library uses (0, 0, 0 without a term)."""
+        r, a, b = c_size_t(), c_void_p(), c_void_p()
+        _lib.lib().masa_layer_lowrank(self._handle(), Projection.parse(which),
+                                      byref(r), byref(a), byref(b))
+        return r.value, a.value or 0, b.value or 0
 
     # --------------------------------------------------------- weight policy
 
@@ -257,7 +314,8 @@ class Layer(Handle):
     def gradient_shapes(self):
         """{name: shape} of every parameter gradient backward can produce:
         '<p>.atoms', '<p>.coefficients' (MASA), '<p>.weight' (dense),
-        '<p>.bias' (with a bias), for p in q, k, v, o."""
+        '<p>.bias' (with a bias), '<p>.lowrank_a', '<p>.lowrank_b' (with a
+        low-rank term), for p in q, k, v, o."""
         shapes = {}
         for p in PROJECTIONS:
             state = self._proj[p]
@@ -268,6 +326,9 @@ class Layer(Handle):
                 shapes[f"{p.letter}.weight"] = state.weight.shape
             if self._bias[p] is not None:
                 shapes[f"{p.letter}.bias"] = self._bias[p].shape
+            if self._lowrank[p] is not None:
+                shapes[f"{p.letter}.lowrank_a"] = self._lowrank[p][0].shape
+                shapes[f"{p.letter}.lowrank_b"] = self._lowrank[p][1].shape
         return shapes
 
     # ----------------------------------------------------------------- sizes
@@ -422,7 +483,8 @@ class Layer(Handle):
         g = _lib.init_struct(_lib.LayerGrads, L.masa_layer_grads_default)
         g.mode = _lib.GRAD_ADD if accumulate else _lib.GRAD_SET
         field_of = {"atoms": g.d_atoms, "coefficients": g.d_coefficients,
-                    "weight": g.d_weight, "bias": g.d_bias}
+                    "weight": g.d_weight, "bias": g.d_bias,
+                    "lowrank_a": g.d_lowrank_a, "lowrank_b": g.d_lowrank_b}
         for name, arr in grads.items():
             letter, what = name.split(".")
             field_of[what][Projection.parse(letter)] = pointer(arr)
@@ -441,7 +503,9 @@ class Layer(Handle):
         state = " closed" if self.closed else ""
         kinds = "".join(
             (p.letter.upper() if self._proj[p] is not None and self._proj[p].kind == "masa"
-             else p.letter if self._proj[p] is not None else "-")
+             else p.letter if self._proj[p] is not None
+             else "r" if self._lowrank[p] is not None else "-")
+            + ("+r" if self._proj[p] is not None and self._lowrank[p] is not None else "")
             for p in PROJECTIONS
         )
         return (f"<masa.Layer d_model={self.d_model} heads={self.n_heads}/{self.n_kv_heads} "

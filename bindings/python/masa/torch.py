@@ -9,7 +9,10 @@
   listed in ``external`` are dense weights the caller computes and passes to
   each forward call (e.g. a product of low-rank factors); the others are dense
   ``nn.Parameter`` weights of shape ``(d_in, d_out)`` (row-vector convention:
-  the transpose of ``nn.Linear.weight``).
+  the transpose of ``nn.Linear.weight``). Any projection may add a low-rank
+  term ``A B`` (``nn.Parameter`` factors of shapes ``(d_in, r)`` and
+  ``(r, d_out)``: ``W = base + A B``), and projections listed in
+  ``lowrank_only`` are ``A B`` alone (the low-rank baseline).
 
 Parameter tensors are handed to C zero-copy (their CPU storage is wrapped);
 when a parameter's storage changes (``param.data = ...``, ``.to()``), it is
@@ -65,6 +68,30 @@ def _projection_set(spec, what):
     if bad:
         raise ValueError(f"{what}: unknown projections {sorted(bad)}; use letters of 'qkvo'")
     return letters
+
+
+def _lowrank_ranks(lowrank, shapes):
+    """None / int (every projection) / {p: rank} -> {p: rank}, checked
+    against the projections' shapes."""
+    if lowrank is None:
+        return {}
+    if isinstance(lowrank, int) and not isinstance(lowrank, bool):
+        lowrank = {p: lowrank for p in PROJECTIONS}
+    if not isinstance(lowrank, dict):
+        raise TypeError(f"lowrank must be None, an int or {{projection: rank}}, got {type(lowrank).__name__}")
+    ranks = {}
+    for p in PROJECTIONS:  # fixed order: parameter order does not follow the dict
+        if p not in {str(k).lower() for k in lowrank}:
+            continue
+        r = next(v for k, v in lowrank.items() if str(k).lower() == p)
+        most = min(shapes[p])
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= most:
+            raise ValueError(f"lowrank[{p!r}] must be an int in 1..{most}, got {r!r}")
+        ranks[p] = r
+    bad = {str(k).lower() for k in lowrank} - set(PROJECTIONS)
+    if bad:
+        raise ValueError(f"lowrank: unknown projections {sorted(bad)}; use letters of 'qkvo'")
+    return ranks
 
 
 def _check_tensor(t, name):
@@ -272,12 +299,25 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
             get one ("qkv", ...).
         layer_index: this layer's row in the shared coefficient tables.
         shared: a SharedAtoms module; its projections are MASA here, the
-            others dense. None: every projection dense.
+            others dense. None: every projection dense. Or a dict
+            {projection: (SharedAtoms, row)} when projections are grouped
+            differently (e.g. per-projection layer groups of a compressed
+            pretrained model); layer_index is then not used.
         external: projections (e.g. "qkvo") whose dense weights the layer
             does not own: every forward call takes them as
             ``weights={p: tensor}``, (d_in, d_out) CPU float32 tensors that
             may be results of other torch operations (gradients flow back
             through them). Must not overlap the shared projections.
+        lowrank: {projection: rank} (or an int for every projection): a
+            low-rank term A B added to those projections' weights, with
+            parameters ``lowrank_a[p]`` (d_in, rank) and ``lowrank_b[p]``
+            (rank, d_out). A starts uniform in +-1/sqrt(d_in); B starts at
+            zero (the term starts at zero and trains, as LoRA) except on
+            lowrank_only projections, where it starts uniform in
+            +-1/sqrt(rank).
+        lowrank_only: projections that are A B alone (no atoms, no dense
+            weight); each needs a rank in ``lowrank``. Must not overlap the
+            shared or external projections.
         context: a masa.Context (default: the shared module's, or
             masa.default_context()).
 
@@ -290,7 +330,7 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
 
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, head_dim=None, causal=False,
                  rope=False, rope_theta=10000.0, softmax_scale=None, bias=False, layer_index=0,
-                 shared=None, external="", context=None):
+                 shared=None, external="", lowrank=None, lowrank_only="", context=None):
         super().__init__()
         self.d_model, self.n_heads = int(d_model), int(n_heads)
         self.n_kv_heads = int(n_kv_heads or n_heads)
@@ -300,25 +340,34 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         self.rope_theta = float(rope_theta)
         self.softmax_scale = float(softmax_scale) if softmax_scale else 1.0 / math.sqrt(self.head_dim)
         self.layer_index = int(layer_index)
-        if shared is not None:
-            if not isinstance(shared, SharedAtoms):
-                raise TypeError("shared must be a masa.torch.SharedAtoms")
-            for p in shared.projections:
-                if shared.shapes[p] != self.shapes[p]:
-                    raise ValueError(
-                        f"shared atoms of {p!r} have shape {shared.shapes[p]}, "
-                        f"this layer needs {self.shapes[p]}")
-            if not 0 <= self.layer_index < shared.n_layers:
-                raise ValueError(f"layer_index {layer_index} out of range for {shared.n_layers} shared layers")
-        self.shared = shared  # registered as a submodule; parameters() lists it once
-        self.masa_projections = shared.projections if shared is not None else ""
+        self._masa_source = self._masa_sources(shared, self.layer_index)
+        # registered as submodules: parameters() lists each SharedAtoms once
+        self.shared = shared if isinstance(shared, SharedAtoms) else None
+        self.shared_groups = nn.ModuleList(
+            [] if shared is None or isinstance(shared, SharedAtoms)
+            else list({id(m): m for m, _ in self._masa_source.values()}.values()))
+        self.masa_projections = "".join(p for p in PROJECTIONS if p in self._masa_source)
         external = _projection_set(external, "external")
         overlap = external & set(self.masa_projections)
         if overlap:
             raise ValueError(f"projections {sorted(overlap)} are both shared and external")
         self.external_projections = "".join(p for p in PROJECTIONS if p in external)
+        ranks = _lowrank_ranks(lowrank, self.shapes)
+        only = _projection_set(lowrank_only, "lowrank_only")
+        clash = only & (external | set(self.masa_projections))
+        if clash:
+            raise ValueError(f"projections {sorted(clash)} cannot be lowrank_only and shared or external")
+        missing = only - set(ranks)
+        if missing:
+            raise ValueError(f"lowrank_only projections {sorted(missing)} need a rank in lowrank")
+        self.lowrank_only_projections = "".join(p for p in PROJECTIONS if p in only)
+        self.lowrank_a = nn.ParameterDict({
+            p: nn.Parameter(torch.empty(self.shapes[p][0], r)) for p, r in ranks.items()})
+        self.lowrank_b = nn.ParameterDict({
+            p: nn.Parameter(torch.empty(r, self.shapes[p][1])) for p, r in ranks.items()})
         dense = [p for p in PROJECTIONS
-                 if p not in self.masa_projections and p not in self.external_projections]
+                 if p not in self.masa_projections and p not in self.external_projections
+                 and p not in only]
         self.weights = nn.ParameterDict({p: nn.Parameter(torch.empty(self.shapes[p])) for p in dense})
         self.biases = nn.ParameterDict({
             p: nn.Parameter(torch.empty(self.shapes[p][1]))
@@ -329,6 +378,35 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         self._bound = {}
         self.reset_parameters()
 
+    def _masa_sources(self, shared, layer_index):
+        """{projection: (SharedAtoms, row)} from ``shared``: one SharedAtoms
+        (its projections, row layer_index) or a dict {projection:
+        (SharedAtoms, row)} (projections grouped differently)."""
+        if shared is None:
+            return {}
+        if isinstance(shared, SharedAtoms):
+            pairs = {p: (shared, layer_index) for p in shared.projections}
+        elif isinstance(shared, dict):
+            pairs = {}
+            for p, pair in shared.items():
+                if str(p).lower() not in PROJECTIONS or not isinstance(pair, tuple) or len(pair) != 2:
+                    raise ValueError("shared as a dict maps a projection letter to (SharedAtoms, row)")
+                pairs[str(p).lower()] = (pair[0], int(pair[1]))
+        else:
+            raise TypeError("shared must be a masa.torch.SharedAtoms or {projection: (SharedAtoms, row)}")
+        for p, (module, row) in pairs.items():
+            if not isinstance(module, SharedAtoms):
+                raise TypeError("shared must be a masa.torch.SharedAtoms")
+            if p not in module.projections:
+                raise ValueError(f"the SharedAtoms given for {p!r} does not share {p!r}")
+            if module.shapes[p] != self.shapes[p]:
+                raise ValueError(
+                    f"shared atoms of {p!r} have shape {module.shapes[p]}, "
+                    f"this layer needs {self.shapes[p]}")
+            if not 0 <= row < module.n_layers:
+                raise ValueError(f"layer_index {row} out of range for {module.n_layers} shared layers")
+        return pairs
+
     @torch.no_grad()
     def reset_parameters(self):
         """Dense weights and biases uniform in +-1/sqrt(d_in) (as nn.Linear)."""
@@ -336,10 +414,18 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
             w.uniform_(-1.0 / math.sqrt(self.shapes[p][0]), 1.0 / math.sqrt(self.shapes[p][0]))
         for p, b in self.biases.items():
             b.uniform_(-1.0 / math.sqrt(self.shapes[p][0]), 1.0 / math.sqrt(self.shapes[p][0]))
+        for p, a in self.lowrank_a.items():
+            a.uniform_(-1.0 / math.sqrt(self.shapes[p][0]), 1.0 / math.sqrt(self.shapes[p][0]))
+            b = self.lowrank_b[p]
+            if p in self.lowrank_only_projections:
+                b.uniform_(-1.0 / math.sqrt(b.shape[0]), 1.0 / math.sqrt(b.shape[0]))
+            else:
+                b.zero_()
 
     def _ctx(self):
         if self._context is None or self._context.closed:
-            self._context = self.shared.context() if self.shared is not None else default_context()
+            sources = list(self._masa_source.values())
+            self._context = sources[0][0].context() if sources else default_context()
         return self._context
 
     def c_layer(self, weights=None):
@@ -354,18 +440,20 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
             self._bound = {}
         for p in PROJECTIONS:
             if p in self.masa_projections:
-                d, c = self.shared.handles(p)
+                module, row = self._masa_source[p]
+                d, c = module.handles(p)
                 current = layer.masa(p)
                 if current is None or current[0] is not d or current[1] is not c:
-                    layer.set_masa(p, d, c, self.layer_index)
+                    layer.set_masa(p, d, c, row)
             elif p in self.external_projections:
-                if weights is None or p not in weights:
-                    continue  # bound at the next forward that supplies it
-                w = weights[p]
-                key = _storage_key(w)
-                if self._bound.get(("weight", p)) != key:
-                    layer.set_dense(p, _param_array(w, f"weights[{p!r}]"))
-                    self._bound[("weight", p)] = key
+                if weights is not None and p in weights:  # else bound later
+                    w = weights[p]
+                    key = _storage_key(w)
+                    if self._bound.get(("weight", p)) != key:
+                        layer.set_dense(p, _param_array(w, f"weights[{p!r}]"))
+                        self._bound[("weight", p)] = key
+            elif p in self.lowrank_only_projections:
+                pass  # no base: A B alone
             else:
                 w = self.weights[p]
                 key = _storage_key(w)
@@ -378,6 +466,13 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
                 if self._bound.get(("bias", p)) != key:
                     layer.set_bias(p, _param_array(b, f"biases[{p!r}]"))
                     self._bound[("bias", p)] = key
+            if p in self.lowrank_a:
+                a, b = self.lowrank_a[p], self.lowrank_b[p]
+                key = (_storage_key(a), _storage_key(b))
+                if self._bound.get(("lowrank", p)) != key:
+                    layer.set_lowrank(p, a.shape[1], _param_array(a, f"lowrank_a[{p!r}]"),
+                                      _param_array(b, f"lowrank_b[{p!r}]"))
+                    self._bound[("lowrank", p)] = key
         return layer
 
     def named_masa_parameters(self, weights=None):
@@ -386,24 +481,37 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
         out = []
         for p in PROJECTIONS:
             if p in self.masa_projections:
-                out.append((f"{p}.atoms", self.shared.atoms[p]))
-                out.append((f"{p}.coefficients", self.shared.coefficients[p]))
+                module = self._masa_source[p][0]
+                out.append((f"{p}.atoms", module.atoms[p]))
+                out.append((f"{p}.coefficients", module.coefficients[p]))
             elif p in self.external_projections:
                 out.append((f"{p}.weight", weights[p]))
-            else:
+            elif p not in self.lowrank_only_projections:
                 out.append((f"{p}.weight", self.weights[p]))
             if p in self.biases:
                 out.append((f"{p}.bias", self.biases[p]))
+            if p in self.lowrank_a:
+                out.append((f"{p}.lowrank_a", self.lowrank_a[p]))
+                out.append((f"{p}.lowrank_b", self.lowrank_b[p]))
         return out
 
     def weight(self, p, weights=None):
         """Projection p's weight (d_in x d_out) as a differentiable tensor
-        (an external projection's is ``weights[p]``)."""
+        (an external projection's base is ``weights[p]``), low-rank term
+        included."""
         if p in self.masa_projections:
-            return self.shared.compose(p, self.layer_index)
-        if p in self.external_projections:
-            return self._external_weights(weights)[p]
-        return self.weights[p]
+            module, row = self._masa_source[p]
+            base = module.compose(p, row)
+        elif p in self.external_projections:
+            base = self._external_weights(weights)[p]
+        elif p in self.lowrank_only_projections:
+            base = None
+        else:
+            base = self.weights[p]
+        if p not in self.lowrank_a:
+            return base
+        term = self.lowrank_a[p] @ self.lowrank_b[p]
+        return term if base is None else base + term
 
     def _external_weights(self, weights):
         """Checks ``weights`` against the external projections; returns
@@ -445,6 +553,11 @@ class MasaAttention(_DropHandlesOnCopy, nn.Module):
     def extra_repr(self):
         kinds = "".join(p.upper() if p in self.masa_projections else p for p in PROJECTIONS)
         external = f", external={self.external_projections}" if self.external_projections else ""
+        if self.lowrank_a:
+            ranks = ", ".join(f"{p}:{a.shape[1]}" for p, a in self.lowrank_a.items())
+            external += f", lowrank=({ranks})"
+        if self.lowrank_only_projections:
+            external += f", lowrank_only={self.lowrank_only_projections}"
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, causal={self.causal}, rope={self.rope}, "
                 f"projections={kinds} (upper = MASA), bias={''.join(p for p in PROJECTIONS if p in self.biases) or None}, "

