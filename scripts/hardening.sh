@@ -105,8 +105,9 @@ if want tsan; then
     targets="test_concurrency"
     tests="concurrency"
     # Suites whose code runs on the pool with shared outputs: threading,
-    # decoding (split key ranges), the flash kernels (split key tiles).
-    for t_name in threads decode flash; do
+    # decoding (split key ranges), the flash kernels (split key tiles),
+    # Matrix PCA (column blocks, calls sharing a context).
+    for t_name in threads decode flash compress_pca; do
         if [ -f "tests/test_$t_name.c" ]; then
             targets="$targets test_$t_name"
             tests="$tests $t_name"
@@ -191,6 +192,7 @@ if want fuzz; then
         ASAN_OPTIONS=detect_leaks=1 \
             "$fuzzer" -max_total_time="$FUZZ_SECONDS" -timeout=10 \
                 -rss_limit_mb=2048 -print_final_stats=1 \
+                -dict=tests/fuzz/fuzz_api.dict \
                 -artifact_prefix="$LOGS/" "$work" tests/fuzz/corpus \
                 >> "$log" 2>&1
         rc=$?

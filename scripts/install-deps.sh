@@ -20,7 +20,7 @@ PKGS="build-essential meson ninja-build pkg-config libblis-pthread-dev check
       valgrind python3 python3-numpy python3-pytest python3-torch
       python3-setuptools python3-pip abigail-tools g++ clang
       libclang-rt-14-dev fortunes python3-matplotlib
-      python3-venv liblapacke-dev libjansson-dev"
+      python3-venv liblapacke-dev libjansson-dev python3-mpmath"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||

@@ -118,11 +118,11 @@ int ref_cholesky(size_t n, const double *c, double *r)
 
 void ref_xtx(size_t rows, size_t dim, const float *x, double *c)
 {
-    for (size_t i = 0; i < dim; i++)
-        for (size_t j = 0; j < dim; j++) {
-            double s = 0.0;
-            for (size_t r = 0; r < rows; r++)
-                s += (double)x[r * dim + i] * (double)x[r * dim + j];
-            c[i * dim + j] = s;
+    memset(c, 0, dim * dim * sizeof *c);
+    for (size_t r = 0; r < rows; r++)
+        for (size_t i = 0; i < dim; i++) {
+            double xi = x[r * dim + i];
+            for (size_t j = 0; j < dim; j++)
+                c[i * dim + j] += xi * (double)x[r * dim + j];
         }
 }

@@ -2,6 +2,7 @@
  * reference (reference_compress.c: Jacobi eigensolver, no LAPACK). */
 #include <check.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,16 +10,6 @@
 
 #include "reference_compress.h"
 #include "test_util.h"
-
-static masa_context *ctx_threads(size_t n)
-{
-    masa_context_options o;
-    masa_context_options_init(&o);
-    o.n_threads = n;
-    masa_context *ctx = NULL;
-    TU_OK(masa_context_create(&o, &ctx));
-    return ctx;
-}
 
 /* L matrices of n_cols floats: mixtures of `base` random matrices with
  * decaying weights plus a little noise, so the spectrum spreads out. */
@@ -48,39 +39,16 @@ static void free_mats(float **m, size_t L)
     free(m);
 }
 
-static double max_abs(const double *x, size_t n)
-{
-    double m = 0;
-    for (size_t i = 0; i < n; i++)
-        m = fmax(m, fabs(x[i]));
-    return m;
-}
-
-/* |got - ref| <= rtol * max|ref| elementwise, doubles */
-static void assert_close_dd(const char *what, const double *got,
-                            const double *ref, size_t n, double rtol)
-{
-    double scale = max_abs(ref, n), worst = 0;
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++)
-        if (fabs(got[i] - ref[i]) > worst) {
-            worst = fabs(got[i] - ref[i]);
-            at = i;
-        }
-    ck_assert_msg(worst <= rtol * scale, "%s: element %zu off by %g (scale %g)",
-                  what, at, worst, scale);
-}
-
 /* ---------------------------------------------------------------- Gram */
 
 static void check_gram(size_t L, size_t rows, size_t cols, size_t threads)
 {
-    masa_context *ctx = ctx_threads(threads);
+    masa_context *ctx = tu_context(threads);
     float **m = make_mats(L, rows * cols, 3, 11 + L);
     double *g = tu_dalloc(L * L), *ref = tu_dalloc(L * L);
     TU_OK(masa_gram(ctx, L, rows, cols, (const float *const *)m, g, L * L));
     ref_gram(L, rows * cols, (const float *const *)m, ref);
-    assert_close_dd("gram", g, ref, L * L, 1e-13);
+    TU_ASSERT_CLOSE_DD("gram", g, ref, L * L, 1e-13);
     for (size_t i = 0; i < L; i++)
         for (size_t j = 0; j < L; j++)
             ck_assert(g[i * L + j] == g[j * L + i]);
@@ -102,7 +70,7 @@ END_TEST
 
 START_TEST(gram_errors)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     float **m = make_mats(3, 6, 2, 1);
     const float *const *cm = (const float *const *)m;
     double g[9];
@@ -139,18 +107,18 @@ END_TEST
 
 START_TEST(gram_eigenvalues_match_reference)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 7;
     float **m = make_mats(L, 40, 4, 5);
     double *g = tu_dalloc(L * L), w[7], ref_w[7], v[49];
     TU_OK(masa_gram(ctx, L, 5, 8, (const float *const *)m, g, L * L));
     TU_OK(masa_gram_eigenvalues(ctx, L, g, L, w));
     ref_eigen(L, g, L, ref_w, v);
-    assert_close_dd("eigenvalues", w, ref_w, L, 1e-12);
+    TU_ASSERT_CLOSE_DD("eigenvalues", w, ref_w, L, 1e-12);
     /* a sub-block through the row stride: layers 2..5 */
     TU_OK(masa_gram_eigenvalues(ctx, 4, g + 2 * L + 2, L, w));
     ref_eigen(4, g + 2 * L + 2, L, ref_w, v);
-    assert_close_dd("block eigenvalues", w, ref_w, 4, 1e-12);
+    TU_ASSERT_CLOSE_DD("block eigenvalues", w, ref_w, 4, 1e-12);
     /* errors */
     ck_assert_int_eq(masa_gram_eigenvalues(NULL, L, g, L, w),
                      MASA_ERROR_NULL_ARGUMENT);
@@ -198,7 +166,7 @@ static void ref_pca(size_t L, size_t n_cols, const float *const *m, size_t S,
 static void check_pca(size_t L, size_t rows, size_t cols, size_t S,
                       size_t threads, int give_gram)
 {
-    masa_context *ctx = ctx_threads(threads);
+    masa_context *ctx = tu_context(threads);
     size_t N = rows * cols;
     float **m = make_mats(L, N, L, 100 + L * 7 + S);
     const float *const *cm = (const float *const *)m;
@@ -221,7 +189,7 @@ static void check_pca(size_t L, size_t rows, size_t cols, size_t S,
                           S * N, coefs, L * S, w, &res));
     ref_pca(L, N, cm, S, ra, rc, rw);
 
-    assert_close_dd("eigenvalues", w, rw, L, 1e-12);
+    TU_ASSERT_CLOSE_DD("eigenvalues", w, rw, L, 1e-12);
     TU_ASSERT_CLOSE("atoms", atoms, ra, S * N, 1e-5);
     TU_ASSERT_CLOSE("coefficients", coefs, rc, L * S, 1e-5);
 
@@ -283,7 +251,7 @@ END_TEST
 
 START_TEST(pca_create_gives_dictionary_and_table)
 {
-    masa_context *ctx = ctx_threads(2);
+    masa_context *ctx = tu_context(2);
     size_t L = 5, rows = 6, cols = 7, S = 2, N = rows * cols;
     float **m = make_mats(L, N, 3, 77);
     const float *const *cm = (const float *const *)m;
@@ -337,7 +305,7 @@ END_TEST
 
 START_TEST(pca_errors_leave_outputs_alone)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 4, rows = 3, cols = 5, N = 15, S = 2;
     float **m = make_mats(L, N, 4, 9);
     const float *const *cm = (const float *const *)m;
@@ -430,7 +398,7 @@ START_TEST(pca_result_struct_sizes)
 {
     /* a newer program's larger struct (zero tail) is filled as far as this
      * library knows it; a struct below the first version's size is refused */
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 3, N = 8;
     float **m = make_mats(L, N, 3, 3);
     float atoms[24], coefs[9];
@@ -527,7 +495,7 @@ static double plan_error(const double *g, size_t L, size_t n_groups,
 
 static void check_plan(size_t L, size_t rows, size_t cols, uint64_t seed)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t N = rows * cols;
     float **m = make_mats(L, N, 3, seed);
     double *g = tu_dalloc(L * L);
@@ -602,7 +570,7 @@ END_TEST
 
 START_TEST(plan_errors)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 4, rows = 2, cols = 3, N = 6;
     float **m = make_mats(L, N, 3, 8);
     double g[16];
@@ -629,6 +597,10 @@ START_TEST(plan_errors)
     ck_assert_int_eq(masa_group_plan(ctx, L, g, rows, 0, big, starts, atoms,
                                      4, &res),
                      MASA_ERROR_BAD_SHAPE);
+    /* beyond the planner's limit (nothing is read) */
+    ck_assert_int_eq(masa_group_plan(ctx, 257, g, rows, cols, big, starts,
+                                     atoms, 4, &res),
+                     MASA_ERROR_INVALID_ARGUMENT);
     /* below one group with one atom */
     ck_assert_int_eq(masa_group_plan(ctx, L, g, rows, cols, N + L - 1,
                                      starts, atoms, 4, &res),
@@ -693,7 +665,7 @@ START_TEST(plan_scales_to_real_depths)
 {
     /* 32 layers (a 1B-class model), budget a third of the layers' size: the
      * Pareto fronts stay small enough to finish quickly */
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t L = 32, rows = 16, cols = 16, N = 256;
     float **m = make_mats(L, N, 8, 21);
     double *g = tu_dalloc(L * L);
@@ -721,10 +693,68 @@ START_TEST(plan_scales_to_real_depths)
 }
 END_TEST
 
+/* ---------------------------------------------------------------- threads */
+
+typedef struct pca_job {
+    masa_context *ctx;
+    size_t L, rows, cols, S;
+    const float *const *mats;
+    float *atoms, *coefs;
+    masa_status st;
+} pca_job;
+
+static void *run_pca(void *arg)
+{
+    pca_job *j = arg;
+    for (int rep = 0; rep < 3 && j->st == MASA_OK; rep++)
+        j->st = masa_matrix_pca(j->ctx, j->L, j->rows, j->cols, j->mats, NULL,
+                                0, j->S, j->atoms, j->S * j->rows * j->cols,
+                                j->coefs, j->L * j->S, NULL, NULL);
+    return NULL;
+}
+
+/* Several threads on one context (its pool serves one call at a time; the
+ * others run on their own thread): the same results as one call alone. */
+START_TEST(pca_concurrent_calls_on_one_context)
+{
+    masa_context *ctx = tu_context(2);
+    size_t L = 5, rows = 40, cols = 30, S = 2, N = rows * cols;
+    float **m = make_mats(L, N, 3, 61);
+    const float *const *cm = (const float *const *)m;
+    float *want_a = tu_falloc(S * N), *want_c = tu_falloc(L * S);
+    TU_OK(masa_matrix_pca(ctx, L, rows, cols, cm, NULL, 0, S, want_a, S * N,
+                          want_c, L * S, NULL, NULL));
+    enum { T = 3 };
+    pca_job jobs[T];
+    pthread_t threads[T];
+    for (int t = 0; t < T; t++) {
+        jobs[t] = (pca_job){ctx, L, rows, cols, S, cm, tu_falloc(S * N),
+                            tu_falloc(L * S), MASA_OK};
+        ck_assert_int_eq(pthread_create(&threads[t], NULL, run_pca, &jobs[t]),
+                         0);
+    }
+    for (int t = 0; t < T; t++) {
+        pthread_join(threads[t], NULL);
+        ck_assert_int_eq(jobs[t].st, MASA_OK);
+        /* partial sums may add in another order: float rounding only */
+        TU_ASSERT_CLOSE_FF("atoms", jobs[t].atoms, want_a, S * N, 1e-6);
+        TU_ASSERT_CLOSE_FF("coefficients", jobs[t].coefs, want_c, L * S,
+                           1e-6);
+        free(jobs[t].atoms);
+        free(jobs[t].coefs);
+    }
+    free(want_a);
+    free(want_c);
+    free_mats(m, L);
+    masa_context_destroy(ctx);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("compress_pca");
     TCase *tc = tcase_create("gram");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, gram_matches_reference);
     tcase_add_test(tc, gram_errors);
     tcase_add_test(tc, gram_eigenvalues_match_reference);
@@ -735,6 +765,7 @@ static Suite *suite(void)
     tcase_add_test(tc, pca_create_gives_dictionary_and_table);
     tcase_add_test(tc, pca_errors_leave_outputs_alone);
     tcase_add_test(tc, pca_result_struct_sizes);
+    tcase_add_test(tc, pca_concurrent_calls_on_one_context);
     suite_add_tcase(s, tc);
     tc = tcase_create("planner");
     tcase_set_timeout(tc, 60);

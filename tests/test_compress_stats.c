@@ -11,37 +11,11 @@
 #include "reference_compress.h"
 #include "test_util.h"
 
-static masa_context *ctx_threads(size_t n)
-{
-    masa_context_options o;
-    masa_context_options_init(&o);
-    o.n_threads = n;
-    masa_context *ctx = NULL;
-    TU_OK(masa_context_create(&o, &ctx));
-    return ctx;
-}
-
-static void assert_close_dd(const char *what, const double *got,
-                            const double *ref, size_t n, double rtol)
-{
-    double scale = 0, worst = 0;
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++)
-        scale = fmax(scale, fabs(ref[i]));
-    for (size_t i = 0; i < n; i++)
-        if (fabs(got[i] - ref[i]) > worst) {
-            worst = fabs(got[i] - ref[i]);
-            at = i;
-        }
-    ck_assert_msg(worst <= rtol * scale, "%s: element %zu off by %g (scale %g)",
-                  what, at, worst, scale);
-}
-
 /* ---------------------------------------------------------------- calib */
 
 static void check_calib(size_t dim, size_t threads)
 {
-    masa_context *ctx = ctx_threads(threads);
+    masa_context *ctx = tu_context(threads);
     tu_rng r = {dim * 31 + threads};
     /* batches of uneven sizes, one larger than a conversion block */
     size_t batches[] = {1, 7, 0, 300, 45};
@@ -73,7 +47,7 @@ static void check_calib(size_t dim, size_t threads)
     double *ref = tu_dalloc(dim * dim);
     ref_xtx(total, dim, x, ref);
     const double *c = masa_calib_data(a);
-    assert_close_dd("X^T X", c, ref, dim * dim, 1e-13);
+    TU_ASSERT_CLOSE_DD("X^T X", c, ref, dim * dim, 1e-13);
     for (size_t i = 0; i < dim; i++)
         for (size_t j = 0; j < dim; j++)
             ck_assert(c[i * dim + j] == c[j * dim + i]);
@@ -102,7 +76,7 @@ END_TEST
 
 START_TEST(calib_errors)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     masa_calib *c = (masa_calib *)1;
     ck_assert_int_eq(masa_calib_create(NULL, 3, &c), MASA_ERROR_NULL_ARGUMENT);
     ck_assert_ptr_null(c);
@@ -211,18 +185,19 @@ static void ref_residual(size_t d_in, size_t d_out, const double *e,
     out->dropped = 0;
     for (size_t i = rank; i < k; i++)
         out->dropped += fmax(w[i], 0);
+    /* M V_r first, then (M V_r) V_r^T: O(d_in d_out rank) */
+    double *mv = tu_dalloc(d_in * rank);
+    for (size_t i = 0; i < d_in; i++)
+        for (size_t q = 0; q < rank; q++)
+            for (size_t t = 0; t < d_out; t++)
+                mv[i * rank + q] += m[i * d_out + t] * v[t * d_out + q];
     out->target = tu_dalloc(d_in * d_out);
     for (size_t i = 0; i < d_in; i++)
-        for (size_t j = 0; j < d_out; j++) {
-            double s = 0;
-            for (size_t q = 0; q < rank; q++) {
-                double mv = 0;
-                for (size_t t = 0; t < d_out; t++)
-                    mv += m[i * d_out + t] * v[t * d_out + q];
-                s += mv * v[j * d_out + q];
-            }
-            out->target[i * d_out + j] = s;
-        }
+        for (size_t j = 0; j < d_out; j++)
+            for (size_t q = 0; q < rank; q++)
+                out->target[i * d_out + j] +=
+                    mv[i * rank + q] * v[j * d_out + q];
+    free(mv);
     free(m);
     free(r);
     free(mtm);
@@ -233,7 +208,7 @@ static void ref_residual(size_t d_in, size_t d_out, const double *e,
 static void check_residual(size_t d_in, size_t d_out, size_t rank,
                            size_t calib_rows, int use_w_hat)
 {
-    masa_context *ctx = ctx_threads(2);
+    masa_context *ctx = tu_context(2);
     tu_rng rng = {d_in * 100 + d_out * 10 + rank};
     size_t ne = d_in * d_out;
     float *w = tu_falloc(ne), *w_hat = tu_falloc(ne);
@@ -273,24 +248,23 @@ static void check_residual(size_t d_in, size_t d_out, size_t rank,
                   "after %.15g dropped %.15g (before %g)", res.error_after,
                   res.dropped, res.error_before);
     /* R^T A B against the reference's best rank-r approximation */
-    double *rab = tu_dalloc(ne), *rr = tu_dalloc(d_in * d_in);
+    double *ab = tu_dalloc(ne), *rab = tu_dalloc(ne),
+           *rr = tu_dalloc(d_in * d_in);
+    for (size_t i = 0; i < d_in; i++)
+        for (size_t q = 0; q < rank; q++)
+            for (size_t j = 0; j < d_out; j++)
+                ab[i * d_out + j] += (double)a[i * rank + q] * b[q * d_out + j];
     if (c)
         ck_assert_int_eq(ref_cholesky(d_in, c, rr), 0);
-    for (size_t i = 0; i < d_in; i++)
-        for (size_t j = 0; j < d_out; j++) {
-            double s = 0;
-            for (size_t k = c ? i : 0; k < d_in; k++) {
-                if (!c && k != i)
-                    continue;
-                double rt = c ? rr[k * d_in + i] : 1.0;
-                double ab = 0;
-                for (size_t q = 0; q < rank; q++)
-                    ab += (double)a[k * rank + q] * b[q * d_out + j];
-                s += rt * ab;
-            }
-            rab[i * d_out + j] = s;
-        }
-    assert_close_dd("R^T A B", rab, ref.target, ne, 1e-5);
+    else
+        for (size_t i = 0; i < d_in; i++)
+            rr[i * d_in + i] = 1.0;
+    for (size_t i = 0; i < d_in; i++) /* (R^T)_{ik} = R_{ki}, k >= i */
+        for (size_t k = i; k < d_in; k++)
+            for (size_t j = 0; j < d_out; j++)
+                rab[i * d_out + j] += rr[k * d_in + i] * ab[k * d_out + j];
+    TU_ASSERT_CLOSE_DD("R^T A B", rab, ref.target, ne, 1e-5);
+    free(ab);
     free(rab);
     free(rr);
     free(ref.target);
@@ -311,12 +285,15 @@ START_TEST(residual_matches_reference)
     check_residual(12, 9, 3, 0, 1);    /* no calibration: plain SVD */
     check_residual(1, 5, 1, 0, 0);
     check_residual(70, 50, 8, 200, 1);
+    /* large enough that the triangular products and the check's product
+     * run in column blocks on the pool */
+    check_residual(320, 300, 160, 400, 1);
 }
 END_TEST
 
 START_TEST(residual_jitter_and_singular)
 {
-    masa_context *ctx = ctx_threads(1);
+    masa_context *ctx = tu_context(1);
     size_t d_in = 8, d_out = 6, rank = 2;
     tu_rng rng = {5};
     float w[48], a[16], b[12];
@@ -367,8 +344,8 @@ END_TEST
 
 START_TEST(residual_errors)
 {
-    masa_context *ctx = ctx_threads(1);
-    float w[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, a[8], b[8];
+    masa_context *ctx = tu_context(1);
+    float w[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, a[12], b[9];
     double c[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
     masa_residual_result res;
     masa_residual_result_init(&res);
@@ -389,7 +366,7 @@ START_TEST(residual_errors)
     ck_assert_int_eq(masa_residual_lowrank(ctx, 0, 3, w, NULL, c, 1, a, 8, b,
                                            6, NULL),
                      MASA_ERROR_BAD_SHAPE);
-    ck_assert_int_eq(RES(ctx, w, NULL, c, 4, a, 16, b, 12, NULL),
+    ck_assert_int_eq(RES(ctx, w, NULL, c, 4, a, 12, b, 9, NULL),
                      MASA_ERROR_INVALID_ARGUMENT);
     ck_assert_ptr_nonnull(strstr(masa_last_error(), "min(d_in, d_out)"));
     ck_assert_int_eq(RES(ctx, w, NULL, c, 2, a, 7, b, 6, NULL),
@@ -471,7 +448,7 @@ START_TEST(allocation_failures)
     tu_fill(&rng, x, 10 * R, -1, 1);
     const float *mats[L] = {m[0], m[1], m[2], m[3]};
     double g[L * L], w[L];
-    for (int call = 0; call < 7; call++) {
+    for (int call = 0; call < 10; call++) {
         for (long k = 0;; k++) {
             st.count = 0;
             st.fail_at = k;
@@ -513,6 +490,22 @@ START_TEST(allocation_failures)
                                           R * 2, b, 2 * C, NULL);
                 break;
             }
+            case 7:
+                s = masa_residual_lowrank(ctx, R, C, m[0], NULL, NULL, 2, a,
+                                          R * 2, b, 2 * C, NULL);
+                break;
+            case 8: {
+                size_t fixed[2] = {0, 2};
+                s = masa_group_plan_fixed(ctx, L, g, R, C, 4 * N, 2, fixed,
+                                          at, &pr);
+                break;
+            }
+            case 9: {
+                double cm[R * R];
+                ref_xtx(10, R, x, cm);
+                s = masa_calib_create_from_data(ctx, R, cm, 10, &cal);
+                break;
+            }
             }
             masa_calib_destroy(cal);
             masa_dictionary_destroy(d);
@@ -541,6 +534,7 @@ static Suite *suite(void)
 {
     Suite *s = suite_create("compress_stats");
     TCase *tc = tcase_create("calib");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, calib_matches_reference);
     tcase_add_test(tc, calib_errors);
     suite_add_tcase(s, tc);
@@ -551,6 +545,7 @@ static Suite *suite(void)
     tcase_add_test(tc, residual_errors);
     suite_add_tcase(s, tc);
     tc = tcase_create("alloc");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, allocation_failures);
     suite_add_tcase(s, tc);
     return s;

@@ -646,6 +646,39 @@ START_TEST(test_cached_follows)
 }
 END_TEST
 
+/* Workspace sizes depend on the ranks, not on the weight policy (documented
+ * for decode: one workspace serves a whole generation loop). */
+START_TEST(test_sizes_follow_rank_not_policy)
+{
+    masa_context *ctx = ctx_with(2);
+    tu_spec s = small;
+    s.causal = 1;
+    tu_layer t;
+    tu_layer_init(&t, ctx, &s, 21);
+    size_t fwd0, dec0, fwd, dec, f, d;
+    TU_OK(masa_layer_workspace_size(t.layer, 2, 7, &fwd0));
+    TU_OK(masa_layer_decode_workspace_size(t.layer, 2, 3, &dec0));
+    TU_OK(masa_layer_set_lowrank(t.layer, MASA_PROJ_Q, 5, NULL, NULL));
+    TU_OK(masa_layer_workspace_size(t.layer, 2, 7, &fwd));
+    TU_OK(masa_layer_decode_workspace_size(t.layer, 2, 3, &dec));
+    ck_assert_uint_gt(fwd, fwd0);
+    ck_assert_uint_gt(dec, dec0);
+    /* the cached policy folds Q's term into its weight: same sizes */
+    TU_OK(masa_layer_set_weight_policy(t.layer, MASA_WEIGHTS_CACHED));
+    TU_OK(masa_layer_workspace_size(t.layer, 2, 7, &f));
+    TU_OK(masa_layer_decode_workspace_size(t.layer, 2, 3, &d));
+    ck_assert_uint_eq(f, fwd);
+    ck_assert_uint_eq(d, dec);
+    TU_OK(masa_layer_remove_lowrank(t.layer, MASA_PROJ_Q));
+    TU_OK(masa_layer_workspace_size(t.layer, 2, 7, &f));
+    TU_OK(masa_layer_decode_workspace_size(t.layer, 2, 3, &d));
+    ck_assert_uint_eq(f, fwd0);
+    ck_assert_uint_eq(d, dec0);
+    tu_layer_fini(&t);
+    masa_context_destroy(ctx);
+}
+END_TEST
+
 /* A struct from a program built before the low-rank fields (its size ends
  * before d_lowrank_a) is read as such; sizes in between are refused. */
 START_TEST(test_grads_struct_sizes)
@@ -933,6 +966,7 @@ int main(void)
     tcase_add_loop_test(tc, test_ref_fd, 0, 2);
     tcase_add_loop_test(tc, test_decode_case, 0, 2 * (int)N_DCASES);
     tcase_add_test(tc, test_cached_follows);
+    tcase_add_test(tc, test_sizes_follow_rank_not_policy);
     tcase_add_test(tc, test_grads_struct_sizes);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_out_of_memory);

@@ -109,6 +109,36 @@ void tu_assert_close_ff_(const char *file, int line, const char *what,
     free(r);
 }
 
+void tu_assert_close_dd_(const char *file, int line, const char *what,
+                         const double *got, const double *ref, size_t n,
+                         double rtol)
+{
+    double scale = 0, worst = 0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++)
+        scale = fmax(scale, fabs(ref[i]));
+    for (size_t i = 0; i < n; i++)
+        if (!(fabs(got[i] - ref[i]) <= worst)) {
+            worst = fabs(got[i] - ref[i]);
+            at = i;
+        }
+    ck_assert_msg(worst <= rtol * scale,
+                  "%s:%d: %s: element %zu off by %g (got %.17g, want %.17g, "
+                  "scale %g)", file, line, what, at, worst, got[at], ref[at],
+                  scale);
+}
+
+masa_context *tu_context(size_t n_threads)
+{
+    masa_context_options o;
+    masa_context_options_init(&o);
+    o.n_threads = n_threads;
+    masa_context *ctx = NULL;
+    masa_status st = masa_context_create(&o, &ctx);
+    ck_assert_msg(st == MASA_OK, "masa_context_create: %s", masa_last_error());
+    return ctx;
+}
+
 /* ---- Layer fixture ---- */
 
 int tu_has_base(const tu_layer *t, int p)

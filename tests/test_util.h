@@ -48,6 +48,17 @@ void tu_assert_close_ff_(const char *file, int line, const char *what,
 #define TU_ASSERT_CLOSE_FF(what, got, ref, n, rtol) \
     tu_assert_close_ff_(__FILE__, __LINE__, (what), (got), (ref), (n), (rtol))
 
+/* Double against double (float64 results such as Grams and energies):
+ * max_i |got_i - ref_i| <= rtol * max_i |ref_i|. */
+void tu_assert_close_dd_(const char *file, int line, const char *what,
+                         const double *got, const double *ref, size_t n,
+                         double rtol);
+#define TU_ASSERT_CLOSE_DD(what, got, ref, n, rtol) \
+    tu_assert_close_dd_(__FILE__, __LINE__, (what), (got), (ref), (n), (rtol))
+
+/* A context with n_threads threads (fails the test if it cannot be made). */
+masa_context *tu_context(size_t n_threads);
+
 /* Status check that prints masa_last_error() on failure. */
 #define TU_OK(call)                                                       \
     do {                                                                  \

@@ -288,6 +288,9 @@ typedef enum masa_projection {
 } masa_projection;
 #define MASA_NUM_PROJECTIONS 4
 
+/* The largest RoPE position a token may have (see "Positions" below). */
+#define MASA_MAX_POSITION ((size_t)4294967295u)
+
 /* Options for masa_layer_create(); initialise with masa_layer_options_init()
  * (same size rule as masa_context_options). */
 typedef struct masa_layer_options {
@@ -314,6 +317,23 @@ MASA_API void masa_layer_options_default(masa_layer_options *options,
  *   x'_i          = x_i cos(p f_i) - x_{i+h/2} sin(p f_i)
  *   x'_{i+h/2}    = x_{i+h/2} cos(p f_i) + x_i sin(p f_i)
  * (the "rotate half" layout of Llama-style checkpoints). head_dim must be even.
+ *
+ * Positions. The angles p f_i are formed in double precision (p f_i rounded
+ * once, f_i rounded by pow) and reduced by the C library's cos and sin, so
+ * their error grows in proportion to p. Measured by
+ * benchmarks/rope_accuracy.py against angles computed exactly (mpmath, 60
+ * digits), head_dim 16, rope_theta 1e4, 16 tokens ending at p: the largest
+ * angle error is 5e-10 rad at p = 2^24, 1.4e-7 at 2^32 (a float's rounding
+ * of 1), 2.4e-6 at 2^36, 5.8e-4 at 2^44, 0.15 at 2^52. The relative error
+ * these angles alone cause in a layer's output is 8e-8 at 2^32, 1e-6 at
+ * 2^36, 2.2e-4 at 2^44, 4.9e-2 at 2^52; libmasa's output (float rounding
+ * included) stays at 4.2e-7 from p = 0 to 2^32. A RoPE layer therefore gives
+ * a token at most the position MASA_MAX_POSITION = 2^32 - 1: forward,
+ * backward and decode refuse a call whose last token's position
+ * (pos_offset + seq - 1, or the cache length + n_new - 1) lies beyond it
+ * with MASA_ERROR_OUT_OF_RANGE. Without RoPE positions change nothing and
+ * any position is accepted. For every layer, pos_offset + seq beyond SIZE_MAX
+ * is refused with MASA_ERROR_OVERFLOW.
  *
  * The layer computes, for x of shape [B, T, d_model]:
  *   Q = x Wq + bq, K = x Wk + bk, V = x Wv + bv  (RoPE applied to Q and K)
@@ -469,8 +489,9 @@ MASA_API masa_status masa_layer_lowrank(masa_layer *layer,
  *       S * d_in * d_out floats more than a dense layer would. Changes to
  *       atoms and coefficients are seen by the next call.
  *   MASA_WEIGHTS_CACHED  the layer keeps W_l of each of its MASA projections
- *       composed (with the projection's low-rank term A B added, if any): calls read it as a dense layer reads its weight (the speed
- *       of a dense layer, the memory of one: d_in * d_out floats per MASA
+ *       composed (with the projection's low-rank term A B added, if any):
+ *       calls read it as a dense layer reads its weight (the speed of a
+ *       dense layer, the memory of one: d_in * d_out floats per MASA
  *       projection, so L layers sharing a dictionary hold L composed
  *       weights beside its S atoms).
  *
@@ -493,8 +514,8 @@ MASA_API masa_status masa_layer_lowrank(masa_layer *layer,
  * decode and the dx of backward keep using the old W_l. Backward's dc and
  * dD are computed from G = X^T dY, the current atoms and the current
  * coefficients, dA and dB from the current A and B (they never read the
- * cache). A training loop that updates
- * the parameters after every step calls masa_layer_refresh_weights() on
+ * cache). A training loop that updates the parameters after every step
+ * calls masa_layer_refresh_weights() on
  * each layer after the update (one composition per step instead of one per
  * forward and one per backward).
  *
@@ -531,15 +552,15 @@ MASA_API masa_status masa_layer_refresh_weights(masa_layer *layer);
 /* Bytes of workspace (scratch, any contents, not kept between calls) that
  * forward and backward need for `batch` sequences of `seq` tokens. It depends
  * on the layer's shapes, the ranks of its low-rank terms and its context's
- * thread count only. forward and
- * backward accept any workspace at least this large. */
+ * thread count only. forward and backward accept any workspace at least
+ * this large. */
 MASA_API masa_status masa_layer_workspace_size(const masa_layer *layer,
                                                size_t batch, size_t seq,
                                                size_t *bytes);
 
 /* Bytes of reserve: what forward saves for backward (the projected and
- * rotated Q, K, V, the attention output and the softmax log-sum-exp, after a
- * small stamp naming the forward call). */
+ * rotated Q, K, V, the attention output and each softmax row's maximum and
+ * log-sum, after a small stamp naming the forward call). */
 MASA_API masa_status masa_layer_reserve_size(const masa_layer *layer,
                                              size_t batch, size_t seq,
                                              size_t *bytes);
@@ -556,8 +577,10 @@ MASA_API masa_status masa_layer_reserve_size(const masa_layer *layer,
  *              unchanged to masa_layer_backward().
  * Pass the buffer sizes so the library can check them.
  * Errors: MASA_ERROR_NOT_READY (a projection not set), BAD_SHAPE or OVERFLOW
- * (batch, seq), BUFFER_TOO_SMALL (workspace, reserve), INVALID_ARGUMENT (y
- * overlapping x, workspace or reserve not aligned for float). */
+ * (batch, seq), OVERFLOW (pos_offset + seq beyond SIZE_MAX), OUT_OF_RANGE
+ * (with RoPE, pos_offset + seq - 1 > MASA_MAX_POSITION), BUFFER_TOO_SMALL
+ * (workspace, reserve), INVALID_ARGUMENT (y overlapping x, workspace or
+ * reserve not aligned for float). */
 MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                                         size_t seq, size_t pos_offset,
                                         const float *x, float *y,
@@ -602,8 +625,9 @@ typedef struct masa_layer_grads {
     float *d_coefficients[MASA_NUM_PROJECTIONS];
     float *d_weight[MASA_NUM_PROJECTIONS];
     float *d_bias[MASA_NUM_PROJECTIONS];
-    /* Added after 0.1 (low-rank terms). A struct of an older program ends before
-     * these fields (its size says so); it is accepted and means NULL here. */
+    /* Added after 0.1 (low-rank terms). A struct of an older program ends
+     * before these fields (its size says so); it is accepted and means NULL
+     * here. */
     float *d_lowrank_a[MASA_NUM_PROJECTIONS];
     float *d_lowrank_b[MASA_NUM_PROJECTIONS];
 } masa_layer_grads;
@@ -625,7 +649,14 @@ MASA_API void masa_layer_grads_default(masa_layer_grads *grads, size_t size);
  * MASA_ERROR_INVALID_ARGUMENT); a dictionary used by two projections of one
  * layer therefore needs two d_atoms buffers (or two calls with ADD).
  * A reserve that was filled by another layer, or with another batch, seq or
- * pos_offset, is refused with MASA_ERROR_INVALID_ARGUMENT. */
+ * pos_offset, is refused with MASA_ERROR_INVALID_ARGUMENT; positions as in
+ * masa_layer_forward() (OVERFLOW, OUT_OF_RANGE).
+ * Accuracy: every gradient is accurate relative to its own size also where
+ * the softmax saturates or one key takes almost all of a row's mass (the
+ * probabilities are rebuilt from each row's maximum and sum, kept apart, and
+ * each row's dS sums to 0 as it does exactly); what remains is the
+ * conditioning of float32 logits, about 6e-8 times their size
+ * (benchmarks/softmax_accuracy.py measures it against float64). */
 MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
                                          size_t seq, size_t pos_offset,
                                          const float *x, const float *dy,
@@ -683,7 +714,8 @@ typedef struct masa_kv_cache masa_kv_cache;
 /* Bytes of cache memory for `batch` sequences of up to `max_seq` tokens:
  * 2 * batch * n_kv_heads * max_seq * head_dim * sizeof(float).
  * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer), BAD_SHAPE
- * (batch or max_seq 0), OVERFLOW. */
+ * (batch or max_seq 0), OUT_OF_RANGE (RoPE layer and max_seq - 1 >
+ * MASA_MAX_POSITION), OVERFLOW. */
 MASA_API masa_status masa_kv_cache_size(const masa_layer *layer,
                                         size_t batch, size_t max_seq,
                                         size_t *bytes);
@@ -695,8 +727,8 @@ MASA_API masa_status masa_kv_cache_size(const masa_layer *layer,
  * destroyed; its contents on entry do not matter. The handle itself comes
  * from the layer's context allocator. *out is NULL on failure.
  * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (non-causal layer, memory not
- * aligned for float), BAD_SHAPE, OVERFLOW, BUFFER_TOO_SMALL (memory_bytes),
- * OUT_OF_MEMORY (the handle). */
+ * aligned for float), BAD_SHAPE, OUT_OF_RANGE (as masa_kv_cache_size()),
+ * OVERFLOW, BUFFER_TOO_SMALL (memory_bytes), OUT_OF_MEMORY (the handle). */
 MASA_API masa_status masa_kv_cache_create(const masa_layer *layer,
                                           size_t batch, size_t max_seq,
                                           void *memory, size_t memory_bytes,
@@ -755,10 +787,10 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * The cached keys and values were computed with the layer's parameters at
  * the time they were added: changing the parameters does not update them.
  * MASA projections with the MASA_WEIGHTS_CACHED policy read the
- * composed weight (low-rank term included), as a dense layer does. Other
- * projections apply a low-rank term as (x A) B, reading the small factors
- * instead of a d_in x d_out matrix. Otherwise, MASA projections of a
- * single row (batch 1, one token) multiply
+ * composed weight (low-rank term included), as a dense layer does; every
+ * other projection applies its low-rank term, if any, as (x A) B, reading
+ * the small factors instead of a d_in x d_out matrix. Otherwise, MASA
+ * projections of a single row (batch 1, one token) multiply
  * [c_1 x | ... | c_S x] by the atoms stacked as an (S d_in) x d_out matrix,
  * reading the atoms once and never forming W_l; from two rows up (with
  * S >= 2) they compose W_l into the workspace first. The rule: whichever
@@ -767,7 +799,8 @@ MASA_API masa_status masa_layer_decode_workspace_size(const masa_layer *layer,
  * by another layer, overlapping buffers, workspace not aligned for float);
  * NOT_READY; BAD_SHAPE (n_new 0, batch differs from the cache's, cache made
  * for another n_kv_heads or head_dim); OUT_OF_RANGE (the cache is full:
- * length + n_new > max_seq); BUFFER_TOO_SMALL (workspace); OVERFLOW. On any
+ * length + n_new > max_seq; with RoPE, length + n_new - 1 >
+ * MASA_MAX_POSITION); BUFFER_TOO_SMALL (workspace); OVERFLOW. On any
  * error neither the cache nor y has been modified. */
 MASA_API masa_status masa_layer_decode(const masa_layer *layer,
                                        masa_kv_cache *cache, size_t batch,

@@ -1,9 +1,22 @@
 /* Attention core, backward, in the flash style. For a query tile:
  * delta = rowsum(dO * O) once, then for each key tile it may see
- *   P  = exp(scale Q K^T - lse)      (rebuilt from forward's log-sum-exp)
+ *   P  = exp((scale Q K^T - m) - log l)   (forward's row max m and sum l)
  *   dP = dO V^T,  dS = P * (dP - delta)
  *   dV += P^T dO,  dK += scale dS^T Q,  dQ += scale dS K
  * so memory stays linear in seq.
+ *
+ * Peaked rows. Where a key j takes much of a row's mass, dP_j - delta =
+ * -dO . (O - V_j) is a small difference of two large numbers rounded apart
+ * (the product dP_j and the dot product delta): taken as it is, dS_j is
+ * rounding noise of the size of an ulp of dP (a gradient of exact size 1e-20
+ * came back as 1e4 at logits of 1e6). So where P_j > 1/8 (at most 7 keys a
+ * row), dS_j is taken as -P_j dO . (O - V_j), exactly 0 where O rounded to
+ * V_j (also when equal keys, a repeated token, share the mass). Once all key
+ * tiles are done, the row's dS is made to sum to 0 (as it does exactly, the
+ * rows of P summing to 1) by moving the sum's rounding onto dS_j of the
+ * row's largest P: a rank-one update of dQ's row and of dK's row j. Then
+ * dS_j = -(the sum of the others), which are accurate: every gradient stays
+ * accurate relative to its own size however peaked or saturated the row.
  *
  * Parallel split: normally one task per (sequence, key/value head), which
  * owns that slice of dK and dV, so the query heads sharing it (GQA) and all
@@ -30,11 +43,24 @@ static size_t n_query_tiles(size_t seq)
  * dP^T = V dO^T written transposed (as in forward). */
 typedef struct bwd_scratch {
     float *qtb, *dotb, *qb, *dob, *p, *dp, *dsa, *pta, *dsta, *delta;
+    float *ds_sum;  /* per row: the sum of dS over the keys done */
+    float *peak_p;  /* per row: the largest P so far */
+    size_t *peak;   /* per row: its key, SIZE_MAX if none */
     float *slots, *dk, *dv;
     size_t a_tile, b_tile, slot; /* floats: K or V as A, K as B, a slot */
 } bwd_scratch;
 
 static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+/* dO . (O - V), in double: O - V is exact where O is close to V */
+static float diff_dot(const float *d_o, const float *o, const float *v,
+                      size_t n)
+{
+    double acc = 0.0;
+    for (size_t i = 0; i < n; i++)
+        acc += (double)d_o[i] * ((double)o[i] - (double)v[i]);
+    return (float)acc;
+}
 
 /* Carves the scratch from `at` (NULL: only counts); returns its floats. */
 static size_t bwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
@@ -49,20 +75,24 @@ static size_t bwd_layout(const masa_ukr *u, size_t seq, size_t hd, float *at,
     s->b_tile = round16(masa__pack_b_floats(u, bk, hd));
     s->slot = 2 * s->a_tile + s->b_tile;
     size_t all = key_tiles * s->slot, split = s->slot + 2 * seq * hd;
-    size_t n[11] = {b_hq, b_hq, b_qh, b_qh, bq * bk, bq * bk,
+    float *peak = NULL;
+    size_t n[14] = {b_hq, b_hq, b_qh, b_qh, bq * bk, bq * bk,
                     masa__pack_a_floats(u, bq, bk),
                     masa__pack_a_floats(u, bk, bq),
-                    masa__pack_a_floats(u, bk, bq), bq,
+                    masa__pack_a_floats(u, bk, bq), bq, bq, bq,
+                    bq * (sizeof(size_t) / sizeof(float)),
                     all > split ? all : split};
-    float **dst[11] = {&s->qtb, &s->dotb, &s->qb, &s->dob, &s->p, &s->dp,
-                       &s->dsa, &s->pta, &s->dsta, &s->delta, &s->slots};
+    float **dst[14] = {&s->qtb, &s->dotb, &s->qb, &s->dob, &s->p, &s->dp,
+                       &s->dsa, &s->pta, &s->dsta, &s->delta, &s->ds_sum,
+                       &s->peak_p, &peak, &s->slots};
     size_t total = 0;
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < 14; i++) {
         total += n[i] + MASA_ATTN_ALIGN_SLACK;
         if (at)
             *dst[i] = masa__attn_carve(&at, n[i]);
     }
     if (at) {
+        s->peak = (size_t *)(void *)peak; /* 64-byte aligned block */
         s->dk = s->slots + s->slot;
         s->dv = s->dk + seq * hd;
     }
@@ -113,7 +143,10 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
     size_t row0 = (b * T + i0) * L->dq + h * hd;
     const float *q = a->q + row0, *d_o = a->d_attn + row0, *o = a->attn + row0;
     const float *k = a->k + b * T * L->dkv + g * hd;
-    const float *lse = a->lse + (b * L->n_heads + h) * T + i0;
+    const float *v = a->v + b * T * L->dkv + g * hd;
+    size_t stats = (b * L->n_heads + h) * T + i0;
+    const float *row_max = a->row_max + stats;
+    const float *log_sum = a->row_log_sum + stats;
     float *dq = a->dq + row0;
 
     for (size_t r = 0; r < m; r++) {
@@ -122,6 +155,8 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         for (size_t c = 0; c < hd; c++)
             d += dor[c] * orow[c];
         s->delta[r] = d;
+        s->ds_sum[r] = 0.0f;
+        s->peak[r] = SIZE_MAX;
         memset(dq + r * L->dq, 0, hd * sizeof(float));
     }
     /* Q and dO serve every key tile */
@@ -152,10 +187,22 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
         for (size_t r = 0; r < m; r++) {
             size_t nv = masa__mask_row_len(mask, r, n);
             float *pr = s->p + r * n, *ds = s->dp + r * n;
-            masa__exp_shifted(pr, nv, lse[r]);
-            float d = s->delta[r];
-            for (size_t j = 0; j < nv; j++)
-                ds[j] = pr[j] * (ds[j] - d);
+            masa_big_p big;
+            float sum = masa__softmax_grad_row(pr, ds, nv, row_max[r],
+                                               log_sum[r], s->delta[r], &big);
+            for (size_t i = 0; i < big.n; i++) {
+                size_t j = big.j[i];
+                float exact = -pr[j] * diff_dot(d_o + r * L->dq,
+                                                o + r * L->dq,
+                                                v + (j0 + j) * L->dkv, hd);
+                sum += exact - ds[j];
+                ds[j] = exact;
+                if (s->peak[r] == SIZE_MAX || pr[j] > s->peak_p[r]) {
+                    s->peak[r] = j0 + j;
+                    s->peak_p[r] = pr[j];
+                }
+            }
+            s->ds_sum[r] += sum;
         }
         masa__pack_a(u, n, m, s->p, 1, n, s->pta);
         masa__pack_a(u, n, m, s->dp, 1, n, s->dsta);
@@ -177,6 +224,18 @@ static void backward_tile(const masa_attn_args *a, const masa_ukr *u,
             .bp_k = min_size(T - j0, MASA_FLASH_BK),
             .c = dq, .ldc = L->dq, .a = s->dp, .lda = n, .b = kt,
             .ldb = L->dkv});
+    }
+    /* the peak's dS_j -= the row's sum of dS */
+    for (size_t r = 0; r < m; r++) {
+        if (s->peak[r] == SIZE_MAX || s->ds_sum[r] == 0.0f)
+            continue;
+        float c = -L->scale * s->ds_sum[r];
+        const float *kj = k + s->peak[r] * L->dkv, *qr = q + r * L->dq;
+        float *dqr = dq + r * L->dq, *dkj = dk + s->peak[r] * ld;
+        for (size_t i = 0; i < hd; i++) {
+            dqr[i] += c * kj[i];
+            dkj[i] += c * qr[i];
+        }
     }
 }
 

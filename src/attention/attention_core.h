@@ -107,11 +107,31 @@ size_t masa__attention_backward_floats(const masa_ukr *u, size_t seq,
 float masa__exp_shifted(float *x, size_t n, float shift);
 /* max(init, x[0..n)), NaN entries skipped. */
 float masa__row_max(const float *x, size_t n, float init);
+/* The entries of a softmax row with p > MASA_BIG_P, in order: a row whose p
+ * sum to 1 has fewer than MASA_BIG_MAX (any beyond are dropped). */
+#define MASA_BIG_P 0.125f
+#define MASA_BIG_MAX 8
+typedef struct masa_big_p {
+    size_t n, j[MASA_BIG_MAX];
+} masa_big_p;
+
+/* Backward's softmax row: p[j] <- exp((p[j] - row_max) - log_sum) (scores
+ * in, probabilities out) and dp[j] <- p[j] (dp[j] - delta) (dP in, dS out)
+ * for j < n; returns the sum of the dS and in *big the entries with p above
+ * MASA_BIG_P. */
+float masa__softmax_grad_row(float *p, float *dp, size_t n, float row_max,
+                             float log_sum, float delta, masa_big_p *big);
 /* The plain versions (expf), used where AVX2+FMA are missing. */
 float masa__exp_shifted_portable(float *x, size_t n, float shift);
 float masa__row_max_portable(const float *x, size_t n, float init);
+float masa__softmax_grad_row_portable(float *p, float *dp, size_t n,
+                                      float row_max, float log_sum,
+                                      float delta, masa_big_p *big);
 /* Callable when masa__cpu_has_avx2_fma() (internal.h). */
 float masa__exp_shifted_avx2(float *x, size_t n, float shift);
 float masa__row_max_avx2(const float *x, size_t n, float init);
+float masa__softmax_grad_row_avx2(float *p, float *dp, size_t n,
+                                  float row_max, float log_sum, float delta,
+                                  masa_big_p *big);
 
 #endif

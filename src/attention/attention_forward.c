@@ -2,8 +2,9 @@
  * tiles it may see with an online softmax (running row max m, sum l, and the
  * unnormalised output rescaled when m grows), so no T x T matrix is ever
  * formed: scratch is one BQ x BK score tile per thread plus the packed key
- * tiles (linear in seq). Causal tiles past the diagonal are skipped. The
- * log-sum-exp of each row is saved so backward can rebuild P.
+ * tiles (linear in seq). Causal tiles past the diagonal are skipped. Each
+ * row's maximum m and log(l) are saved so backward can rebuild
+ * P = exp((s - m) - log l).
  *
  * Parallel split on the library's pool: one task per (sequence, head) when
  * there are at least two per thread (its key tiles are packed once for all
@@ -95,8 +96,9 @@ static void forward_tile(const masa_attn_args *a, const masa_ukr *u,
     const float *q = a->q + (b * T + i0) * L->dq + h * hd;
     const float *v = a->v + b * T * L->dkv + g * hd;
     float *out = a->attn + (b * T + i0) * L->dq + h * hd;
-    float *lse = a->lse + (b * H + h) * T + i0;
-    float *mx = lse, *s = f.s, *sum = f.sum; /* running max kept in lse */
+    float *mx = a->row_max + (b * H + h) * T + i0;
+    float *log_sum = a->row_log_sum + (b * H + h) * T + i0;
+    float *s = f.s, *sum = f.sum;
 
     for (size_t r = 0; r < m; r++) {
         memset(out + r * L->dq, 0, hd * sizeof(float));
@@ -150,7 +152,7 @@ static void forward_tile(const masa_attn_args *a, const masa_ukr *u,
         float *o = out + r * L->dq;
         for (size_t c = 0; c < hd; c++)
             o[c] *= inv;
-        lse[r] = mx[r] + logf(sum[r]);
+        log_sum[r] = logf(sum[r]);
     }
 }
 

@@ -1,4 +1,5 @@
-/* Softmax row kernels: row maximum and x <- exp(x - shift) with the row sum.
+/* Softmax row kernels: row maximum and x <- exp(x - shift) with the row sum
+ * (forward), and backward's row of P and dS = P (dP - delta).
  *
  * The AVX2 version evaluates exp with Cephes' degree-6 polynomial after the
  * range reduction x = n ln2 + r, |r| <= ln2/2, and builds 2^n in the exponent
@@ -20,6 +21,22 @@ float masa__exp_shifted_portable(float *x, size_t n, float shift)
     for (size_t i = 0; i < n; i++) {
         x[i] = expf(x[i] - shift);
         sum += x[i];
+    }
+    return sum;
+}
+
+float masa__softmax_grad_row_portable(float *p, float *dp, size_t n,
+                                      float row_max, float log_sum,
+                                      float delta, masa_big_p *big)
+{
+    float sum = 0.0f;
+    big->n = 0;
+    for (size_t j = 0; j < n; j++) {
+        p[j] = expf((p[j] - row_max) - log_sum);
+        dp[j] = p[j] * (dp[j] - delta);
+        sum += dp[j];
+        if (p[j] > MASA_BIG_P && big->n < MASA_BIG_MAX)
+            big->j[big->n++] = j;
     }
     return sum;
 }
@@ -101,6 +118,37 @@ AVX2 float masa__exp_shifted_avx2(float *x, size_t n, float shift)
     return hsum8(acc);
 }
 
+AVX2 float masa__softmax_grad_row_avx2(float *p, float *dp, size_t n,
+                                       float row_max, float log_sum,
+                                       float delta, masa_big_p *big)
+{
+    __m256 mx = _mm256_set1_ps(row_max), ls = _mm256_set1_ps(log_sum);
+    __m256 dl = _mm256_set1_ps(delta), bigp = _mm256_set1_ps(MASA_BIG_P);
+    __m256 acc = _mm256_setzero_ps();
+    big->n = 0;
+    for (size_t i = 0; i < n; i += 8) {
+        /* the tail through masked loads/stores: never touches p[n..) */
+        __m256i mask = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n - i < 8 ? (int)(n - i) : 8),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 on = _mm256_castsi256_ps(mask);
+        __m256 s = _mm256_maskload_ps(p + i, mask);
+        __m256 e = _mm256_and_ps(
+            exp8(_mm256_sub_ps(_mm256_sub_ps(s, mx), ls)), on);
+        __m256 ds = _mm256_and_ps(
+            _mm256_mul_ps(e, _mm256_sub_ps(_mm256_maskload_ps(dp + i, mask),
+                                           dl)), on);
+        _mm256_maskstore_ps(p + i, mask, e);
+        _mm256_maskstore_ps(dp + i, mask, ds);
+        acc = _mm256_add_ps(acc, ds);
+        unsigned bits = (unsigned)_mm256_movemask_ps(
+            _mm256_cmp_ps(e, bigp, _CMP_GT_OQ)); /* masked lanes hold 0 */
+        for (; bits && big->n < MASA_BIG_MAX; bits &= bits - 1)
+            big->j[big->n++] = i + (size_t)__builtin_ctz(bits);
+    }
+    return hsum8(acc);
+}
+
 AVX2 float masa__row_max_avx2(const float *x, size_t n, float init)
 {
     __m256 m = _mm256_set1_ps(init);
@@ -139,6 +187,16 @@ float masa__row_max(const float *x, size_t n, float init)
     return masa__cpu_has_avx2_fma() ? masa__row_max_avx2(x, n, init)
                                 : masa__row_max_portable(x, n, init);
 }
+
+float masa__softmax_grad_row(float *p, float *dp, size_t n, float row_max,
+                             float log_sum, float delta, masa_big_p *big)
+{
+    return masa__cpu_has_avx2_fma()
+               ? masa__softmax_grad_row_avx2(p, dp, n, row_max, log_sum,
+                                             delta, big)
+               : masa__softmax_grad_row_portable(p, dp, n, row_max, log_sum,
+                                                 delta, big);
+}
 #else
 bool masa__cpu_has_avx2_fma(void) { return false; }
 
@@ -150,5 +208,12 @@ float masa__exp_shifted(float *x, size_t n, float shift)
 float masa__row_max(const float *x, size_t n, float init)
 {
     return masa__row_max_portable(x, n, init);
+}
+
+float masa__softmax_grad_row(float *p, float *dp, size_t n, float row_max,
+                             float log_sum, float delta, masa_big_p *big)
+{
+    return masa__softmax_grad_row_portable(p, dp, n, row_max, log_sum, delta,
+                                           big);
 }
 #endif

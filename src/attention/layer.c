@@ -444,8 +444,8 @@ masa_status masa__reserve_layout(const char *fn, const masa_layer *layer,
     ok = ok && masa__add(&at, nkv);
     r.attn = at;
     ok = ok && masa__add(&at, nq);
-    r.lse = at;
-    ok = ok && masa__add(&at, nlse);
+    r.softmax = at; /* row maxima, then the logs of the row sums */
+    ok = ok && masa__add(&at, nlse) && masa__add(&at, nlse);
     r.total = at;
     size_t bytes;
     if (!ok || !masa__mul(r.total, sizeof(float), &bytes))
@@ -463,8 +463,8 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     if (st != MASA_OK)
         return st;
     size_t bt = batch * seq;
-    /* forward without reserve keeps Q, K, V, A and lse here; backward keeps
-     * dA, dQ, dK, dV: never both at once. */
+    /* forward without reserve keeps Q, K, V, A and the softmax rows' maxima
+     * and log-sums here; backward keeps dA, dQ, dK, dV: never both at once. */
     size_t grads = 2 * bt * layer->dq + 2 * bt * layer->dkv; /* <= r.total */
     size_t region = r.total > grads ? r.total : grads;
     size_t wmax = 0;
@@ -498,6 +498,23 @@ masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
     if (!ok || tile == SIZE_MAX || !masa__mul(w.total, sizeof(float), &bytes))
         return OVERFLOW_FAIL(fn);
     *out = w;
+    return MASA_OK;
+}
+
+masa_status masa__check_positions(const char *fn, const masa_layer *layer,
+                                  size_t first, size_t count)
+{
+    if (count > SIZE_MAX - first)
+        return masa__fail(MASA_ERROR_OVERFLOW,
+                          "%s: position %zu + %zu tokens overflows size_t", fn,
+                          first, count);
+    /* RoPE angles lose accuracy beyond it (masa.h, "Positions") */
+    if (layer->rope && count > 0 && first + count - 1 > MASA_MAX_POSITION)
+        return masa__fail(MASA_ERROR_OUT_OF_RANGE,
+                          "%s: the last token's position %zu is beyond "
+                          "MASA_MAX_POSITION (%zu), where RoPE angles are no "
+                          "longer accurate", fn, first + count - 1,
+                          (size_t)MASA_MAX_POSITION);
     return MASA_OK;
 }
 

@@ -190,8 +190,9 @@ void masa__project_backward(const masa_layer *layer, int p, const float *in,
     }
 
     size_t r = ps->rank;
-    bool lr_dx = dx && r && !(folded || (ps->is_masa && ps->composed_cache));
-    float *xa = lowrank_scratch, *dyb = lowrank_scratch + rows * r;
+    bool lr_dx = dx && r && !masa__lowrank_in_weight(ps, rows);
+    /* without a term the scratch may be NULL: no offset taken from it */
+    float *xa = lowrank_scratch, *dyb = r ? lowrank_scratch + rows * r : NULL;
     if (r && g->d_lowrank_b[p]) { /* dB (+)= (X A)^T dY */
         masa__gemm_pool(pool, nt, rows, r, ps->d_in, 1.0f, in, ps->d_in, 1,
                         ps->lowrank_a, r, 1, 0.0f, xa, r, 1);
@@ -232,7 +233,8 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
                           !layer ? "layer" : !x ? "x" : !dy ? "dy"
                           : !workspace ? "workspace" : "reserve");
     masa_status st = masa__check_ready(fn, layer);
-    if (st != MASA_OK)
+    if (st != MASA_OK ||
+        (st = masa__check_positions(fn, layer, pos_offset, seq)) != MASA_OK)
         return st;
     masa_layer_grads full;
     if (grads) {
@@ -285,7 +287,9 @@ MASA_API masa_status masa_layer_backward(const masa_layer *layer, size_t batch,
     masa_attn_args args = {
         .layer = layer, .batch = batch, .seq = seq, .q = base + rl.q,
         .k = base + rl.k, .v = base + rl.v, .attn = (float *)attn,
-        .lse = (float *)(base + rl.lse), .d_attn = d_attn, .dq = dq,
+        .row_max = (float *)(base + rl.softmax),
+        .row_log_sum = (float *)(base + rl.softmax) + bt * layer->n_heads,
+        .d_attn = d_attn, .dq = dq,
         .dk = dk, .dv = dv, .tiles = ws + wl.tiles,
         .tile_floats = wl.tile_floats,
     };

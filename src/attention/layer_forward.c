@@ -64,7 +64,8 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                           !layer ? "layer" : !x ? "x" : !y ? "y"
                                                            : "workspace");
     masa_status st = masa__check_ready(fn, layer);
-    if (st != MASA_OK)
+    if (st != MASA_OK ||
+        (st = masa__check_positions(fn, layer, pos_offset, seq)) != MASA_OK)
         return st;
     masa_workspace_layout wl;
     masa_reserve_layout rl;
@@ -81,15 +82,12 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     float *ws = workspace;
     float *base = reserve ? (float *)reserve : ws + wl.fwd_qkv;
     float *q = base + rl.q, *k = base + rl.k, *v = base + rl.v;
-    float *attn = base + rl.attn, *lse = base + rl.lse;
+    float *attn = base + rl.attn, *softmax = base + rl.softmax;
     float *wscratch = ws + wl.weight, *lrscratch = ws + wl.lowrank;
 
-    masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch,
-                  lrscratch);
-    masa__project(layer, MASA_PROJ_K, x, bt, k, wscratch,
-                  lrscratch);
-    masa__project(layer, MASA_PROJ_V, x, bt, v, wscratch,
-                  lrscratch);
+    masa__project(layer, MASA_PROJ_Q, x, bt, q, wscratch, lrscratch);
+    masa__project(layer, MASA_PROJ_K, x, bt, k, wscratch, lrscratch);
+    masa__project(layer, MASA_PROJ_V, x, bt, v, wscratch, lrscratch);
     if (layer->rope) {
         masa__rope(q, batch, seq, layer->dq, layer->n_heads, layer->head_dim,
                    pos_offset, layer->rope_theta, +1);
@@ -98,7 +96,8 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
     }
     masa_attn_args args = {
         .layer = layer, .batch = batch, .seq = seq, .q = q, .k = k, .v = v,
-        .attn = attn, .lse = lse, .tiles = ws + wl.tiles,
+        .attn = attn, .row_max = softmax, .row_log_sum = softmax + bt *
+        layer->n_heads, .tiles = ws + wl.tiles,
         .tile_floats = wl.tile_floats,
     };
     masa__attention_forward(&args);
@@ -107,7 +106,6 @@ MASA_API masa_status masa_layer_forward(const masa_layer *layer, size_t batch,
                                     pos_offset};
         memcpy(reserve, &stamp, sizeof stamp);
     }
-    masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch,
-                  lrscratch);
+    masa__project(layer, MASA_PROJ_O, attn, bt, y, wscratch, lrscratch);
     return MASA_OK;
 }

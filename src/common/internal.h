@@ -175,7 +175,7 @@ struct masa_layer {
 
 /* Byte offsets of the reserve's parts (all float arrays). */
 typedef struct masa_reserve_layout {
-    size_t q, k, v, attn, lse, total; /* offsets in floats, total in floats */
+    size_t q, k, v, attn, softmax, total; /* offsets in floats, total in floats */
 } masa_reserve_layout;
 
 /* The reserve starts with a stamp of the forward call that filled it, so
@@ -211,6 +211,11 @@ masa_status masa__reserve_layout(const char *fn, const masa_layer *layer,
 masa_status masa__workspace_layout(const char *fn, const masa_layer *layer,
                                    size_t batch, size_t seq,
                                    masa_workspace_layout *out);
+
+/* Tokens at positions first .. first + count - 1: OVERFLOW when that passes
+ * SIZE_MAX, OUT_OF_RANGE (RoPE layers) beyond MASA_MAX_POSITION. */
+masa_status masa__check_positions(const char *fn, const masa_layer *layer,
+                                  size_t first, size_t count);
 
 /* Layouts for (batch, seq), then the workspace's and (when not NULL) the
  * reserve's size and alignment: the checks forward and backward share. */
@@ -264,7 +269,11 @@ typedef struct masa_attn_args {
     size_t batch, seq;
     const float *q, *k, *v; /* [B*T, dq], [B*T, dkv], [B*T, dkv] */
     float *attn;            /* [B*T, dq] output */
-    float *lse;             /* [B, H, T] log-sum-exp of scaled scores */
+    /* [B, H, T] each: maximum and log of the sum of exp(s - max) of each
+     * row's scaled scores. Kept apart, not as the log-sum-exp max + log(sum):
+     * rounded to float at the scores' magnitude (an ulp of 1e6 is 0.06) that
+     * sum would scale backward's probabilities by up to 3%. */
+    float *row_max, *row_log_sum;
     const float *d_attn;    /* backward: dA */
     float *dq, *dk, *dv;    /* backward outputs */
     float *tiles;           /* per-thread scratch */

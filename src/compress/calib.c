@@ -145,15 +145,14 @@ MASA_API masa_status masa_calib_accumulate(masa_calib *calib, const float *x,
                           "%s: cannot allocate %zu rows of %zu doubles", fn,
                           block_rows, dim);
     masa__blis_init();
-    size_t threads = calib->ctx->n_threads;
     for (size_t r0 = 0; r0 < n_rows; r0 += block_rows) {
         size_t rows = n_rows - r0 < block_rows ? n_rows - r0 : block_rows;
         const float *src = x + r0 * dim;
         for (size_t i = 0; i < rows * dim; i++)
             block[i] = (double)src[i];
         /* C += B^T B: B^T is the block with its strides swapped */
-        masa__dsyrk_lower(dim, rows, 1.0, block, 1, dim, 1.0, calib->matrix,
-                          dim, threads);
+        masa__dsyrk_lower(calib->ctx, dim, rows, block, 1, dim,
+                          calib->matrix, dim);
     }
     masa__free(calib->ctx, block);
     mirror_lower(calib->matrix, dim);

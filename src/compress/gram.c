@@ -16,8 +16,9 @@ static void gram_block(void *arg, size_t thread, size_t col0, size_t n_cols,
     (void)col0;
     gram_job *j = arg;
     double *g = j->partials + thread * j->n_mats * j->n_mats;
-    masa__dsyrk_lower(j->n_mats, n_cols, 1.0, block, n_cols, 1, 1.0, g,
-                      j->n_mats, 1);
+    /* already one of the pool's tasks: this thread only */
+    masa__dsyrk_lower(NULL, j->n_mats, n_cols, block, n_cols, 1, g,
+                      j->n_mats);
 }
 
 masa_status masa__gram(const char *fn, masa_context *ctx, size_t n_mats,

@@ -11,9 +11,9 @@
 #include "compress/gram.h"
 #include "compress/linalg.h"
 
-/* Layers the planner accepts: its table of segment errors holds about
- * L^3 / 6 doubles. */
-#define MAX_PLAN_LAYERS 1024
+/* Layers the planner accepts (compress.h): L^2 / 2 eigenproblems of up to
+ * L x L and a table of about L^3 / 6 segment errors. */
+#define MAX_PLAN_LAYERS 256
 
 MASA_API void masa_group_plan_result_default(masa_group_plan_result *result,
                                              size_t size)

@@ -11,62 +11,173 @@
 
 #include "compress/linalg.h"
 
-static void rntm_for(rntm_t *rntm, size_t n_threads, double flops)
+/* Below this many multiply-adds a product runs on the calling thread. */
+#define POOL_MIN_FLOPS 8.0e6
+
+static void rntm_single(rntm_t *rntm)
 {
-    /* BLIS 0.9.0 starts its threads on every call: not worth it for small
-     * products (see masa__gemm). */
-    if (flops < 8.0e6)
-        n_threads = 1;
-    bli_rntm_set_num_threads((dim_t)(n_threads ? n_threads : 1), rntm);
+    bli_rntm_set_num_threads(1, rntm);
     /* the small-matrix kernels read past the end of small operands (see
      * masa__gemm); the conventional path reads only what it is given */
     bli_rntm_disable_l3_sup(rntm);
 }
 
-void masa__dgemm(size_t m, size_t n, size_t k, double alpha, const double *a,
-                 size_t rsa, size_t csa, const double *b, size_t rsb,
-                 size_t csb, double beta, double *c, size_t rsc, size_t csc,
-                 size_t n_threads)
+/* One single-threaded product on a block [i0, i1) of columns (or rows). */
+typedef void (*range_fn)(const void *args, size_t i0, size_t i1);
+
+typedef struct range_job {
+    range_fn fn;
+    const void *args;
+    size_t n, n_tasks;
+    bool triangular; /* blocks of equal area of a lower triangle */
+} range_job;
+
+static size_t range_edge(const range_job *j, size_t t)
 {
-    rntm_t rntm = BLIS_RNTM_INITIALIZER;
-    rntm_for(&rntm, n_threads, (double)m * (double)n * (double)k);
-    bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, (dim_t)m, (dim_t)n,
-                 (dim_t)k, &alpha, (double *)a, (inc_t)rsa, (inc_t)csa,
-                 (double *)b, (inc_t)rsb, (inc_t)csb, &beta, c, (inc_t)rsc,
-                 (inc_t)csc, NULL, &rntm);
+    if (t >= j->n_tasks)
+        return j->n;
+    double f = (double)t / (double)j->n_tasks;
+    if (j->triangular)
+        f = sqrt(f); /* rows [0, i) hold i^2 / 2 of the triangle */
+    size_t e = ((size_t)(f * (double)j->n) + 4) & ~(size_t)7;
+    return e < j->n ? e : j->n;
 }
 
-void masa__dsyrk_lower(size_t n, size_t k, double alpha, const double *a,
-                       size_t rsa, size_t csa, double beta, double *c,
-                       size_t ldc, size_t n_threads)
+static void range_task(void *arg, size_t task, size_t thread)
 {
-    rntm_t rntm = BLIS_RNTM_INITIALIZER;
-    rntm_for(&rntm, n_threads, (double)n * (double)n * (double)k / 2);
-    bli_dsyrk_ex(BLIS_LOWER, BLIS_NO_TRANSPOSE, (dim_t)n, (dim_t)k, &alpha,
-                 (double *)a, (inc_t)rsa, (inc_t)csa, &beta, c, (inc_t)ldc, 1, NULL,
-                 &rntm);
+    (void)thread;
+    const range_job *j = arg;
+    size_t i0 = range_edge(j, task), i1 = range_edge(j, task + 1);
+    if (i0 < i1)
+        j->fn(j->args, i0, i1);
 }
 
-void masa__dtrsm_lower_trans(size_t m, size_t n, const double *r, size_t ldr,
-                             double *b, size_t ldb, size_t n_threads)
+/* fn over [0, n) in blocks on ctx's pool, or at once on this thread. */
+static void run_ranges(const masa_context *ctx, size_t n, double flops,
+                       bool triangular, range_fn fn, const void *args)
 {
+    size_t threads = ctx && ctx->pool ? ctx->n_threads : 1;
+    if (threads <= 1 || flops < POOL_MIN_FLOPS || n < 16) {
+        fn(args, 0, n);
+        return;
+    }
+    size_t tasks = threads < n / 8 ? threads : n / 8;
+    range_job j = {fn, args, n, tasks, triangular};
+    masa__pool_run(ctx->pool, tasks, range_task, &j);
+}
+
+typedef struct dgemm_args {
+    size_t m, k;
+    double alpha, beta;
+    const double *a, *b;
+    double *c;
+    size_t rsa, csa, rsb, csb, rsc, csc;
+} dgemm_args;
+
+static void dgemm_cols(const void *args, size_t c0, size_t c1)
+{
+    const dgemm_args *g = args;
     rntm_t rntm = BLIS_RNTM_INITIALIZER;
+    rntm_single(&rntm);
+    double alpha = g->alpha, beta = g->beta;
+    bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, (dim_t)g->m,
+                 (dim_t)(c1 - c0), (dim_t)g->k, &alpha, (double *)g->a,
+                 (inc_t)g->rsa, (inc_t)g->csa, (double *)g->b + c0 * g->csb,
+                 (inc_t)g->rsb, (inc_t)g->csb, &beta, g->c + c0 * g->csc,
+                 (inc_t)g->rsc, (inc_t)g->csc, NULL, &rntm);
+}
+
+void masa__dgemm(const masa_context *ctx, size_t m, size_t n, size_t k,
+                 double alpha, const double *a, size_t rsa, size_t csa,
+                 const double *b, size_t rsb, size_t csb, double beta,
+                 double *c, size_t rsc, size_t csc)
+{
+    dgemm_args g = {m, k, alpha, beta, a, b, c, rsa, csa, rsb, csb, rsc, csc};
+    run_ranges(ctx, n, (double)m * (double)n * (double)k, false, dgemm_cols,
+               &g);
+}
+
+typedef struct syrk_args {
+    size_t k;
+    const double *a;
+    size_t rsa, csa;
+    double *c;
+    size_t ldc;
+} syrk_args;
+
+/* Rows [i0, i1) of the lower triangle: the rectangle left of the diagonal
+ * block by dgemm, the diagonal block by dsyrk. */
+static void syrk_rows(const void *args, size_t i0, size_t i1)
+{
+    const syrk_args *s = args;
+    rntm_t rntm = BLIS_RNTM_INITIALIZER;
+    rntm_single(&rntm);
     double one = 1.0;
-    rntm_for(&rntm, n_threads, (double)m * (double)m * (double)n);
-    bli_dtrsm_ex(BLIS_LEFT, BLIS_LOWER, BLIS_TRANSPOSE, BLIS_NONUNIT_DIAG,
-                 (dim_t)m, (dim_t)n, &one, (double *)r, (inc_t)ldr, 1, b,
-                 (inc_t)ldb, 1, NULL, &rntm);
+    const double *a_rows = s->a + i0 * s->rsa;
+    double *c_rows = s->c + i0 * s->ldc;
+    if (i0 > 0)
+        bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, (dim_t)(i1 - i0),
+                     (dim_t)i0, (dim_t)s->k, &one, (double *)a_rows,
+                     (inc_t)s->rsa, (inc_t)s->csa, (double *)s->a,
+                     (inc_t)s->csa, (inc_t)s->rsa, &one, c_rows,
+                     (inc_t)s->ldc, 1, NULL, &rntm);
+    bli_dsyrk_ex(BLIS_LOWER, BLIS_NO_TRANSPOSE, (dim_t)(i1 - i0), (dim_t)s->k,
+                 &one, (double *)a_rows, (inc_t)s->rsa, (inc_t)s->csa, &one,
+                 c_rows + i0, (inc_t)s->ldc, 1, NULL, &rntm);
 }
 
-void masa__dtrmm_lower_trans(size_t m, size_t n, const double *r, size_t ldr,
-                             double *b, size_t ldb, size_t n_threads)
+void masa__dsyrk_lower(const masa_context *ctx, size_t n, size_t k,
+                       const double *a, size_t rsa, size_t csa, double *c,
+                       size_t ldc)
 {
+    syrk_args s = {k, a, rsa, csa, c, ldc};
+    run_ranges(ctx, n, (double)n * (double)n * (double)k / 2, true,
+               syrk_rows, &s);
+}
+
+typedef struct tri_args {
+    size_t m;
+    const double *r;
+    size_t ldr;
+    double *b;
+    size_t ldb;
+    bool solve;
+} tri_args;
+
+static void tri_cols(const void *args, size_t c0, size_t c1)
+{
+    const tri_args *t = args;
     rntm_t rntm = BLIS_RNTM_INITIALIZER;
+    rntm_single(&rntm);
     double one = 1.0;
-    rntm_for(&rntm, n_threads, (double)m * (double)m * (double)n);
-    bli_dtrmm_ex(BLIS_LEFT, BLIS_LOWER, BLIS_TRANSPOSE, BLIS_NONUNIT_DIAG,
-                 (dim_t)m, (dim_t)n, &one, (double *)r, (inc_t)ldr, 1, b,
-                 (inc_t)ldb, 1, NULL, &rntm);
+    if (t->solve)
+        bli_dtrsm_ex(BLIS_LEFT, BLIS_LOWER, BLIS_TRANSPOSE, BLIS_NONUNIT_DIAG,
+                     (dim_t)t->m, (dim_t)(c1 - c0), &one, (double *)t->r,
+                     (inc_t)t->ldr, 1, t->b + c0, (inc_t)t->ldb, 1, NULL,
+                     &rntm);
+    else
+        bli_dtrmm_ex(BLIS_LEFT, BLIS_LOWER, BLIS_TRANSPOSE, BLIS_NONUNIT_DIAG,
+                     (dim_t)t->m, (dim_t)(c1 - c0), &one, (double *)t->r,
+                     (inc_t)t->ldr, 1, t->b + c0, (inc_t)t->ldb, 1, NULL,
+                     &rntm);
+}
+
+void masa__dtrsm_lower_trans(const masa_context *ctx, size_t m, size_t n,
+                             const double *r, size_t ldr, double *b,
+                             size_t ldb)
+{
+    tri_args t = {m, r, ldr, b, ldb, true};
+    run_ranges(ctx, n, (double)m * (double)m * (double)n / 2, false,
+               tri_cols, &t);
+}
+
+void masa__dtrmm_lower_trans(const masa_context *ctx, size_t m, size_t n,
+                             const double *r, size_t ldr, double *b,
+                             size_t ldb)
+{
+    tri_args t = {m, r, ldr, b, ldb, false};
+    run_ranges(ctx, n, (double)m * (double)m * (double)n / 2, false,
+               tri_cols, &t);
 }
 
 static bool fits_lapack_int(size_t n)

@@ -8,27 +8,35 @@
 
 #include "common/internal.h"
 
+/* Products on the context's pool: each task runs a single-threaded BLIS
+ * call on its own block of columns (or rows), as masa__gemm_pool does for
+ * float32 (BLIS's own threads wait for each other in spin barriers, which
+ * on a loaded machine cost more than the work); small products run on the
+ * calling thread. */
+
 /* C = alpha * A B + beta * C, A m x k, B k x n, each with (row, column)
  * strides: a transpose is the same matrix with its strides swapped. */
-void masa__dgemm(size_t m, size_t n, size_t k, double alpha, const double *a,
-                 size_t rsa, size_t csa, const double *b, size_t rsb,
-                 size_t csb, double beta, double *c, size_t rsc, size_t csc,
-                 size_t n_threads);
+void masa__dgemm(const masa_context *ctx, size_t m, size_t n, size_t k,
+                 double alpha, const double *a, size_t rsa, size_t csa,
+                 const double *b, size_t rsb, size_t csb, double beta,
+                 double *c, size_t rsc, size_t csc);
 
-/* Lower triangle of C (n x n, row stride ldc) = alpha * A A^T + beta * C,
- * A n x k with strides (rsa, csa). */
-void masa__dsyrk_lower(size_t n, size_t k, double alpha, const double *a,
-                       size_t rsa, size_t csa, double beta, double *c,
-                       size_t ldc, size_t n_threads);
+/* Lower triangle of C (n x n, row stride ldc) += A A^T, A n x k with
+ * strides (rsa, csa). ctx NULL: on the calling thread. */
+void masa__dsyrk_lower(const masa_context *ctx, size_t n, size_t k,
+                       const double *a, size_t rsa, size_t csa, double *c,
+                       size_t ldc);
 
 /* B (m x n, row-major, row stride ldb) := R^-T B, R m x m lower triangular,
  * row-major with row stride ldr (a triangular solve, no inverse). */
-void masa__dtrsm_lower_trans(size_t m, size_t n, const double *r, size_t ldr,
-                             double *b, size_t ldb, size_t n_threads);
+void masa__dtrsm_lower_trans(const masa_context *ctx, size_t m, size_t n,
+                             const double *r, size_t ldr, double *b,
+                             size_t ldb);
 
 /* B (m x n, row-major, row stride ldb) := R^T B, R as above. */
-void masa__dtrmm_lower_trans(size_t m, size_t n, const double *r, size_t ldr,
-                             double *b, size_t ldb, size_t n_threads);
+void masa__dtrmm_lower_trans(const masa_context *ctx, size_t m, size_t n,
+                             const double *r, size_t ldr, double *b,
+                             size_t ldb);
 
 /* Eigen-decomposition of the symmetric n x n matrix a (row stride lda, lower
  * triangle read, overwritten): eigenvalues into w DESCENDING; with vectors,

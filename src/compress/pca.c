@@ -28,8 +28,9 @@ static void atom_block(void *arg, size_t thread, size_t col0, size_t n_cols,
 {
     atom_job *j = arg;
     double *out = j->scratch + thread * j->n_atoms * j->block_cols;
-    masa__dgemm(j->n_atoms, n_cols, j->n_mats, 1.0, j->mix, j->n_mats, 1,
-                block, n_cols, 1, 0.0, out, n_cols, 1, 1);
+    /* already one of the pool's tasks: this thread only */
+    masa__dgemm(NULL, j->n_atoms, n_cols, j->n_mats, 1.0, j->mix, j->n_mats,
+                1, block, n_cols, 1, 0.0, out, n_cols, 1);
     for (size_t s = 0; s < j->n_atoms; s++) {
         float *dst = j->atoms + s * j->n_cols + col0;
         const double *src = out + s * n_cols;
@@ -46,13 +47,14 @@ static masa_status pca(const char *fn, masa_context *ctx, size_t n_mats,
                        float *atoms, float *coefs, double *eigenvalues,
                        masa_pca_result *result)
 {
-    size_t n2 = n_mats * n_mats; /* checked by masa__check_stack */
     size_t threads = ctx->n_threads ? ctx->n_threads : 1;
     size_t block_cols = masa__stack_block_cols(n_mats);
-    size_t scratch_count;
-    if (!masa__mul3(threads, n_atoms, block_cols, &scratch_count))
+    size_t n2, v_count, scratch_count;
+    if (!masa__mul(n_mats, n_mats, &n2) || !masa__mul(n2, 2, &v_count) ||
+        !masa__add(&v_count, n_mats) ||
+        !masa__mul3(threads, n_atoms, block_cols, &scratch_count))
         return masa__fail(MASA_ERROR_OVERFLOW, "%s: scratch overflows", fn);
-    double *v = masa__calloc(ctx, 2 * n2 + n_mats, sizeof(double));
+    double *v = masa__calloc(ctx, v_count, sizeof(double));
     double *scratch = masa__calloc(ctx, scratch_count, sizeof(double));
     if (!v || !scratch) {
         masa__free(ctx, v);

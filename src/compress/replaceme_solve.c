@@ -34,15 +34,22 @@ MASA_API masa_status masa_linear_estimator_solve(
                           "%s: cannot allocate the %zu x %zu system", fn, n,
                           m);
     }
-    masa_linear_estimator_stats(est, a, b);
-    for (size_t i = 0; i < n; i++)
+    /* A = X^T X + alpha I (symmetric: its row-major lower triangle is the
+     * column-major upper one); B in column-major n x m, as dpotrs wants.
+     * The _work routines allocate nothing behind the context's back. */
+    for (size_t i = 0; i < n; i++) {
+        const double *row = est->stats + i * est->width;
+        memcpy(a + i * n, row, n * sizeof(double));
         a[i * n + i] += alpha;
+        for (size_t j = 0; j < m; j++)
+            b[j * n + i] = row[n + j];
+    }
 
     masa_status st = MASA_OK;
     /* arguments are valid by construction, so LAPACKE never reaches its
      * printing error handler; info > 0 names a non-positive minor */
-    lapack_int info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 'L', (lapack_int)n, a,
-                                     (lapack_int)n);
+    lapack_int info = LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U',
+                                          (lapack_int)n, a, (lapack_int)n);
     if (info > 0) {
         st = masa__fail(MASA_ERROR_INVALID_ARGUMENT,
                         "%s: X^T X + alpha I (alpha %g) is not positive "
@@ -52,9 +59,9 @@ MASA_API masa_status masa_linear_estimator_solve(
         goto done;
     }
     if (info == 0)
-        info = LAPACKE_dpotrs(LAPACK_ROW_MAJOR, 'L', (lapack_int)n,
-                              (lapack_int)m, a, (lapack_int)n, b,
-                              (lapack_int)m);
+        info = LAPACKE_dpotrs_work(LAPACK_COL_MAJOR, 'U', (lapack_int)n,
+                                   (lapack_int)m, a, (lapack_int)n, b,
+                                   (lapack_int)n);
     if (info != 0) {
         st = masa__fail(MASA_ERROR_INTERNAL, "%s: LAPACK returned %d", fn,
                         (int)info);
@@ -69,8 +76,9 @@ MASA_API masa_status masa_linear_estimator_solve(
             goto done;
         }
     }
-    for (size_t i = 0; i < n * m; i++)
-        t[i] = (float)b[i];
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < m; j++)
+            t[i * m + j] = (float)b[j * n + i];
 done:
     masa__free(ctx, b);
     masa__free(ctx, a);

@@ -107,7 +107,7 @@ MASA_API masa_status masa_residual_lowrank(masa_context *ctx, size_t d_in,
     if (st != MASA_OK)
         return st;
     size_t k = d_in < d_out ? d_in : d_out;
-    size_t ne = d_in * d_out, nt = ctx->n_threads;
+    size_t ne = d_in * d_out;
     /* e: E; m: R^T E, then the residual after; r: R; u: U (d_in x k);
      * vt: V^T (k x d_out); s: singular values; af, bf: the float factors */
     size_t count = 2 * ne + (calib ? d_in * d_in : 0);
@@ -143,7 +143,7 @@ MASA_API masa_status masa_residual_lowrank(masa_context *ctx, size_t d_in,
     }
     memcpy(m, e, ne * sizeof(double));
     if (calib)
-        masa__dtrmm_lower_trans(d_in, d_out, r, d_in, m, d_out, nt);
+        masa__dtrmm_lower_trans(ctx, d_in, d_out, r, d_in, m, d_out);
     double before = sum_squares(m, ne);
     st = masa__gesdd(fn, ctx, d_in, d_out, m, s, u, vt);
     if (st != MASA_OK)
@@ -158,7 +158,7 @@ MASA_API masa_status masa_residual_lowrank(masa_context *ctx, size_t d_in,
         for (size_t j = 0; j < rank; j++)
             u[i * k + j] *= sqrt(s[j]);
     if (calib)
-        masa__dtrsm_lower_trans(d_in, rank, r, d_in, u, k, nt);
+        masa__dtrsm_lower_trans(ctx, d_in, rank, r, d_in, u, k);
     for (size_t j = 0; j < rank; j++)
         for (size_t c = 0; c < d_out; c++)
             vt[j * d_out + c] *= sqrt(s[j]);
@@ -182,10 +182,10 @@ MASA_API masa_status masa_residual_lowrank(masa_context *ctx, size_t d_in,
     for (size_t i = 0; i < rank * d_out; i++)
         vt[i] = (double)bf[i];
     memcpy(m, e, ne * sizeof(double));
-    masa__dgemm(d_in, d_out, rank, -1.0, u, k, 1, vt, d_out, 1, 1.0, m,
-                d_out, 1, nt);
+    masa__dgemm(ctx, d_in, d_out, rank, -1.0, u, k, 1, vt, d_out, 1, 1.0, m,
+                d_out, 1);
     if (calib)
-        masa__dtrmm_lower_trans(d_in, d_out, r, d_in, m, d_out, nt);
+        masa__dtrmm_lower_trans(ctx, d_in, d_out, r, d_in, m, d_out);
     double after = sum_squares(m, ne);
 
     memcpy(a, af, d_in * rank * sizeof(float));

@@ -1,5 +1,6 @@
 /* Column-block passes over a stack of matrices (see stack.h). */
 #include <stdatomic.h>
+#include <string.h>
 
 #include "compress/linalg.h"
 #include "compress/stack.h"
@@ -33,14 +34,21 @@ static void stack_task(void *arg, size_t task, size_t thread)
         for (size_t l = 0; l < j->n_mats; l++) {
             const float *src = j->mats[l] + col0;
             double *dst = block + l * n;
-            if (j->check_finite && !masa__all_finite_f(src, n)) {
+            /* one pass: convert, and count non-finite values (every
+             * exponent bit set) with integer operations that vectorise */
+            uint32_t bad = 0;
+            for (size_t i = 0; i < n; i++) {
+                uint32_t bits;
+                memcpy(&bits, src + i, sizeof bits);
+                bad |= (uint32_t)((bits & 0x7f800000u) == 0x7f800000u);
+                dst[i] = (double)src[i];
+            }
+            if (j->check_finite && bad) {
                 size_t cur = atomic_load(&j->first_bad);
                 while (l < cur &&
                        !atomic_compare_exchange_weak(&j->first_bad, &cur, l))
                     ;
             }
-            for (size_t i = 0; i < n; i++)
-                dst[i] = (double)src[i];
         }
         if (atomic_load(&j->first_bad) != SIZE_MAX)
             return; /* the result is thrown away anyway */

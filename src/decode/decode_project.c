@@ -115,12 +115,12 @@ static size_t operand_floats(const masa_layer *layer, int p, size_t rows)
 }
 
 /* Operand scratch, then x A (rows * rank floats) right after it: the
- * operand part of fewer rows is never larger, so the sum fits. */
+ * operand part of fewer rows is never larger, so the sum fits. Sized for
+ * any rank, cached or not: the size does not depend on the policy. */
 size_t masa__decode_proj_scratch(const masa_layer *layer, int p, size_t rows)
 {
     size_t op = operand_floats(layer, p, rows), xa;
-    if (op == SIZE_MAX ||
-        !masa__mul(rows, thin_rank(&layer->proj[p]), &xa) ||
+    if (op == SIZE_MAX || !masa__mul(rows, layer->proj[p].rank, &xa) ||
         !masa__add(&op, xa))
         return SIZE_MAX;
     return op;
@@ -135,7 +135,7 @@ size_t masa__decode_proj_partials(const masa_layer *layer, int p,
     /* inner-dimension blocks only below ROW_SPLIT_MIN_ROWS rows */
     size_t r = rows < ROW_SPLIT_MIN_ROWS ? rows : ROW_SPLIT_MIN_ROWS - 1, n;
     size_t width = layer->proj[p].d_out;
-    if (!masa__add(&width, thin_rank(&layer->proj[p])) ||
+    if (!masa__add(&width, layer->proj[p].rank) ||
         !masa__mul3(layer->ctx->n_threads - 1, r, width, &n))
         return SIZE_MAX;
     return n;

@@ -31,6 +31,8 @@ static masa_status half_floats(const char *fn, const masa_layer *layer,
         return masa__fail(MASA_ERROR_OVERFLOW,
                           "%s: a cache of %zu x %zu positions overflows "
                           "size_t", fn, batch, max_seq);
+    if ((st = masa__check_positions(fn, layer, 0, max_seq)) != MASA_OK)
+        return st;
     *floats = n;
     return MASA_OK;
 }

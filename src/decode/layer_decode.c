@@ -164,7 +164,9 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
     if ((st = masa__check_decodable(fn, layer)) != MASA_OK ||
         (st = masa__check_ready(fn, layer)) != MASA_OK ||
         (st = decode_layout_of(fn, layer, batch, n_new, &d)) != MASA_OK ||
-        (st = check_cache(fn, layer, cache, batch, n_new)) != MASA_OK)
+        (st = check_cache(fn, layer, cache, batch, n_new)) != MASA_OK ||
+        (st = masa__check_positions(fn, layer, cache->length, n_new)) !=
+            MASA_OK)
         return st;
     if (workspace_bytes < d.total * sizeof(float))
         return masa__fail(MASA_ERROR_BUFFER_TOO_SMALL,

@@ -3,7 +3,8 @@
  *
  * Each input is a little program: a context choice, then up to 32
  * operations (create/wrap dictionaries and coefficient tables, initialise
- * them, compose, set projections, biases and the weight policy, create
+ * them, compose, set projections, biases, low-rank terms and the weight
+ * policy, create
  * layers with fuzzed options and options-struct sizes, query sizes, run
  * forward and backward with fuzzed batch, seq, positions, buffer sizes,
  * alignment, overlap, gradient modes and gradient pointers, NULL arguments,
@@ -35,8 +36,9 @@
  * each in a buffer of exactly that size (at least the size field).
  *
  * Build: see tests/fuzz/meson.build (clang, -fsanitize=fuzzer,address,
- * undefined). Run: build-asan/tests/fuzz/fuzz_api -max_total_time=60 NEW_DIR
- * tests/fuzz/corpus (scripts/hardening.sh does). Environment:
+ * undefined). Run: build-asan/tests/fuzz/fuzz_api -max_total_time=60
+ * -dict=tests/fuzz/fuzz_api.dict NEW_DIR tests/fuzz/corpus
+ * (scripts/hardening.sh does). Environment:
  * MASA_FUZZ_TRACE=1 prints what an input does (to study a finding),
  * MASA_FUZZ_STATS=1 prints at exit how many calls succeeded.
  * replay_main.c runs the same harness without libFuzzer (any compiler,
@@ -44,6 +46,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -274,9 +277,10 @@ typedef struct coef_slot {
 } coef_slot;
 
 typedef struct proj_model {
-    int set, is_masa, has_bias;
+    int set, is_masa, has_bias; /* set: a base (MASA or dense) */
     int dict, coef; /* slots (MASA) */
     size_t layer_index;
+    size_t rank; /* low-rank term, 0 = none */
 } proj_model;
 
 typedef struct state {
@@ -289,6 +293,7 @@ typedef struct state {
     size_t n_coefs;
     masa_layer *layer;
     size_t d_model, n_heads, n_kv, head_dim, dq, dkv;
+    int rope;
     size_t din[4], dout[4];
     proj_model proj[4];
     int tame; /* every value finite and bounded so far */
@@ -677,6 +682,7 @@ static void op_layer_create(reader *r, state *s)
           (double)o.softmax_scale);
     /* Resolve the options as masa.h says and check the shapes. */
     s->d_model = o.d_model;
+    s->rope = o.rope != 0;
     s->n_heads = o.n_heads;
     s->n_kv = o.n_kv_heads ? o.n_kv_heads : o.n_heads;
     s->head_dim = o.head_dim ? o.head_dim : o.d_model / o.n_heads;
@@ -866,6 +872,62 @@ static void op_bias(reader *r, state *s)
     s->proj[w].has_bias = 1;
 }
 
+/* A low-rank term A B: set (rank 0..min(d_in, d_out) + 1, factors owned or
+ * caller memory) or removed; the accessor must agree. */
+static void op_lowrank(reader *r, state *s, int forced)
+{
+    if (!s->layer)
+        return;
+    int make_fit = forced >= 0;
+    masa_projection w = make_fit ? (masa_projection)forced : which_of(r);
+    masa_layer *l = chance(r, 3) && !make_fit ? NULL : s->layer;
+    if (!make_fit && chance(r, 25)) {
+        masa_status st = CALL(masa_layer_remove_lowrank(l, w));
+        REQUIRE((st == MASA_OK) == (l && valid_which(w)), "remove_lowrank");
+        if (st == MASA_OK)
+            s->proj[w].rank = 0;
+        return;
+    }
+    size_t most = 0;
+    if (valid_which(w))
+        most = s->din[w] < s->dout[w] ? s->din[w] : s->dout[w];
+    size_t rank = make_fit ? 1 + pick(r, most) : pick(r, most + 2);
+    float *a = NULL, *b = NULL;
+    if (valid_which(w) && rank && rank <= most && chance(r, 50)) {
+        a = own(s->din[w] * rank * sizeof(float));
+        b = own(rank * s->dout[w] * sizeof(float));
+        if (!a || !b)
+            return;
+        fill(r, a, s->din[w] * rank, &s->tame);
+        fill(r, b, rank * s->dout[w], &s->tame);
+    }
+    masa_status st = CALL(masa_layer_set_lowrank(l, w, rank, a, b));
+    int valid = l && valid_which(w) && rank >= 1 && rank <= most;
+    if (st != MASA_OK) {
+        REQUIRE(!valid || (s->hooked && st == MASA_ERROR_OUT_OF_MEMORY),
+                "valid set_lowrank rejected");
+        return;
+    }
+    REQUIRE(valid, "bad set_lowrank accepted (rank %zu of %zu)", rank, most);
+    size_t got_rank = 0;
+    float *ga = NULL, *gb = NULL;
+    REQUIRE(CALL(masa_layer_lowrank(l, w, &got_rank, &ga, &gb)) == MASA_OK &&
+                got_rank == rank && ga && gb && (!a || (ga == a && gb == b)),
+            "lowrank accessor");
+    if (!a) { /* library-owned, zeroed: give them values */
+        for (size_t i = 0; i < s->din[w] * rank; i++)
+            REQUIRE(ga[i] == 0.0f, "owned A not zeroed");
+        for (size_t i = 0; i < rank * s->dout[w]; i++)
+            REQUIRE(gb[i] == 0.0f, "owned B not zeroed");
+        fill(r, ga, s->din[w] * rank, &s->tame);
+        fill(r, gb, rank * s->dout[w], &s->tame);
+    }
+    s->proj[w].rank = rank;
+    /* a cached MASA weight was composed with the factors as they were */
+    if (!a && chance(r, 80))
+        REQUIRE(CALL(masa_layer_refresh_weights(l)) == MASA_OK, "refresh");
+}
+
 /* Weight policy: 0 and 1 are valid, 2 and 3 not; now and then a refresh.
  * Forward and backward then read cached weights, which the checks below
  * (calls compared with each other) treat as any other weights. */
@@ -1001,7 +1063,7 @@ static void op_queries(reader *r, state *s)
 static int layer_ready(const state *s)
 {
     for (int p = 0; p < 4; p++)
-        if (!s->proj[p].set)
+        if (!s->proj[p].set && !s->proj[p].rank)
             return 0;
     return 1;
 }
@@ -1039,6 +1101,39 @@ static size_t claim_bytes(reader *r, size_t need, int *short_claim)
     }
 }
 
+/* A position for `seq` tokens: mostly small, now and then at the edges
+ * masa.h documents (the last token at MASA_MAX_POSITION or one beyond,
+ * pos_offset + seq at SIZE_MAX or one beyond, 2^53 where doubles stop
+ * counting), or any 64-bit value (tests/fuzz/fuzz_api.dict holds them). */
+static size_t position(reader *r, size_t seq)
+{
+    if (chance(r, 80))
+        return pick(r, 100);
+    size_t v = pick(r, 100);
+    if (v < 50)
+        return SIZE_MAX - v;
+    const size_t edge[] = {MASA_MAX_POSITION - seq + 1,
+                           MASA_MAX_POSITION - seq + 2,
+                           MASA_MAX_POSITION,
+                           (size_t)MASA_MAX_POSITION + 1,
+                           SIZE_MAX - seq,
+                           SIZE_MAX - seq + 1,
+                           (size_t)1 << 53,
+                           ((size_t)1 << 53) + 1,
+                           (size_t)1 << 63};
+    size_t n_edge = sizeof edge / sizeof edge[0];
+    return v - 50 < n_edge ? edge[v - 50] : (size_t)u64(r);
+}
+
+/* What masa.h promises about positions: pos_offset + seq within size_t,
+ * and with RoPE the last token at most at MASA_MAX_POSITION. */
+static int position_ok(const state *s, size_t pos, size_t seq)
+{
+    if (seq > SIZE_MAX - pos)
+        return 0;
+    return !s->rope || seq == 0 || pos + seq - 1 <= MASA_MAX_POSITION;
+}
+
 static void op_run(reader *r, state *s)
 {
     if (!s->layer)
@@ -1047,7 +1142,7 @@ static void op_run(reader *r, state *s)
     size_t batch = pick(r, 4), seq = pick(r, 9);
     if (chance(r, 4))
         seq = 64 + pick(r, 7); /* two query tiles */
-    size_t pos = chance(r, 80) ? pick(r, 100) : SIZE_MAX - pick(r, 100);
+    size_t pos = position(r, seq);
     size_t bt = batch * seq, n_act = bt * s->d_model;
     size_t ws_need = 0, rs_need = 0;
     masa_status st1 = CALL(masa_layer_workspace_size(s->layer, batch, seq,
@@ -1089,16 +1184,17 @@ static void op_run(reader *r, state *s)
     TRACE("run: batch %zu seq %zu pos %zu tame %d inference %d\n", batch, seq,
           pos, s->tame, inference);
     for (int p = 0; p < 4; p++)
-        TRACE("  proj %d: set %d masa %d bias %d dict %d coef %d row %zu\n", p,
-              s->proj[p].set, s->proj[p].is_masa, s->proj[p].has_bias,
-              s->proj[p].dict, s->proj[p].coef, s->proj[p].layer_index);
+        TRACE("  proj %d: set %d masa %d bias %d dict %d coef %d row %zu "
+              "rank %zu\n", p, s->proj[p].set, s->proj[p].is_masa,
+              s->proj[p].has_bias, s->proj[p].dict, s->proj[p].coef,
+              s->proj[p].layer_index, s->proj[p].rank);
     const float *x_arg = null_x ? NULL : x;
     masa_status st = CALL(masa_layer_forward(
         layer, batch, seq, pos, x_arg, null_y ? NULL : y_arg,
         null_ws ? NULL : ws, ws_claim, rs, rs_claim));
     int valid = layer && !null_x && !null_y && !null_ws && layer_ready(s) &&
                 bt > 0 && !ws_short && (inference || !rs_short) && !ws_mis &&
-                !rs_mis && !overlap;
+                !rs_mis && !overlap && position_ok(s, pos, seq);
     if (st != MASA_OK) {
         REQUIRE(!valid, "valid forward rejected: %s", masa_status_string(st));
         if (!overlap)
@@ -1107,8 +1203,8 @@ static void op_run(reader *r, state *s)
         return;
     }
     REQUIRE(valid, "forward accepted a bad call (ready %d, bt %zu, ws short "
-                   "%d, rs short %d, misaligned %d/%d)",
-            layer_ready(s), bt, ws_short, rs_short, ws_mis, rs_mis);
+                   "%d, rs short %d, misaligned %d/%d, position %zu + %zu)",
+            layer_ready(s), bt, ws_short, rs_short, ws_mis, rs_mis, pos, seq);
     n_fwd_ok++;
     if (s->tame) {
         n_fwd_tame++;
@@ -1145,13 +1241,21 @@ static void op_run(reader *r, state *s)
 
     masa_layer_grads g;
     masa_layer_grads_init(&g);
+    int tail_nonzero, size_valid;
+    size_t claim = struct_size(r, sizeof g, &tail_nonzero, &size_valid);
+    /* exactly the size of the struct before the low-rank fields: an older
+     * program's, accepted; the library does not see those fields */
+    int old_struct = claim == offsetof(masa_layer_grads, d_lowrank_a);
+    if (old_struct)
+        size_valid = 1;
     int bad_grads = 0;
     g.mode = chance(r, 40) ? MASA_GRAD_SET : MASA_GRAD_ADD;
     if (chance(r, 5)) {
         g.mode = 2 + (int)pick(r, 3) - 5 * (int)pick(r, 2);
         bad_grads = 1;
     }
-    size_t gsize[4][4] = {{0}}; /* floats of each gradient buffer */
+    enum { NG = 6 }; /* atoms, coefficients, weight, bias, lowrank a, b */
+    size_t gsize[4][NG] = {{0}}; /* floats of each gradient buffer */
     for (int p = 0; p < 4; p++) {
         const proj_model *pm = &s->proj[p];
         size_t n_atoms_f = 0, n_coef_f = 0;
@@ -1162,29 +1266,36 @@ static void op_run(reader *r, state *s)
             n_coef_f = c->n_layers * c->n_atoms;
         }
         size_t n_w = s->din[p] * s->dout[p], n_b = s->dout[p];
+        int dense = pm->set && !pm->is_masa;
         /* wanted gradients; now and then one that does not apply */
         if (pm->is_masa && chance(r, 60))
             gsize[p][0] = n_atoms_f;
         if (pm->is_masa && chance(r, 60))
             gsize[p][1] = n_coef_f;
-        if (!pm->is_masa && chance(r, 60))
+        if (dense && chance(r, 60))
             gsize[p][2] = n_w;
         if (pm->has_bias && chance(r, 60))
             gsize[p][3] = n_b;
+        if (pm->rank && !old_struct && chance(r, 60))
+            gsize[p][4] = s->din[p] * pm->rank;
+        if (pm->rank && !old_struct && chance(r, 60))
+            gsize[p][5] = pm->rank * s->dout[p];
         if (chance(r, 3)) {
-            int k = (int)pick(r, 4);
+            int k = (int)pick(r, old_struct ? 4 : NG);
             int applies = k == 0 || k == 1 ? pm->is_masa
-                          : k == 2        ? !pm->is_masa
-                                          : pm->has_bias;
+                          : k == 2        ? dense
+                          : k == 3        ? pm->has_bias
+                                          : pm->rank > 0;
             if (!applies) {
                 gsize[p][k] = 1 + pick(r, 8);
                 bad_grads = 1;
             }
         }
     }
-    float **slots[4] = {g.d_atoms, g.d_coefficients, g.d_weight, g.d_bias};
+    float **slots[NG] = {g.d_atoms, g.d_coefficients, g.d_weight, g.d_bias,
+                         g.d_lowrank_a, g.d_lowrank_b};
     for (int p = 0; p < 4; p++)
-        for (int k = 0; k < 4; k++)
+        for (int k = 0; k < NG; k++)
             if (gsize[p][k]) {
                 float *b = own(gsize[p][k] * sizeof(float));
                 if (!b)
@@ -1197,7 +1308,7 @@ static void op_run(reader *r, state *s)
     if (chance(r, 8) || dx_alias) {
         int pa = -1, ka = -1, pb = -1, kb = -1;
         for (int p = 0; p < 4; p++)
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < NG; k++)
                 if (slots[k][p]) {
                     if (pa < 0) {
                         pa = p;
@@ -1223,9 +1334,9 @@ static void op_run(reader *r, state *s)
         }
     }
     /* snapshot of the gradient buffers, to check a failed call */
-    float *snap[4][4] = {{NULL}};
+    float *snap[4][NG] = {{NULL}};
     for (int p = 0; p < 4; p++)
-        for (int k = 0; k < 4; k++)
+        for (int k = 0; k < NG; k++)
             if (slots[k][p]) {
                 snap[p][k] = own(gsize[p][k] * sizeof(float));
                 if (!snap[p][k])
@@ -1233,8 +1344,6 @@ static void op_run(reader *r, state *s)
                 memcpy(snap[p][k], slots[k][p], gsize[p][k] * sizeof(float));
             }
 
-    int tail_nonzero, size_valid;
-    size_t claim = struct_size(r, sizeof g, &tail_nonzero, &size_valid);
     masa_layer_grads *garg = struct_buffer(&g, sizeof g, claim, tail_nonzero);
     if (!garg)
         return;
@@ -1278,13 +1387,14 @@ static void op_run(reader *r, state *s)
                     !(alias_dx && dx_arg));
     int bvalid = !null_layer && !null_x2 && !null_dy && !null_ws2 &&
                  !null_rs && grads_ok && dx_mode != 1 &&
-                 ws_claim_b >= ws_need && stamp_ok;
+                 ws_claim_b >= ws_need && stamp_ok &&
+                 position_ok(s, pos_b, seq_b);
     if (st != MASA_OK) {
         if (dx_mode != 1 && !alias_dx)
             for (size_t i = 0; i < dx_floats; i++)
                 REQUIRE(dx[i] == 321.0f, "failed backward wrote dx");
         for (int p = 0; p < 4; p++)
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < NG; k++)
                 if (snap[p][k])
                     REQUIRE(memcmp(snap[p][k], slots[k][p],
                                    gsize[p][k] * sizeof(float)) == 0,
@@ -1320,9 +1430,13 @@ static void op_build(reader *r, state *s)
         else
             op_set_dense(r, s, p);
     }
-    /* fill whatever is still unset with dense weights */
+    /* now and then low-rank terms: on a base, or alone on an unset one */
     for (int p = 0; p < 4; p++)
-        if (!s->proj[p].set &&
+        if (chance(r, 15))
+            op_lowrank(r, s, p);
+    /* fill whatever is still unset (and without a term) with dense weights */
+    for (int p = 0; p < 4; p++)
+        if (!s->proj[p].set && !s->proj[p].rank &&
             CALL(masa_layer_set_dense(s->layer, p, NULL)) == MASA_OK) {
             fill(r, masa_layer_weight(s->layer, p), s->din[p] * s->dout[p],
                  &s->tame);
@@ -1379,6 +1493,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         case 11:
             op_policy(&r, &s);
+            break;
+        case 12:
+            op_lowrank(&r, &s, -1);
             break;
         default:
             op_run(&r, &s);

@@ -15,7 +15,7 @@ Pure Python over ctypes; the shared library is found and loaded on first use
     dx, grads = layer.backward(np.ones_like(y), reserve)
 """
 
-from ._lib import EXPECTED_MAJOR, EXPECTED_MINOR
+from ._lib import EXPECTED_MAJOR, EXPECTED_MINOR, MAX_POSITION
 from .core import (
     Coefficients,
     Context,
@@ -59,7 +59,8 @@ Q, K, V, O = Projection.Q, Projection.K, Projection.V, Projection.O
 __all__ = [
     "BadShapeError", "BadStructSizeError", "BufferTooSmallError", "ClosedHandleError",
     "Coefficients", "Context", "Dictionary", "InternalError", "InvalidArgumentError",
-    "KVCache", "Layer", "LibraryError", "LibraryNotFoundError", "LibraryVersionError", "MasaError",
+    "KVCache", "Layer", "LibraryError", "LibraryNotFoundError", "LibraryVersionError", "MAX_POSITION",
+    "MasaError",
     "NotReadyError", "NullArgumentError", "O", "OutOfMemoryError", "OutOfRangeError",
     "Projection", "Q", "K", "Reserve", "SizeOverflowError", "ThreadError", "V",
     "blis_arch", "default_context", "last_error", "library_path", "status_string",

@@ -11,8 +11,8 @@
 //!    after `meson setup build && ninja -C build` at the repository root.
 //! 4. Plain `-lmasa` (whatever the linker finds on its default path).
 //!
-//! `MASA_STATIC=1` links `libmasa.a` statically (then BLIS, pthread and libm
-//! dynamically; `MASA_BLIS_LIB_DIR` says where BLIS is when it is not on the
+//! `MASA_STATIC=1` links `libmasa.a` statically (then BLIS, LAPACKE, pthread
+//! and libm dynamically; `MASA_BLIS_LIB_DIR` says where BLIS is when it is not on the
 //! linker's path; Debian's `/usr/lib/<multiarch>/blis-pthread` is tried).
 //!
 //! Metadata for dependents (`links = "masa"`): `DEP_MASA_RPATH` holds the
@@ -65,7 +65,7 @@ fn main() {
             // Static: masa.pc's Libs.private is not reliable for the linker
             // flags rustc accepts (meson may write a full path to libblis.so
             // or -pthread, and Debian's BLIS has no .pc file), so use the
-            // known list: masa, blis, pthread, m.
+            // known list: masa, blis, lapacke, pthread, m.
             plan.add_masa_and_private_libs();
         } else {
             plan.libs.extend(libs);
@@ -97,7 +97,7 @@ impl Plan {
     fn add_masa_and_private_libs(&mut self) {
         self.libs.push("masa".into());
         if self.statik {
-            for lib in ["blis", "pthread", "m"] {
+            for lib in ["blis", "lapacke", "pthread", "m"] {
                 self.libs.push(lib.into());
             }
             self.add_blis_dir();

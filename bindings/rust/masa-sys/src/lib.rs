@@ -1,5 +1,5 @@
 //! Raw FFI declarations for libmasa, written by hand from `include/masa/masa.h`
-//! (version 0.1.0).
+//! and `include/masa/compress.h` (version 0.1.0).
 //!
 //! Everything here mirrors the C header one to one; the header is the
 //! reference documentation of every function (ownership, shapes, layouts,
@@ -84,6 +84,8 @@ opaque! {
     masa_layer;
     /// `struct masa_kv_cache` (opaque).
     masa_kv_cache;
+    /// `struct masa_calib` (opaque; `include/masa/compress.h`).
+    masa_calib;
 }
 
 // ---------------------------------------------------------------------------
@@ -117,6 +119,8 @@ pub const MASA_PROJ_K: masa_projection = 1;
 pub const MASA_PROJ_V: masa_projection = 2;
 pub const MASA_PROJ_O: masa_projection = 3;
 pub const MASA_NUM_PROJECTIONS: usize = 4;
+/// `MASA_MAX_POSITION`: the largest RoPE position a token may have.
+pub const MASA_MAX_POSITION: usize = 4294967295;
 
 /// `struct masa_layer_options`; initialise with [`masa_layer_options_default`].
 #[repr(C)]
@@ -153,6 +157,9 @@ pub struct masa_layer_grads {
     pub d_coefficients: [*mut f32; MASA_NUM_PROJECTIONS],
     pub d_weight: [*mut f32; MASA_NUM_PROJECTIONS],
     pub d_bias: [*mut f32; MASA_NUM_PROJECTIONS],
+    /// Low-rank terms (appended; a struct of the older size is still accepted).
+    pub d_lowrank_a: [*mut f32; MASA_NUM_PROJECTIONS],
+    pub d_lowrank_b: [*mut f32; MASA_NUM_PROJECTIONS],
 }
 
 extern "C" {
@@ -351,6 +358,176 @@ extern "C" {
     ) -> masa_status;
 }
 
+// Low-rank terms of projections: W = base + A B (masa_layer_set_lowrank).
+extern "C" {
+    pub fn masa_layer_set_lowrank(
+        layer: *mut masa_layer,
+        which: masa_projection,
+        rank: usize,
+        a: *mut f32,
+        b: *mut f32,
+    ) -> masa_status;
+    pub fn masa_layer_remove_lowrank(layer: *mut masa_layer, which: masa_projection) -> masa_status;
+    pub fn masa_layer_lowrank(
+        layer: *mut masa_layer,
+        which: masa_projection,
+        rank: *mut usize,
+        a: *mut *mut f32,
+        b: *mut *mut f32,
+    ) -> masa_status;
+}
+
+// ---------------------------------------------------------------------------
+// Compression (`include/masa/compress.h`): Matrix PCA, grouping planner,
+// calibration statistics, whitened low-rank residual
+// ---------------------------------------------------------------------------
+
+/// `MASA_PCA_RANK_RTOL`: eigenvalues below this times the largest count as 0.
+pub const MASA_PCA_RANK_RTOL: f64 = 1e-10;
+
+/// `struct masa_pca_result`; set `size` with [`masa_pca_result_default`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct masa_pca_result {
+    pub size: usize,
+    pub rank: usize,
+    pub total_energy: f64,
+    pub captured_energy: f64,
+    pub residual_energy: f64,
+}
+
+/// `struct masa_group_plan_result`; set `size` with
+/// [`masa_group_plan_result_default`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct masa_group_plan_result {
+    pub size: usize,
+    pub n_groups: usize,
+    pub params: usize,
+    pub error: f64,
+    pub total_energy: f64,
+}
+
+/// `struct masa_residual_result`; set `size` with
+/// [`masa_residual_result_default`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct masa_residual_result {
+    pub size: usize,
+    pub error_before: f64,
+    pub error_after: f64,
+    pub dropped: f64,
+    pub jitter: f64,
+}
+
+extern "C" {
+    // Gram and Matrix PCA
+    pub fn masa_gram(
+        ctx: *mut masa_context,
+        n_mats: usize,
+        rows: usize,
+        cols: usize,
+        mats: *const *const f32,
+        gram: *mut f64,
+        gram_len: usize,
+    ) -> masa_status;
+    pub fn masa_gram_eigenvalues(
+        ctx: *mut masa_context,
+        n: usize,
+        gram: *const f64,
+        gram_ld: usize,
+        eigenvalues: *mut f64,
+    ) -> masa_status;
+    pub fn masa_pca_result_default(result: *mut masa_pca_result, size: usize);
+    pub fn masa_matrix_pca(
+        ctx: *mut masa_context,
+        n_mats: usize,
+        rows: usize,
+        cols: usize,
+        mats: *const *const f32,
+        gram: *const f64,
+        gram_ld: usize,
+        n_atoms: usize,
+        atoms: *mut f32,
+        atoms_len: usize,
+        coefs: *mut f32,
+        coefs_len: usize,
+        eigenvalues: *mut f64,
+        result: *mut masa_pca_result,
+    ) -> masa_status;
+    pub fn masa_matrix_pca_create(
+        ctx: *mut masa_context,
+        n_mats: usize,
+        rows: usize,
+        cols: usize,
+        mats: *const *const f32,
+        gram: *const f64,
+        gram_ld: usize,
+        n_atoms: usize,
+        dict: *mut *mut masa_dictionary,
+        coef: *mut *mut masa_coefficients,
+        result: *mut masa_pca_result,
+    ) -> masa_status;
+
+    // Grouping
+    pub fn masa_group_plan_result_default(result: *mut masa_group_plan_result, size: usize);
+    pub fn masa_group_plan(
+        ctx: *mut masa_context,
+        n_layers: usize,
+        gram: *const f64,
+        rows: usize,
+        cols: usize,
+        budget: usize,
+        group_starts: *mut usize,
+        group_atoms: *mut usize,
+        capacity: usize,
+        result: *mut masa_group_plan_result,
+    ) -> masa_status;
+    pub fn masa_group_plan_fixed(
+        ctx: *mut masa_context,
+        n_layers: usize,
+        gram: *const f64,
+        rows: usize,
+        cols: usize,
+        budget: usize,
+        n_groups: usize,
+        group_starts: *const usize,
+        group_atoms: *mut usize,
+        result: *mut masa_group_plan_result,
+    ) -> masa_status;
+
+    // Calibration statistics
+    pub fn masa_calib_create(ctx: *mut masa_context, dim: usize, out: *mut *mut masa_calib) -> masa_status;
+    pub fn masa_calib_create_from_data(
+        ctx: *mut masa_context,
+        dim: usize,
+        matrix: *const f64,
+        n_rows: u64,
+        out: *mut *mut masa_calib,
+    ) -> masa_status;
+    pub fn masa_calib_destroy(calib: *mut masa_calib);
+    pub fn masa_calib_accumulate(calib: *mut masa_calib, x: *const f32, n_rows: usize) -> masa_status;
+    pub fn masa_calib_merge(dst: *mut masa_calib, src: *const masa_calib) -> masa_status;
+    pub fn masa_calib_shape(calib: *const masa_calib, dim: *mut usize, n_rows: *mut u64) -> masa_status;
+    pub fn masa_calib_data(calib: *const masa_calib) -> *const f64;
+
+    // Whitened low-rank residual
+    pub fn masa_residual_result_default(result: *mut masa_residual_result, size: usize);
+    pub fn masa_residual_lowrank(
+        ctx: *mut masa_context,
+        d_in: usize,
+        d_out: usize,
+        w: *const f32,
+        w_hat: *const f32,
+        calib: *const f64,
+        rank: usize,
+        a: *mut f32,
+        a_len: usize,
+        b: *mut f32,
+        b_len: usize,
+        result: *mut masa_residual_result,
+    ) -> masa_status;
+}
 mod replaceme;
 pub use replaceme::*;
 
@@ -366,7 +543,10 @@ mod layout {
     fn struct_layouts_match_lp64() {
         assert_eq!(size_of::<masa_context_options>(), 40);
         assert_eq!(size_of::<masa_layer_options>(), 56);
-        assert_eq!(size_of::<masa_layer_grads>(), 16 + 16 * 8);
+        assert_eq!(size_of::<masa_layer_grads>(), 16 + 24 * 8);
         assert_eq!(align_of::<masa_layer_grads>(), 8);
+        assert_eq!(size_of::<masa_pca_result>(), 40);
+        assert_eq!(size_of::<masa_group_plan_result>(), 40);
+        assert_eq!(size_of::<masa_residual_result>(), 40);
     }
 }

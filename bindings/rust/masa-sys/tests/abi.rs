@@ -41,7 +41,45 @@ fn struct_sizes_match_c() {
             .chain(&g.d_coefficients)
             .chain(&g.d_weight)
             .chain(&g.d_bias)
+            .chain(&g.d_lowrank_a)
+            .chain(&g.d_lowrank_b)
             .all(|p| p.is_null()));
+    }
+}
+
+#[test]
+fn compress_struct_sizes_match_c() {
+    unsafe {
+        let mut p = masa_pca_result::default();
+        masa_pca_result_default(&mut p, size_of::<masa_pca_result>());
+        assert_eq!(p.size, size_of::<masa_pca_result>());
+        let mut g = masa_group_plan_result::default();
+        masa_group_plan_result_default(&mut g, size_of::<masa_group_plan_result>());
+        assert_eq!(g.size, size_of::<masa_group_plan_result>());
+        let mut r = masa_residual_result::default();
+        masa_residual_result_default(&mut r, size_of::<masa_residual_result>());
+        assert_eq!(r.size, size_of::<masa_residual_result>());
+    }
+}
+
+#[test]
+fn calib_through_the_raw_api() {
+    unsafe {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(masa_context_create(std::ptr::null(), &mut ctx), MASA_OK);
+        let mut c = std::ptr::null_mut();
+        assert_eq!(masa_calib_create(ctx, 2, &mut c), MASA_OK);
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        assert_eq!(masa_calib_accumulate(c, x.as_ptr(), 2), MASA_OK);
+        let d = std::slice::from_raw_parts(masa_calib_data(c), 4);
+        assert_eq!(d, &[10.0, 14.0, 14.0, 20.0]);
+        let (mut dim, mut rows) = (0usize, 0u64);
+        assert_eq!(masa_calib_shape(c, &mut dim, &mut rows), MASA_OK);
+        assert_eq!((dim, rows), (2, 2));
+        assert_eq!(masa_calib_merge(c, c), MASA_ERROR_INVALID_ARGUMENT);
+        masa_calib_destroy(c);
+        masa_calib_destroy(std::ptr::null_mut());
+        masa_context_destroy(ctx);
     }
 }
 
@@ -149,6 +187,56 @@ fn weight_policy_round_trip() {
         assert_eq!(masa_layer_set_weight_policy(layer, 7), MASA_ERROR_INVALID_ARGUMENT);
         assert_eq!(masa_layer_refresh_weights(layer), MASA_OK);
         assert_eq!(masa_layer_refresh_weights(std::ptr::null_mut()), MASA_ERROR_NULL_ARGUMENT);
+        masa_layer_destroy(layer);
+        masa_context_destroy(ctx);
+    }
+}
+
+#[test]
+fn lowrank_only_layer_round_trip() {
+    unsafe {
+        let (ctx, layer) = small_layer(true);
+        // rank 0 and rank > min(d_in, d_out) are refused
+        let np = std::ptr::null_mut();
+        assert_eq!(masa_layer_set_lowrank(layer, MASA_PROJ_Q, 0, np, np), MASA_ERROR_BAD_SHAPE);
+        assert_eq!(masa_layer_set_lowrank(layer, MASA_PROJ_Q, 5, np, np), MASA_ERROR_BAD_SHAPE);
+        // Every projection A B alone, A = B = I (rank 4): the identity.
+        for p in [MASA_PROJ_Q, MASA_PROJ_K, MASA_PROJ_V, MASA_PROJ_O] {
+            assert_eq!(masa_layer_set_lowrank(layer, p, 4, np, np), MASA_OK);
+            let (mut r, mut a, mut b) = (0usize, np, np);
+            assert_eq!(masa_layer_lowrank(layer, p, &mut r, &mut a, &mut b), MASA_OK);
+            assert_eq!(r, 4);
+            assert!(masa_layer_weight(layer, p).is_null());
+            for i in 0..16 {
+                *a.add(i) = if i % 5 == 0 { 1.0 } else { 0.0 };
+                *b.add(i) = if i % 5 == 0 { 1.0 } else { 0.0 };
+            }
+        }
+        let mut ws_bytes = 0usize;
+        assert_eq!(masa_layer_workspace_size(layer, 1, 1, &mut ws_bytes), MASA_OK);
+        let mut ws = vec![0f32; ws_bytes / 4 + 1];
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let mut y = [0f32; 4];
+        let st = masa_layer_forward(
+            layer,
+            1,
+            1,
+            0,
+            x.as_ptr(),
+            y.as_mut_ptr(),
+            ws.as_mut_ptr().cast(),
+            ws_bytes,
+            np.cast(),
+            0,
+        );
+        assert_eq!(st, MASA_OK);
+        assert_eq!(y, x); // one token attends to itself
+        assert_eq!(masa_layer_remove_lowrank(layer, MASA_PROJ_V), MASA_OK);
+        let mut r = 9usize;
+        assert_eq!(masa_layer_lowrank(layer, MASA_PROJ_V, &mut r, np.cast(), np.cast()), MASA_OK);
+        assert_eq!(r, 0);
+        assert_eq!(masa_layer_workspace_size(layer, 1, 1, &mut ws_bytes), MASA_OK);
+        assert_eq!(masa_layer_remove_lowrank(layer, 4), MASA_ERROR_OUT_OF_RANGE);
         masa_layer_destroy(layer);
         masa_context_destroy(ctx);
     }

@@ -161,11 +161,13 @@ fn raw_layer_options_default() -> sys::masa_layer_options {
     }
 }
 
-/// What a projection of a layer currently is.
+/// What a projection of a layer currently is: its base weight. A low-rank
+/// term (see [`Layer::set_lowrank`]) comes on top of any of these.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProjectionKind {
-    /// Not set yet (forward fails with [`Status::NotReady`]).
+    /// No base set: without a low-rank term forward fails with
+    /// [`Status::NotReady`]; with one the projection is `A B` alone.
     Unset,
     /// `W = sum_s c[layer_index, s] * D_s`.
     Masa {
@@ -189,6 +191,9 @@ struct ProjState {
     d_out: usize,
     weight: Option<NonNull<f32>>,
     bias: Option<NonNull<f32>>,
+    /// Low-rank term: rank (0 = none) and the factors (owned or wrapped).
+    rank: usize,
+    lowrank: Option<(NonNull<f32>, NonNull<f32>)>,
 }
 
 /// An attention layer (`masa_layer`).
@@ -229,14 +234,23 @@ unsafe impl Sync for Layer<'_> {}
 impl<'a> Layer<'a> {
     /// Creates a layer with no projection set: set all four with
     /// [`set_masa`](Self::set_masa) or [`set_dense`](Self::set_dense) /
-    /// [`set_dense_owned`](Self::set_dense_owned) before forward.
+    /// [`set_dense_owned`](Self::set_dense_owned), or give them a low-rank
+    /// term ([`set_lowrank`](Self::set_lowrank)), before forward.
     pub fn new(ctx: &'a Context, options: &LayerOptions) -> Result<Self> {
         let raw_opts = options.to_raw();
         let mut out = ptr::null_mut();
         // SAFETY: valid context, options and out pointer.
         check(unsafe { sys::masa_layer_create(ctx.as_ptr(), &raw_opts, &mut out) })?;
         let raw = NonNull::new(out).ok_or_else(|| null_handle("masa_layer_create"))?;
-        let unset = ProjState { kind: ProjectionKind::Unset, d_in: 0, d_out: 0, weight: None, bias: None };
+        let unset = ProjState {
+            kind: ProjectionKind::Unset,
+            d_in: 0,
+            d_out: 0,
+            weight: None,
+            bias: None,
+            rank: 0,
+            lowrank: None,
+        };
         let mut layer = Layer { raw, options: *options, proj: [unset; 4], _borrows: PhantomData };
         for p in Projection::ALL {
             let (mut d_in, mut d_out) = (0, 0);
@@ -368,6 +382,94 @@ impl<'a> Layer<'a> {
         Ok(())
     }
 
+    /// Gives projection `which` the low-rank term `A B` over caller memory
+    /// (`W = base + A B`): `a` is `d_in x rank`, `b` is `rank x d_out`
+    /// (row-major, exactly those lengths), both borrowed for `'a`.
+    /// `1 <= rank <= min(d_in, d_out)`, else [`Status::BadShape`]. A
+    /// projection whose base was never set computes `x A B` alone (the
+    /// low-rank baseline). A [`WeightPolicy::Cached`] MASA projection
+    /// composes the term into its cache now. Replaces any earlier term.
+    pub fn set_lowrank(
+        &mut self,
+        which: Projection,
+        rank: usize,
+        a: &'a mut [f32],
+        b: &'a mut [f32],
+    ) -> Result<()> {
+        let func = "masa::Layer::set_lowrank";
+        let (d_in, d_out) = self.projection_shape(which);
+        let shape = format!("projection {which}: d_in {d_in}, d_out {d_out}, rank {rank}");
+        expect_len(func, "a", a.len(), d_in.saturating_mul(rank), &shape)?;
+        expect_len(func, "b", b.len(), rank.saturating_mul(d_out), &shape)?;
+        // SAFETY: the buffers have the lengths the library reads (rank is
+        // checked by it before anything is read) and stay borrowed for 'a.
+        check(unsafe {
+            sys::masa_layer_set_lowrank(self.raw.as_ptr(), which.raw(), rank, a.as_mut_ptr(), b.as_mut_ptr())
+        })?;
+        self.refresh(which);
+        Ok(())
+    }
+
+    /// Gives projection `which` a low-rank term of the given rank with
+    /// zero-initialised factors the layer owns; fill them through
+    /// [`lowrank_mut`](Self::lowrank_mut). (A = B = 0 gets zero gradients:
+    /// set at least one factor to nonzero values before training.)
+    pub fn set_lowrank_owned(&mut self, which: Projection, rank: usize) -> Result<()> {
+        // SAFETY: valid handle; NULL factors ask the layer to allocate.
+        check(unsafe {
+            sys::masa_layer_set_lowrank(
+                self.raw.as_ptr(),
+                which.raw(),
+                rank,
+                ptr::null_mut(),
+                ptr::null_mut(),
+            )
+        })?;
+        self.refresh(which);
+        Ok(())
+    }
+
+    /// Removes the low-rank term of projection `which` (no-op without one).
+    pub fn remove_lowrank(&mut self, which: Projection) -> Result<()> {
+        // SAFETY: valid handle; exclusive access through `&mut self`.
+        check(unsafe { sys::masa_layer_remove_lowrank(self.raw.as_ptr(), which.raw()) })?;
+        self.refresh(which);
+        Ok(())
+    }
+
+    /// Rank of projection `which`'s low-rank term (0: none).
+    pub fn lowrank_rank(&self, which: Projection) -> usize {
+        self.proj[which.index()].rank
+    }
+
+    /// The factors `(A, B)` of projection `which`'s low-rank term
+    /// (`d_in * rank` and `rank * d_out` floats), or `None`.
+    pub fn lowrank(&self, which: Projection) -> Option<(&[f32], &[f32])> {
+        let p = &self.proj[which.index()];
+        // SAFETY: the factors live as long as the layer (owned) or 'a
+        // (wrapped); writers need `&mut self`.
+        p.lowrank.map(|(a, b)| unsafe {
+            (
+                core::slice::from_raw_parts(a.as_ptr(), p.d_in * p.rank),
+                core::slice::from_raw_parts(b.as_ptr(), p.rank * p.d_out),
+            )
+        })
+    }
+
+    /// The factors of projection `which`'s low-rank term, writable (a
+    /// cached MASA projection then needs [`refresh_weights`](Self::refresh_weights)).
+    pub fn lowrank_mut(&mut self, which: Projection) -> Option<(&mut [f32], &mut [f32])> {
+        let p = &self.proj[which.index()];
+        // SAFETY: as lowrank(); exclusive through `&mut self`. A and B are
+        // distinct allocations (owned) or distinct `&mut` borrows (wrapped).
+        p.lowrank.map(|(a, b)| unsafe {
+            (
+                core::slice::from_raw_parts_mut(a.as_ptr(), p.d_in * p.rank),
+                core::slice::from_raw_parts_mut(b.as_ptr(), p.rank * p.d_out),
+            )
+        })
+    }
+
     /// Sets where the layer's MASA weights come from (see [`WeightPolicy`]).
     /// [`WeightPolicy::Cached`] composes and keeps `W_l` of every MASA
     /// projection now (and again when set again); `OnTheFly` frees them.
@@ -399,10 +501,15 @@ impl<'a> Layer<'a> {
         check(unsafe { sys::masa_layer_refresh_weights(self.raw.as_ptr()) })
     }
 
-    /// Re-reads the weight and bias pointers of `which` after a change.
+    /// Re-reads the weight, bias and low-rank pointers of `which` after a
+    /// change.
     fn refresh(&mut self, which: Projection) {
-        // SAFETY: valid handle; exclusive access through `&mut self`.
+        let (mut rank, mut la, mut lb) = (0usize, ptr::null_mut(), ptr::null_mut());
+        // SAFETY: valid handle and out pointers; exclusive access through
+        // `&mut self`. masa_layer_lowrank cannot fail on a valid layer and
+        // projection.
         let (w, b) = unsafe {
+            sys::masa_layer_lowrank(self.raw.as_ptr(), which.raw(), &mut rank, &mut la, &mut lb);
             (
                 sys::masa_layer_weight(self.raw.as_ptr(), which.raw()),
                 sys::masa_layer_bias(self.raw.as_ptr(), which.raw()),
@@ -411,6 +518,11 @@ impl<'a> Layer<'a> {
         let p = &mut self.proj[which.index()];
         p.weight = if p.kind == ProjectionKind::Dense { NonNull::new(w) } else { None };
         p.bias = NonNull::new(b);
+        p.rank = rank;
+        p.lowrank = match (NonNull::new(la), NonNull::new(lb)) {
+            (Some(a), Some(b)) if rank > 0 => Some((a, b)),
+            _ => None,
+        };
     }
 
     /// The dense weight of projection `which` (`d_in * d_out` floats), or
@@ -620,7 +732,12 @@ impl Drop for Layer<'_> {
 impl fmt::Debug for Layer<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kinds: Vec<ProjectionKind> = self.proj.iter().map(|p| p.kind).collect();
-        f.debug_struct("Layer").field("options", &self.options).field("projections", &kinds).finish()
+        let ranks: Vec<usize> = self.proj.iter().map(|p| p.rank).collect();
+        f.debug_struct("Layer")
+            .field("options", &self.options)
+            .field("projections", &kinds)
+            .field("lowrank_ranks", &ranks)
+            .finish()
     }
 }
 
@@ -663,6 +780,8 @@ pub enum GradMode {
 ///   only row `layer_index` is written or added to.
 /// - `weight`: dense only, `d_in * d_out`.
 /// - `bias`: `d_out`, the projection must have a bias.
+/// - `lowrank_a`, `lowrank_b`: with a low-rank term of rank `r`, `d_in * r`
+///   and `r * d_out`: `dA = X^T (dY B^T)`, `dB = (X A)^T dY`.
 ///
 /// Layers sharing a dictionary each add their part to its atom gradient:
 /// use [`GradMode::Add`] with one zeroed buffer for all layers.
@@ -681,6 +800,8 @@ pub struct Grads<'g> {
     coefficients: [Option<&'g mut [f32]>; 4],
     weight: [Option<&'g mut [f32]>; 4],
     bias: [Option<&'g mut [f32]>; 4],
+    lowrank_a: [Option<&'g mut [f32]>; 4],
+    lowrank_b: [Option<&'g mut [f32]>; 4],
 }
 
 impl<'g> Grads<'g> {
@@ -692,6 +813,8 @@ impl<'g> Grads<'g> {
             coefficients: Default::default(),
             weight: Default::default(),
             bias: Default::default(),
+            lowrank_a: Default::default(),
+            lowrank_b: Default::default(),
         }
     }
 
@@ -726,6 +849,18 @@ impl<'g> Grads<'g> {
     /// Bias gradient of projection `which`.
     pub fn bias(mut self, which: Projection, buf: &'g mut [f32]) -> Self {
         self.bias[which.index()] = Some(buf);
+        self
+    }
+
+    /// Gradient of the `A` factor of projection `which`'s low-rank term.
+    pub fn lowrank_a(mut self, which: Projection, buf: &'g mut [f32]) -> Self {
+        self.lowrank_a[which.index()] = Some(buf);
+        self
+    }
+
+    /// Gradient of the `B` factor of projection `which`'s low-rank term.
+    pub fn lowrank_b(mut self, which: Projection, buf: &'g mut [f32]) -> Self {
+        self.lowrank_b[which.index()] = Some(buf);
         self
     }
 
@@ -812,6 +947,26 @@ impl<'g> Grads<'g> {
                     &format!("d_out {}", st.d_out),
                 )?;
                 raw.d_bias[i] = buf.as_mut_ptr();
+            }
+            let factors = [
+                (&mut self.lowrank_a[i], st.d_in * st.rank, "d_lowrank_a", "d_in x rank"),
+                (&mut self.lowrank_b[i], st.rank * st.d_out, "d_lowrank_b", "rank x d_out"),
+            ];
+            for (k, (slot, need, name, shape)) in factors.into_iter().enumerate() {
+                if let Some(buf) = slot.as_deref_mut() {
+                    if st.rank == 0 {
+                        return Err(Error::binding(
+                            Status::InvalidArgument,
+                            format!("{func}: a {name} gradient was given for projection {p}, which has no low-rank term"),
+                        ));
+                    }
+                    expect_len(func, &format!("{name}[{p}]"), buf.len(), need, shape)?;
+                    if k == 0 {
+                        raw.d_lowrank_a[i] = buf.as_mut_ptr();
+                    } else {
+                        raw.d_lowrank_b[i] = buf.as_mut_ptr();
+                    }
+                }
             }
         }
         Ok(raw)

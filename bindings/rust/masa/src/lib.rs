@@ -72,6 +72,10 @@
 //! # Ok::<(), masa::Error>(())
 //! ```
 //!
+//! The [`compress`] module turns pretrained weights into MASA form (Matrix
+//! PCA, the grouping planner, calibration statistics, the whitened low-rank
+//! residual).
+//!
 //! # Ownership and lifetimes
 //!
 //! - Every object borrows the [`Context`] it was created from.
@@ -113,6 +117,7 @@
 
 #![warn(missing_docs)]
 
+pub mod compress;
 mod context;
 mod error;
 mod layer;

@@ -77,7 +77,7 @@ impl<'a> Dictionary<'a> {
 
     /// # Safety
     /// `out` must be NULL or a dictionary handle that nothing else owns.
-    unsafe fn from_created(out: *mut sys::masa_dictionary, func: &str) -> Result<Self> {
+    pub(crate) unsafe fn from_created(out: *mut sys::masa_dictionary, func: &str) -> Result<Self> {
         let raw = NonNull::new(out).ok_or_else(|| null_handle(func))?;
         // Take ownership first so the handle is destroyed on every error path.
         let mut dict = Dictionary {
@@ -234,7 +234,7 @@ impl<'a> Coefficients<'a> {
 
     /// # Safety
     /// `out` must be NULL or a coefficient-table handle nothing else owns.
-    unsafe fn from_created(out: *mut sys::masa_coefficients, func: &str) -> Result<Self> {
+    pub(crate) unsafe fn from_created(out: *mut sys::masa_coefficients, func: &str) -> Result<Self> {
         let raw = NonNull::new(out).ok_or_else(|| null_handle(func))?;
         let mut coef =
             Coefficients { raw, data: NonNull::dangling(), n_layers: 0, n_atoms: 0, _borrows: PhantomData };
