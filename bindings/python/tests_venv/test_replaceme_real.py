@@ -16,8 +16,16 @@ transformers = pytest.importorskip("transformers")
 from masa import replaceme as rm  # noqa: E402
 
 
-def test_replaceme_ls_end_to_end(smollm2, ctx, tmp_path):
-    model, tok = smollm2
+@pytest.fixture(scope="module")
+def fresh_smollm2():
+    """Its own copy of the model: other tests of this directory change the
+    session's shared one (attention swapped in place)."""
+    torch.set_num_threads(2)
+    return rm.load_model("smollm2")
+
+
+def test_replaceme_ls_end_to_end(fresh_smollm2, ctx, tmp_path):
+    model, tok = fresh_smollm2
     out = tmp_path / "pruned"
     args = rm.parse_args(["smollm2", "--blocks", "2", "--method", "ls", "--alpha", "1e-3",
                           "--calib-seqs", "8", "--calib-len", "256", "--eval",
