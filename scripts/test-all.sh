@@ -43,7 +43,8 @@ if [ "${MASA_QUICK:-0}" != 1 ]; then
 fi
 
 c=$(awk '/^Ok:/{print $2}' "$LOGS/c.log")
-py=$(grep -Eo '[0-9]+ passed' "$LOGS/py.log" "$LOGS/venv.log" | awk -F: '{split($2, a, " "); s+=a[1]} END{print s+0}')
+py=$(cat "$LOGS/py.log" "$LOGS/venv.log" | grep -Eo '[0-9]+ passed' |
+     awk '{s+=$1} END{print s+0}')
 rs=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOGS/rust.log" |
      awk '{s+=$4} END{print s+0}')
 echo "== totals: C $c (meson tests), Python $py, Rust $rs"

@@ -891,6 +891,8 @@ MASA_API masa_status masa_layer_decode(const masa_layer *layer,
 /* Compressing pretrained weights: Matrix PCA, grouping, calibration
  * statistics, the whitened low-rank residual. */
 #include "compress.h"
+/* ReplaceMe: training-free depth pruning (linear-map estimators, merge). */
+#include "replaceme.h"
 
 /* safetensors files and compressed models (include/masa/io.h) */
 #include "io.h"

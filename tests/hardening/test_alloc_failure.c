@@ -157,6 +157,81 @@ START_TEST(fail_every_allocation)
 }
 END_TEST
 
+/* ReplaceMe (masa/replaceme.h): estimators, solve, cosine steps and fit,
+ * merge; writes T of both estimators and the merged weight. */
+enum { RM_ROWS = 40, RM_D = 6, RM_FF = 9 };
+static long replaceme_scenario(alloc_state *s, float *t_ls, float *t_cos,
+                               float *w)
+{
+    masa_context_options co;
+    masa_context_options_init(&co);
+    co.n_threads = 2;
+    co.malloc_fn = hook_malloc;
+    co.free_fn = hook_free;
+    co.alloc_user = s;
+    masa_context *ctx = NULL;
+    STEP(s, masa_context_create(&co, &ctx));
+    float x[RM_ROWS * RM_D], l[RM_ROWS * RM_D], y[RM_ROWS * RM_D];
+    for (int i = 0; i < RM_ROWS * RM_D; i++) {
+        x[i] = sinf(0.37f * (float)i);
+        l[i] = cosf(0.11f * (float)i);
+        y[i] = 0.3f * sinf(0.05f * (float)i + 1.0f);
+    }
+    masa_linear_estimator *est = NULL, *other = NULL;
+    STEP(s, masa_linear_estimator_create(ctx, RM_D, RM_D, &est));
+    STEP(s, masa_linear_estimator_create(ctx, RM_D, RM_D, &other));
+    STEP(s, masa_linear_estimator_accumulate(est, RM_ROWS / 2, x, l, y));
+    STEP(s, masa_linear_estimator_accumulate(
+                other, RM_ROWS / 2, x + RM_ROWS / 2 * RM_D,
+                l + RM_ROWS / 2 * RM_D, y + RM_ROWS / 2 * RM_D));
+    STEP(s, masa_linear_estimator_merge(est, other));
+    STEP(s, masa_linear_estimator_solve(est, 0.01, t_ls));
+    masa_cosine_options o;
+    masa_cosine_options_init(&o);
+    o.epochs = 2;
+    o.batch_rows = 16;
+    o.learning_rate = 1e-2f;
+    masa_cosine_estimator *cos_est = NULL;
+    STEP(s, masa_cosine_estimator_create(ctx, RM_D, RM_D, &o, &cos_est));
+    double loss;
+    STEP(s, masa_cosine_estimator_loss(cos_est, RM_ROWS, x, l, y, &loss));
+    STEP(s, masa_cosine_estimator_step(cos_est, RM_ROWS, x, l, y, NULL));
+    STEP(s, masa_cosine_estimator_fit(cos_est, RM_ROWS, x, l, y, NULL));
+    ck_assert_int_eq(masa_cosine_estimator_transform(cos_est, t_cos), MASA_OK);
+    for (int i = 0; i < RM_FF * RM_D; i++)
+        w[i] = sinf((float)i);
+    STEP(s, masa_merge_linear_map(ctx, MASA_MERGE_NN_LINEAR, RM_FF, RM_D, w,
+                                  NULL, t_ls));
+    masa_cosine_estimator_destroy(cos_est);
+    masa_linear_estimator_destroy(other);
+    masa_linear_estimator_destroy(est);
+    masa_context_destroy(ctx);
+    return s->count;
+}
+
+START_TEST(replaceme_fail_every_allocation)
+{
+    float t_ref[RM_D * RM_D], c_ref[RM_D * RM_D], w_ref[RM_FF * RM_D];
+    alloc_state clean = {0, -1, 0, 0};
+    long total = replaceme_scenario(&clean, t_ref, c_ref, w_ref);
+    ck_assert_int_eq(clean.live, 0);
+    ck_assert_int_gt(total, 5);
+    for (long k = 0; k < total; k++) {
+        float t[RM_D * RM_D], c[RM_D * RM_D], w[RM_FF * RM_D];
+        alloc_state s = {0, k, 0, 0};
+        replaceme_scenario(&s, t, c, w);
+        ck_assert_msg(s.failures == 1, "allocation %ld was not reached", k);
+        ck_assert_msg(s.live == 0, "failing allocation %ld leaked %ld blocks",
+                      k, s.live);
+        ck_assert_mem_eq(t, t_ref, sizeof t);
+        ck_assert_mem_eq(c, c_ref, sizeof c);
+        ck_assert_mem_eq(w, w_ref, sizeof w);
+    }
+    fprintf(stderr, "alloc-failure: replaceme: %ld allocation points\n",
+            total);
+}
+END_TEST
+
 START_TEST(allocator_hooks_must_come_in_pairs)
 {
     masa_context_options co;
@@ -176,6 +251,7 @@ int main(void)
     TCase *tc = tcase_create("alloc_failure");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, fail_every_allocation);
+    tcase_add_test(tc, replaceme_fail_every_allocation);
     tcase_add_test(tc, allocator_hooks_must_come_in_pairs);
     suite_add_tcase(suite, tc);
     SRunner *sr = srunner_create(suite);

@@ -542,6 +542,8 @@ extern "C" {
         result: *mut masa_residual_result,
     ) -> masa_status;
 }
+mod replaceme;
+pub use replaceme::*;
 
 // ---------------------------------------------------------------------------
 // safetensors files and compressed models (`include/masa/io.h`)

@@ -123,6 +123,7 @@ mod error;
 pub mod io;
 mod layer;
 mod params;
+pub mod replaceme;
 
 pub use context::{blis_arch, version_number, version_string, Context};
 pub use error::{Error, Origin, Result, Status};
