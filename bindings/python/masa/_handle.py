@@ -42,10 +42,13 @@ if hasattr(os, "register_at_fork"):
 
 
 class RWLock:
-    """Readers/writer lock, writer-preferring, reentrant per thread (a
-    thread holding it may take it again in either mode, except for taking
-    the write side while holding only the read side). The uncontended path
-    is one plain mutex round trip."""
+    """Readers/writer lock, reentrant per thread (a thread holding it may
+    take it again in either mode, except for taking the write side while
+    holding only the read side). Writers go before new readers, but when a
+    writer leaves, the readers already waiting go before the next writer:
+    neither a stream of writers (a policy toggled in a loop) nor a stream of
+    readers starves the other side. The uncontended path is one plain mutex
+    round trip."""
 
     def __init__(self):
         self._reset()
@@ -58,6 +61,8 @@ class RWLock:
         self._writer = None
         self._write_depth = 0
         self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._read_turn = False  # the waiting readers go before the next writer
         self._sleepers = 0  # threads in self._cond.wait()
 
     def _wait(self):
@@ -74,8 +79,16 @@ class RWLock:
         with self._mutex:
             readers = self._readers
             if me not in readers and self._writer != me:
-                while self._writer is not None or self._writers_waiting:
-                    self._wait()
+                if self._writer is not None or (self._writers_waiting and not self._read_turn):
+                    self._readers_waiting += 1
+                    try:
+                        while self._writer is not None or (self._writers_waiting
+                                                           and not self._read_turn):
+                            self._wait()
+                    finally:
+                        self._readers_waiting -= 1
+                        if not self._readers_waiting:
+                            self._read_turn = False
             readers[me] = readers.get(me, 0) + 1
 
     def release_read(self):
@@ -104,7 +117,7 @@ class RWLock:
                                    "in the same call (lock upgrade)")
             self._writers_waiting += 1
             try:
-                while self._writer is not None or self._readers:
+                while self._writer is not None or self._readers or self._read_turn:
                     self._wait()
             finally:
                 self._writers_waiting -= 1
@@ -118,6 +131,8 @@ class RWLock:
             self._write_depth -= 1
             if self._write_depth == 0:
                 self._writer = None
+                if self._readers_waiting:
+                    self._read_turn = True
                 if self._sleepers:
                     self._cond.notify_all()
 
