@@ -87,8 +87,10 @@ class RWLock:
                             self._wait()
                     finally:
                         self._readers_waiting -= 1
-                        if not self._readers_waiting:
+                        if not self._readers_waiting and self._read_turn:
                             self._read_turn = False
+                            if self._sleepers:  # a writer may wait for the turn to end
+                                self._cond.notify_all()
             readers[me] = readers.get(me, 0) + 1
 
     def release_read(self):
