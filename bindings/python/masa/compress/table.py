@@ -305,10 +305,10 @@ def write_report(out):
                 lines.append(f"| {label} | {t[key]['prefill_tokens_per_s']:.0f} | "
                              f"{t[key]['decode_ms_per_token']:.1f} |")
     write_atomic(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
-    plot(e, base, os.path.join(out, "ppl_vs_compression.png"))
+    plot(e, base, os.path.join(out, "ppl_vs_compression.png"), len(range(0, 40, step)))
 
 
-def plot(e, base, path):
+def plot(e, base, path, n_windows):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,7 +328,7 @@ def plot(e, base, path):
         ax.axhline(base, color="k", ls="--", lw=1, label=f"dense ({base:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("attention parameters removed (%)")
-    ax.set_ylabel("perplexity (fortunes, 40 x 512)")
+    ax.set_ylabel(f"perplexity (fortunes, {n_windows} windows x 512)")
     ax.set_title("SmolLM2-135M: perplexity vs attention compression")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
