@@ -418,6 +418,38 @@ def _make_errcheck(cdll):
     return errcheck
 
 
+def lazy_declarations(signatures, what):
+    """For a module that declares its own functions (compression, files,
+    ReplaceMe, ...): returns a function giving the library with
+    `signatures` ({name: (restype, argtypes, returns_status)}) declared, on
+    first use and once. Each call of this makes its own ctypes handle of the
+    loaded library, so one module's argtypes never replace another's (ctypes
+    keeps one function object per name and handle)."""
+    lock = threading.Lock()
+    declared = []
+
+    def get():
+        if not declared:
+            with lock:
+                if not declared:
+                    main = lib()
+                    own = ctypes.CDLL(library_path())
+                    missing = [n for n in signatures if not hasattr(own, n)]
+                    if missing:
+                        raise LibraryError(f"this libmasa lacks the {what} functions "
+                                           + ", ".join(missing))
+                    for name, (restype, argtypes, returns_status) in signatures.items():
+                        fn = getattr(own, name)
+                        fn.restype, fn.argtypes = restype, argtypes
+                        if returns_status:
+                            # masa_last_error() as declared on the main handle
+                            fn.errcheck = _make_errcheck(main)
+                    declared.append(own)
+        return declared[0]
+
+    return get
+
+
 class _Loaded:
     def __init__(self, cdll, path):
         self.cdll = cdll

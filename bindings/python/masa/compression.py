@@ -22,7 +22,6 @@ argument types and shapes are checked here first (TypeError / ValueError).
 from __future__ import annotations
 
 import ctypes
-import threading
 from ctypes import POINTER, Structure, byref, c_double, c_size_t, c_uint64, c_void_p
 from typing import NamedTuple, Optional, Sequence
 
@@ -124,30 +123,10 @@ SIGNATURES = {
     ),
 }
 
-_declared_lock = threading.Lock()
-_declared = None
-
-
-def _c():
-    """The library with the compression functions declared (once)."""
-    global _declared
-    if _declared is None:
-        with _declared_lock:
-            if _declared is None:
-                cdll = _lib.lib()
-                missing = [n for n in SIGNATURES if not hasattr(cdll, n)]
-                if missing:
-                    raise _lib.LibraryError(
-                        "this libmasa lacks the compression functions " + ", ".join(missing))
-                for name, (restype, argtypes) in SIGNATURES.items():
-                    fn = getattr(cdll, name)
-                    fn.restype = restype
-                    fn.argtypes = argtypes
-                    if restype is _status:
-                        fn.errcheck = _lib._make_errcheck(cdll)
-                _declared = cdll
-    return _declared
-
+# The library with these functions declared (once, on first use).
+_c = _lib.lazy_declarations(
+    {name: (restype, argtypes, restype is _status)
+     for name, (restype, argtypes) in SIGNATURES.items()}, "compression")
 
 def _float64_array(a, name, shape=None):
     if not isinstance(a, np.ndarray):

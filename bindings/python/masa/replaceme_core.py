@@ -14,7 +14,6 @@ C-contiguous arrays (checked before any C call); outputs are new arrays.
 from __future__ import annotations
 
 import ctypes
-import threading
 from ctypes import POINTER, Structure, byref, c_double, c_float, c_int, c_size_t, c_ubyte
 from ctypes import c_uint64, c_void_p
 
@@ -92,29 +91,8 @@ _SIGNATURES = {
         True),
 }
 
-_declared = None
-_declare_lock = threading.Lock()
-
-
-def _c():
-    """The loaded libmasa with this module's functions declared."""
-    global _declared
-    if _declared is None:
-        with _declare_lock:
-            if _declared is None:
-                cdll = _lib.lib()
-                missing = [n for n in _SIGNATURES if not hasattr(cdll, n)]
-                if missing:
-                    raise _lib.LibraryError(
-                        "libmasa lacks the ReplaceMe functions " + ", ".join(missing))
-                for name, (restype, argtypes, status) in _SIGNATURES.items():
-                    fn = getattr(cdll, name)
-                    fn.restype, fn.argtypes = restype, argtypes
-                    if status:
-                        fn.errcheck = _lib._make_errcheck(cdll)
-                _declared = cdll
-    return _declared
-
+# The loaded libmasa with this module's functions declared (once).
+_c = _lib.lazy_declarations(_SIGNATURES, "ReplaceMe")
 
 def _rows(x, target, offset, d_in, d_out):
     """Checks a batch: x (rows, d_in), target and offset (rows, d_out)."""

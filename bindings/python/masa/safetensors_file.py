@@ -30,7 +30,6 @@ library's message, which names the file and what is wrong.
 from __future__ import annotations
 
 import ctypes
-import threading
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_uint64, c_void_p
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -130,30 +129,10 @@ SIGNATURES = {
     "masa_coefficients_data": (c_void_p, [_lib.coefficients_p]),
 }
 
-_declared_lock = threading.Lock()
-_declared = None
-
-
-def _c():
-    """The library with the file functions declared (once)."""
-    global _declared
-    if _declared is None:
-        with _declared_lock:
-            if _declared is None:
-                cdll = _lib.lib()
-                missing = [n for n in SIGNATURES if not hasattr(cdll, n)]
-                if missing:
-                    raise _lib.LibraryError(
-                        "this libmasa lacks the safetensors functions " + ", ".join(missing))
-                for name, (restype, argtypes) in SIGNATURES.items():
-                    fn = getattr(cdll, name)
-                    fn.restype = restype
-                    fn.argtypes = argtypes
-                    if restype is _status:
-                        fn.errcheck = _lib._make_errcheck(cdll)
-                _declared = cdll
-    return _declared
-
+# The library with these functions declared (once, on first use).
+_c = _lib.lazy_declarations(
+    {name: (restype, argtypes, restype is _status)
+     for name, (restype, argtypes) in SIGNATURES.items()}, "safetensors")
 
 def _path(path) -> bytes:
     import os

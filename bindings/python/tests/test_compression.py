@@ -247,3 +247,18 @@ def test_compressed_stack_runs_as_layers(ctx, rng):
         y_dense = dense.forward(x)
         y_comp = comp.forward(x)
         close(y_comp, y_dense.astype(np.float64), 1e-4)
+
+
+def test_declarations_of_two_modules_do_not_clash():
+    """masa.compress.c_core declares the same C functions with other ctypes
+    types; each module declares on its own handle, so using one never breaks
+    the other (it did: argtypes are per function object)."""
+    c_core = pytest.importorskip("masa.compress.c_core")
+    ctx = masa.Context(1)
+    w = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    before = mc.residual_lowrank(ctx, w, 2)
+    c_core.CCore().residual(w, None, None, 2)
+    after = mc.residual_lowrank(ctx, w, 2)
+    np.testing.assert_array_equal(before.a, after.a)
+    np.testing.assert_array_equal(before.b, after.b)
+    ctx.close()

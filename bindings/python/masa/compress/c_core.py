@@ -51,21 +51,8 @@ SIGNATURES = {
     "masa_calib_data": (_dp, [c_void_p], False),
 }
 
-_declared = None
-
-
-def clib():
-    global _declared
-    if _declared is None:
-        cdll = _lib.lib()
-        for name, (restype, argtypes, status) in SIGNATURES.items():
-            fn = getattr(cdll, name)  # AttributeError: a library without the compression core
-            fn.restype, fn.argtypes = restype, argtypes
-            if status:
-                fn.errcheck = _lib._make_errcheck(cdll)
-        _declared = cdll
-    return _declared
-
+# Declared on first use, on a ctypes handle of its own.
+clib = _lib.lazy_declarations(SIGNATURES, "compression")
 
 def _f32(a):
     return np.ascontiguousarray(a, dtype=np.float32)
