@@ -174,6 +174,22 @@ def main():
     report(sorted(blocks))
 
 
+def cpu_kind():
+    """The CPU model and vector kind of this machine, and BLIS's kernel set."""
+    model, flags = "unknown CPU", ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    vec = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    from masa import blis_arch
+    return f"{model}, {vec}, BLIS {blis_arch()}"
+
+
 def report(blocks):
     """table.md from the runs: the main methods (pending when missing), then
     any extra cosine variant that was run."""
@@ -194,8 +210,8 @@ def report(blocks):
         f"{base['calibration']['tokens']:,} rows, taken between the evaluation windows. "
         "Span: the n consecutive blocks with the smallest angular distance between "
         "their input and output (last token of each calibration sequence); the same "
-        "span for every method. Times in seconds on the shared 2-core Zen 5 machine "
-        "(other jobs running: noisy). collect = one forward pass with hooks over the "
+        f"span for every method. Times in seconds on the machine that wrote this table "
+        f"({cpu_kind()}; shared with other jobs while the committed table ran: noisy). collect = one forward pass with hooks over the "
         "calibration sequences, up to the last block any span needs, collecting Y, M and "
         "L for every span at once (shared by all rows that estimate T); estimate = T "
         "in libmasa.",
