@@ -9,16 +9,22 @@ cosine decay) on the same bytes of Debian's English fortunes
 libmasa through masa.torch.
 
     python3 examples/python/replicate.py --quick   # dense vs masa-qkvo, 1 seed
-    python3 examples/python/replicate.py --full    # all 7 variants, 3 seeds
+    python3 examples/python/replicate.py --full    # the 7 baseline variants, 3 seeds
+
+masa-mlp (the paper's coefficient parameterisation, collapsed to a table
+after training) is not in --full's table; --variants adds it.
 
 Writes to results/replicate/{quick,full}/: table.md, loss.png, runs/*.json
 (one per variant and seed) and log.txt. A run whose JSON exists with the same
 configuration is not trained again, so an interrupted --full resumes where it
-stopped when run again (--fresh retrains everything; --report-only trains
-nothing and rebuilds the table and plot from the JSONs).
+stopped when run again; a run cut short continues from its last checkpoint
+(runs/*.ckpt, saved every 5 minutes). --fresh retrains everything;
+--report-only trains nothing and rebuilds the table and plot from the JSONs.
 """
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
@@ -43,6 +49,7 @@ import replicate_data as data  # noqa: E402
 import replicate_models as models  # noqa: E402
 
 QUICK_VARIANTS = ("dense", "masa-qkvo")
+FULL_VARIANTS = tuple(v for v in models.VARIANTS if v != "masa-mlp")  # the table of issue 5
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class TrainConfig:
     eval_every: int = 20
     eval_windows: int = 16       # validation windows for the curve
     final_eval_windows: int = 128  # validation windows for the table
-    threads: int = 1             # torch threads and libmasa threads
+    threads: int = 1             # torch threads and libmasa threads (not part of a run's identity)
 
     @property
     def warmup(self):
@@ -87,6 +94,53 @@ def shown_path(path):
     return path if rel.startswith("..") else rel
 
 
+def write_atomic(path, write):
+    """write(file) into a temporary file, fsync, then rename over path: an
+    interruption leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
+
+
+# Settings that change how fast a run goes, not what it computes.
+RUNTIME_SETTINGS = ("threads",)
+
+
+def same_config(saved, current, defaults):
+    """Whether a saved config dict describes the same run as `current`: a key
+    the saved one lacks (written before the key existed) must hold its
+    default; run-time settings (thread counts) are ignored."""
+    if set(saved) - set(current):
+        return False
+    return all(saved.get(k, defaults[k]) == v for k, v in current.items()
+               if k not in RUNTIME_SETTINGS)
+
+
+def same_run(record, mcfg, tcfg):
+    return (same_config(record.get("model_config", {}), mcfg.dict(), models.ModelConfig().dict())
+            and same_config(record.get("train_config", {}), tcfg.dict(), TrainConfig().dict()))
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Moves every object alive now (torch, the model) out of the cyclic
+    garbage collector's reach for the block: its full collections otherwise
+    walk them all, about a tenth of a training step's time."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def fmt_time(seconds):
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -106,52 +160,101 @@ def evaluate(model, inputs, targets, chunk=32):
     return total / count
 
 
-def train_run(variant, seed, mcfg, tcfg, splits, context, log, eta):
-    """Trains one variant with one seed; returns the run's record."""
+class Interrupted(Exception):
+    """Raised by train_run(interrupt_after=n) after step n's checkpoint (tests)."""
+
+
+def load_checkpoint(path, variant, seed, mcfg, tcfg):
+    """The checkpoint dict at path if it belongs to this run, else None."""
+    if not path or not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu")
+    if (state.get("variant"), state.get("seed")) != (variant, seed) or not same_run(state, mcfg, tcfg):
+        return None
+    return state
+
+
+def train_run(variant, seed, mcfg, tcfg, splits, context, log, eta, checkpoint=None,
+              checkpoint_seconds=300.0, interrupt_after=None):
+    """Trains one variant with one seed; returns the run's record.
+
+    checkpoint: a path where the run's full state (model, optimizer, data
+    order, curve) is saved every checkpoint_seconds and after the last step;
+    a run started again with a checkpoint of the same run there continues
+    from it (identical to an uninterrupted run) and deletes it at the end."""
     train, val = splits
     torch.manual_seed(seed)
     model = models.ByteLM(variant, mcfg, context)
-    opt = models.optimizer(model, tcfg.lr, tcfg.weight_decay)
+    opt = models.optimizer(model, tcfg.lr, tcfg.weight_decay, fused=True)
     batches = data.Batches(train, tcfg.batch_size, mcfg.context, seed=1000 + seed)
     curve_x, curve_y = data.eval_windows(val, mcfg.context, tcfg.eval_windows)
     tokens_per_step = tcfg.batch_size * mcfg.context
     attn = model.attention_parameters()
+    train_attn = model.training_attention_parameters()
     dense_attn = models.dense_attention_parameters(mcfg)
-    log(f"[{variant} seed {seed}] attention parameters {attn:,} (dense {dense_attn:,}, "
+    trained_as = f" (trained as {train_attn:,} with the coefficient MLPs)" if train_attn != attn else ""
+    log(f"[{variant} seed {seed}] attention parameters {attn:,}{trained_as} (dense {dense_attn:,}, "
         f"compression {dense_attn / attn:.3f}x), total {model.total_parameters():,}")
 
-    curve = [(0, evaluate(model, curve_x, curve_y))]
-    train_losses = []
-    train_time = cpu_time = 0.0
-    start = time.time()
-    for step in range(1, tcfg.steps + 1):
-        lr = models.learning_rate(step, tcfg.steps, tcfg.lr, tcfg.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = batches.next()
-        t0, c0 = time.time(), time.process_time()
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        train_time += time.time() - t0
-        cpu_time += time.process_time() - c0
-        train_losses.append(loss.item())
-        if not math.isfinite(train_losses[-1]):
-            raise RuntimeError(f"{variant} seed {seed}: loss is {train_losses[-1]} at step {step}")
-        if step % tcfg.eval_every == 0 or step == tcfg.steps:
-            curve.append((step * tokens_per_step, evaluate(model, curve_x, curve_y)))
-        if step % 10 == 0 or step == 1 or step == tcfg.steps:
-            elapsed = time.time() - start
-            left = elapsed / step * (tcfg.steps - step)
-            recent = train_losses[-10:]
-            log(f"[{variant} seed {seed}] step {step}/{tcfg.steps} loss "
-                f"{sum(recent) / len(recent):.4f} lr {lr:.2e} "
-                f"{step * tokens_per_step / train_time:,.0f} tok/s  "
-                f"run left {fmt_time(left)}  all left {fmt_time(eta(left))}")
+    state = load_checkpoint(checkpoint, variant, seed, mcfg, tcfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        batches.generator.set_state(state["generator"])
+        first, curve, train_losses = state["step"] + 1, state["curve"], state["train_losses"]
+        train_time, cpu_time, earlier_wall = state["train_time"], state["cpu_time"], state["wall_seconds"]
+        log(f"[{variant} seed {seed}] resumed from {shown_path(checkpoint)} after step {state['step']}")
+    else:
+        first, train_losses = 1, []
+        curve = [(0, evaluate(model, curve_x, curve_y))]
+        train_time = cpu_time = earlier_wall = 0.0
+    start = last_save = time.time()
 
+    def save(step):
+        blob = {"variant": variant, "seed": seed, "model_config": mcfg.dict(),
+                "train_config": tcfg.dict(), "step": step, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "generator": batches.generator.get_state(),
+                "curve": curve, "train_losses": train_losses, "train_time": train_time,
+                "cpu_time": cpu_time, "wall_seconds": earlier_wall + time.time() - start}
+        write_atomic(checkpoint, lambda f: torch.save(blob, f))
+
+    with frozen_gc():
+        for step in range(first, tcfg.steps + 1):
+            lr = models.learning_rate(step, tcfg.steps, tcfg.lr, tcfg.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = batches.next()
+            t0, c0 = time.time(), time.process_time()
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            train_time += time.time() - t0
+            cpu_time += time.process_time() - c0
+            train_losses.append(loss.item())
+            if not math.isfinite(train_losses[-1]):
+                raise RuntimeError(f"{variant} seed {seed}: loss is {train_losses[-1]} at step {step}")
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                curve.append((step * tokens_per_step, evaluate(model, curve_x, curve_y)))
+            if checkpoint and (time.time() - last_save >= checkpoint_seconds
+                               or step == tcfg.steps or step == interrupt_after):
+                save(step)
+                last_save = time.time()
+            if step == interrupt_after:
+                raise Interrupted(step)
+            if step % 10 == 0 or step == first or step == tcfg.steps:
+                done = step - first + 1
+                left = (time.time() - start) / done * (tcfg.steps - step)
+                recent = train_losses[-10:]
+                log(f"[{variant} seed {seed}] step {step}/{tcfg.steps} loss "
+                    f"{sum(recent) / len(recent):.4f} lr {lr:.2e} "
+                    f"{step * tokens_per_step / train_time:,.0f} tok/s  "
+                    f"run left {fmt_time(left)}  all left {fmt_time(eta(left))}")
+
+    if model.coefficients_mlp is not None:
+        model.collapse()  # evaluated, like every variant, as it would be deployed
     final_x, final_y = data.eval_windows(val, mcfg.context, tcfg.final_eval_windows)
     val_loss = evaluate(model, final_x, final_y)
     record = {
@@ -160,6 +263,7 @@ def train_run(variant, seed, mcfg, tcfg, splits, context, log, eta):
         "model_config": mcfg.dict(),
         "train_config": tcfg.dict(),
         "attention_parameters": attn,
+        "training_attention_parameters": train_attn,
         "dense_attention_parameters": dense_attn,
         "total_parameters": model.total_parameters(),
         "compression_ratio": dense_attn / attn,
@@ -170,7 +274,8 @@ def train_run(variant, seed, mcfg, tcfg, splits, context, log, eta):
         "val_bits_per_byte": val_loss / math.log(2),
         "train_tokens_per_s": tcfg.steps * tokens_per_step / train_time,
         "train_tokens_per_cpu_s": tcfg.steps * tokens_per_step / cpu_time,
-        "wall_seconds": time.time() - start,
+        "torch": torch.__version__,
+        "wall_seconds": earlier_wall + time.time() - start,
         "curve": curve,
         "train_losses": train_losses,
     }
@@ -284,7 +389,8 @@ def main(argv=None):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="dense vs masa-qkvo, seed 0 (the default mode)")
-    mode.add_argument("--full", action="store_true", help="all variants, seeds 0, 1, 2")
+    mode.add_argument("--full", action="store_true",
+                      help="all variants but masa-mlp (--variants adds it), seeds 0, 1, 2")
     ap.add_argument("--variants", help="comma-separated subset of: " + ", ".join(models.VARIANTS))
     ap.add_argument("--seeds", help="comma-separated seeds")
     ap.add_argument("--steps", type=int, help="training steps per run")
@@ -301,7 +407,7 @@ def main(argv=None):
 
     mode_name = "full" if args.full else "quick"
     variants = (args.variants.split(",") if args.variants
-                else list(models.VARIANTS if args.full else QUICK_VARIANTS))
+                else list(FULL_VARIANTS if args.full else QUICK_VARIANTS))
     for v in variants:
         if v not in models.VARIANTS:
             ap.error(f"unknown variant {v!r}")
@@ -335,7 +441,7 @@ def main(argv=None):
         if (args.report_only or not args.fresh) and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 r = json.load(f)
-            if r.get("model_config") == mcfg.dict() and r.get("train_config") == tcfg.dict():
+            if same_run(r, mcfg, tcfg):
                 log(f"[{v} seed {s}] kept from {os.path.relpath(path, out)}: val loss {r['val_loss']:.4f}")
                 records.append(r)
                 continue
@@ -354,10 +460,13 @@ def main(argv=None):
             per_run = statistics.fmean(durations) if durations else (time.time() - run_start) + run_left
             return run_left + remaining * per_run
         run_start = time.time()
-        r = train_run(v, s, mcfg, tcfg, splits, context, log, eta)
+        ckpt = path[:-len(".json")] + ".ckpt"
+        if args.fresh and os.path.exists(ckpt):
+            os.unlink(ckpt)
+        r = train_run(v, s, mcfg, tcfg, splits, context, log, eta, checkpoint=ckpt)
         durations.append(time.time() - run_start)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(r, f, indent=1)
+        write_json(path, r)
+        os.unlink(ckpt)  # the JSON holds what the run is kept for
         records.append(r)
         report()  # after every run, so an interrupted invocation leaves its results
 
