@@ -160,6 +160,19 @@ def evaluate(model, inputs, targets, chunk=32):
     return total / count
 
 
+def train_step(model, opt, x, y, lr, grad_clip):
+    """One optimizer step on the batch (x, y) at learning rate lr; returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
+
+
 class Interrupted(Exception):
     """Raised by train_run(interrupt_after=n) after step n's checkpoint (tests)."""
 
@@ -221,19 +234,11 @@ def train_run(variant, seed, mcfg, tcfg, splits, context, log, eta, checkpoint=N
     with frozen_gc():
         for step in range(first, tcfg.steps + 1):
             lr = models.learning_rate(step, tcfg.steps, tcfg.lr, tcfg.warmup)
-            for group in opt.param_groups:
-                group["lr"] = lr
             x, y = batches.next()
             t0, c0 = time.time(), time.process_time()
-            logits = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            opt.step()
+            train_losses.append(train_step(model, opt, x, y, lr, tcfg.grad_clip))
             train_time += time.time() - t0
             cpu_time += time.process_time() - c0
-            train_losses.append(loss.item())
             if not math.isfinite(train_losses[-1]):
                 raise RuntimeError(f"{variant} seed {seed}: loss is {train_losses[-1]} at step {step}")
             if step % tcfg.eval_every == 0 or step == tcfg.steps:

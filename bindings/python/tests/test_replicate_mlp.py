@@ -113,8 +113,9 @@ def test_coefficient_mlp_gradients_match_finite_differences(context):
         scale = fd.abs().max().item()
         assert scale > 1e-6, f"{name}: gradient too small to test ({scale})"
         # float32 model against float64 differences, relative to the tensor's largest entry
+        # (measured: about 1e-6; float32 sums over 2 x 8 tokens and 3 layers)
         err = (got.double() - fd).abs().max().item() / scale
-        assert err < 2e-3, f"{name}: max error {err:.2e} of max |grad| {scale:.2e}"
+        assert err < 1e-4, f"{name}: max error {err:.2e} of max |grad| {scale:.2e}"
         checked += rp.numel()
     n_mlp = sum(p.numel() for p in model.coefficients_mlp.parameters())
     assert checked == n_mlp == 4 * (3 * 4 + 4 * 6 + 6 + 6 * 2 + 2)
