@@ -115,6 +115,14 @@ def write_table(records, variants, plan, path, command, base, mcfg):
             f"training (per projection type {mcfg.n_layers} embeddings of {mcfg.coefficient_embed} "
             f"and an MLP {mcfg.coefficient_embed}-{mcfg.coefficient_hidden}-{mcfg.n_atoms}); its "
             "validation loss is the collapsed model's.")
+    versions = {}
+    for r in records:
+        v = r.get("torch", "unrecorded")
+        versions[v] = versions.get(v, 0) + 1
+    lines.append("Runs by torch version: " + ", ".join(
+        f"{v} {n}" for v, n in sorted(versions.items()))
+        + " (unrecorded: the 1x runs of replicate.py --full, torch 1.13 by its log); the "
+        "model's arithmetic is the same, the matrix library differs (OpenBLAS, MKL).")
     lines += [
         "",
         "| tokens | variant | seeds | val loss (nats/byte) | gap to dense (nats/byte) | gap % |",
@@ -122,9 +130,10 @@ def write_table(records, variants, plan, path, command, base, mcfg):
     ]
     for m, seeds in plan:
         dense = stats.get(("dense", m))
+        tokens = m * base.steps * base.batch_size * mcfg.context
         for v in variants:
             if (v, m) not in stats:
-                lines.append(f"| {m}x | {v} | 0 of {len(seeds)} | not run yet | | |")
+                lines.append(f"| {m}x ({tokens:,}) | {v} | 0 of {len(seeds)} | not run yet | | |")
                 continue
             n, lm, ls, gm, gs, ng = stats[(v, m)]
             loss = f"{lm:.4f} ± {ls:.4f}" if n > 1 else f"{lm:.4f}"
@@ -133,7 +142,6 @@ def write_table(records, variants, plan, path, command, base, mcfg):
             else:
                 gap = f"{gm:+.4f} ± {gs:.4f}" if ng > 1 else f"{gm:+.4f}"
                 pct = f"{100 * gm / dense[1]:+.2f}%"
-            tokens = m * base.steps * base.batch_size * mcfg.context
             lines.append(f"| {m}x ({tokens:,}) | {v} | {n} of {len(seeds)} | {loss} | {gap} | {pct} |")
     lines += ["", "![gap to dense](gap.png)", ""]
     with open(path, "w", encoding="utf-8") as f:
