@@ -3,7 +3,8 @@
 # compiler and meson, BLIS, Check, valgrind, and Python with numpy, pytest and
 # PyTorch (Debian's python3-torch) for the Python binding's tests, and the
 # fortunes texts and matplotlib for the replication experiment
-# (examples/python/replicate.py); LAPACKE and jansson for the compression
+# (examples/python/replicate.py), Fashion-MNIST for the ViT experiment
+# (examples/python/vit.py); LAPACKE and jansson for the compression
 # core and the safetensors reader. Rust comes from the machine's rustup or,
 # when there is none, Debian's cargo.
 #
@@ -20,7 +21,8 @@ PKGS="build-essential meson ninja-build pkg-config libblis-pthread-dev check
       valgrind python3 python3-numpy python3-pytest python3-torch
       python3-setuptools python3-pip abigail-tools g++ clang
       libclang-rt-14-dev fortunes python3-matplotlib
-      python3-venv liblapacke-dev libjansson-dev python3-mpmath"
+      python3-venv liblapacke-dev libjansson-dev python3-mpmath
+      dataset-fashion-mnist"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
