@@ -5,7 +5,7 @@
 //!    rpath of this workspace's tests, examples and binaries.
 //! 2. The `pkg-config` program (or `$PKG_CONFIG`) for `masa`, honouring
 //!    `PKG_CONFIG_PATH` etc. Pointing `PKG_CONFIG_PATH` at
-//!    `<build>/meson-uninstalled` picks meson's uninstalled `.pc` file.
+//!    `<build>/pkgconfig` picks the build tree's `masa-uninstalled.pc`.
 //! 3. The project's own build tree: `<repo>/build/lib/libmasa.so` (this crate
 //!    lives in `<repo>/bindings/rust/masa-sys`), so `cargo test` works right
 //!    after `meson setup build && ninja -C build` at the repository root.
