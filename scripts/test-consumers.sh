@@ -44,13 +44,14 @@ check_loaded() {
     [ "$lib" = "$LIBDIR/libmasa.so.0" ] || fail "$1 loads libmasa from '$lib', not $LIBDIR"
 }
 
-# (a) C through pkg-config; the loader is told where the prefix is.
+# (a) C through pkg-config, with an rpath to the prefix (the README's line).
 step "(a) C program through pkg-config"
 mkdir "$WORK/c"
 cp tests/consumers/demo.c "$WORK/c/"
-(cd "$WORK/c" && cc demo.c $(pkg-config --cflags --libs masa) -o demo)
-LD_LIBRARY_PATH="$LIBDIR" check_loaded "$WORK/c/demo"
-LD_LIBRARY_PATH="$LIBDIR" "$WORK/c/demo"
+(cd "$WORK/c" && cc demo.c $(pkg-config --cflags --libs masa) \
+    -Wl,-rpath,"$(pkg-config --variable=libdir masa)" -o demo)
+check_loaded "$WORK/c/demo"
+"$WORK/c/demo"
 passed=$((passed + 1))
 
 # A scratch cargo project around tests/consumers/rust (main.rs, build.rs).

@@ -64,7 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
-                    help="libmasa and torch threads per rank; 0 = usable CPUs / ranks on this machine")
+                    help="libmasa threads per rank; 0 = usable CPUs / ranks on this machine")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch intra-op threads per rank; 0 = as --threads")
     ap.add_argument("--record", metavar="DIR",
                     help="write DIR/rank<r>.pt: the parameters after every step and the "
                          "dataset indices each step used (for the tests)")
@@ -138,7 +140,7 @@ def main(argv=None):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     threads = args.threads or threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.torch_threads or threads)
     context = masa.Context(n_threads=threads)
 
     model = make_model(args, context)
@@ -146,7 +148,8 @@ def main(argv=None):
     opt = make_optimizer(args, model)
     dataset = make_dataset(args)
     if rank == 0:
-        print(f"{world} ranks x {threads} threads, {args.accum} micro-batches of "
+        print(f"{world} ranks x {threads} libmasa threads ({torch.get_num_threads()} torch), "
+              f"{args.accum} micro-batches of "
               f"{args.batch} per rank per step ({world * args.accum * args.batch} sequences)")
 
     record = {"initial": flat_parameters(model), "steps": [], "indices": []}
