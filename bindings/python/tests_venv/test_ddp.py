@@ -36,7 +36,12 @@ def ranks(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", str(WORLD), os.path.join(EXAMPLES, "train_ddp.py"),
            *ARGS, "--record", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The checkout's package (not one installed in the venv); every rank on
+    # this machine, so gloo talks over the loopback interface.
+    pkg = os.path.join(REPO, "bindings", "python")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [pkg, os.environ.get("PYTHONPATH")])))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
