@@ -106,7 +106,8 @@ json.dump({"files": files, "package": sha(crate)},
           open(os.path.join(root, ".cargo-checksum.json"), "w"))
 EOF
 done
-new_crate "$WORK/vendored" 'masa = "0.1.0"' 'masa-sys = "0.1.0"'
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' bindings/rust/Cargo.toml)
+new_crate "$WORK/vendored" "masa = \"=$version\"" "masa-sys = \"=$version\""
 mkdir "$WORK/vendored/.cargo"
 printf '[source.crates-io]\nreplace-with = "published"\n[source.published]\ndirectory = "%s"\n' \
     "$WORK/registry" > "$WORK/vendored/.cargo/config.toml"
