@@ -252,9 +252,10 @@ fn build_tree(statik: bool) -> Option<PathBuf> {
     }
 }
 
-/// True for the directories a Linux loader searches without being told
-/// (`/lib`, `/usr/lib`, `/usr/local/lib`, their `lib64` and multiarch
-/// subdirectories, as in Debian's and Fedora's ld.so.conf).
+/// True for the directories a Linux loader searches without being told:
+/// `/lib`, `/usr/lib` and `/usr/local/lib` (Debian's ld.so.conf), their
+/// `lib64` variants and multiarch subdirectories. A heuristic: it only
+/// decides whether to print a warning.
 fn on_default_loader_path(dir: &Path) -> bool {
     ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/local/lib64"].iter().any(|base| {
         dir.strip_prefix(base)
