@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs every test: the C suites (Check, via meson test), the Python binding's
-# pytest suite (numpy and PyTorch) and its venv suite (PyPI packages), the
+# pytest suite (numpy and PyTorch), its wheel test (pip install builds and
+# bundles libmasa) and its venv suite (PyPI packages), the
 # Rust crates' cargo tests, all against
 # the library in ./build, and the hardening checks (ASan+UBSan suite, TSan,
 # valgrind, a bounded fuzz run; scripts/hardening.sh), then prints one total
@@ -20,6 +21,12 @@ echo "== Python tests (pytest)"
 # from install-deps.sh.
 MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
     /usr/bin/python3 -m pytest -q bindings/python/tests | tee "$LOGS/py.log"
+
+echo "== Python wheel (pip builds bindings/python with meson-python, ~1 min)"
+# Builds the wheel offline from the wheelhouse of install-deps.sh, installs
+# it in a fresh venv and trains through masa.torch from outside the checkout
+# with no MASA_LIBRARY: the bundled library must be the one loaded.
+/usr/bin/python3 -m pytest -q bindings/python/tests_wheel | tee "$LOGS/wheel.log"
 
 echo "== Python venv tests (pytest in the venv of install-deps.sh)"
 # bindings/python/tests_venv needs PyPI packages (safetensors, torch 2.x,
@@ -43,7 +50,7 @@ if [ "${MASA_QUICK:-0}" != 1 ]; then
 fi
 
 c=$(awk '/^Ok:/{print $2}' "$LOGS/c.log")
-py=$(cat "$LOGS/py.log" "$LOGS/venv.log" | grep -Eo '[0-9]+ passed' |
+py=$(cat "$LOGS/py.log" "$LOGS/wheel.log" "$LOGS/venv.log" | grep -Eo '[0-9]+ passed' |
      awk '{s+=$1} END{print s+0}')
 rs=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOGS/rust.log" |
      awk '{s+=$4} END{print s+0}')
