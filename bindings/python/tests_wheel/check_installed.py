@@ -7,6 +7,7 @@ BLIS file mapped into the process, and the largest error of each quantity
 against a float64 reference written in plain torch ops.
 """
 
+import importlib.metadata
 import json
 import os
 
@@ -89,6 +90,8 @@ def main():
 
     print(json.dumps({
         "library_path": masa.library_path(),
+        "library_version": masa.version(),
+        "package_version": importlib.metadata.version("masa"),
         "package_file": masa.__file__,
         "mapped_libmasa": mapped_files("libmasa"),
         "mapped_blis": mapped_files("libblis"),

@@ -137,6 +137,8 @@ def test_forward_backward_from_outside_the_checkout(installed):
     assert out["library_path"] == bundled
     assert out["mapped_libmasa"] == [bundled]  # one libmasa in the process: the bundled one
     assert out["mapped_blis"] and all(p.endswith("libblis.so.4") for p in out["mapped_blis"])
+    # pyproject.toml's version follows the library's (both are bumped by hand).
+    assert out["package_version"] == out["library_version"]
     print(f"loaded {out['library_path']} (BLIS {out['blis_arch']}, torch {out['torch']})")
     # float32 against float64: each quantity relative to its own magnitude.
     for what, err in out["errors"].items():
