@@ -1,7 +1,6 @@
 #!/bin/bash
 # Runs every test: the C suites (Check, via meson test), the Python binding's
-# pytest suite (numpy and PyTorch), its wheel test (pip install builds and
-# bundles libmasa) and its venv suite (PyPI packages), the
+# pytest suite (numpy and PyTorch) and its venv suite (PyPI packages), the
 # Rust crates' cargo tests, all against
 # the library in ./build, and the hardening checks (ASan+UBSan suite, TSan,
 # valgrind, a bounded fuzz run; scripts/hardening.sh), then prints one total
