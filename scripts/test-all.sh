@@ -23,6 +23,12 @@ echo "== Python tests (pytest)"
 MASA_LIBRARY="$ROOT/build/lib/libmasa.so" \
     /usr/bin/python3 -m pytest -q bindings/python/tests | tee "$LOGS/py.log"
 
+echo "== Python wheel (pip builds bindings/python with meson-python, ~1 min)"
+# Builds the wheel offline from the wheelhouse of install-deps.sh, installs
+# it in a fresh venv and trains through masa.torch from outside the checkout
+# with no MASA_LIBRARY: the bundled library must be the one loaded.
+/usr/bin/python3 -m pytest -q bindings/python/tests_wheel | tee "$LOGS/wheel.log"
+
 echo "== Python venv tests (pytest in the venv of install-deps.sh)"
 # bindings/python/tests_venv needs PyPI packages (safetensors, torch 2.x,
 # transformers, ...) that only the venv has; MASA_NO_VENV=1 skips it.
@@ -48,7 +54,7 @@ if [ "${MASA_QUICK:-0}" != 1 ]; then
 fi
 
 c=$(awk '/^Ok:/{print $2}' "$LOGS/c.log")
-py=$(cat "$LOGS/py.log" "$LOGS/venv.log" | grep -Eo '[0-9]+ passed' |
+py=$(cat "$LOGS/py.log" "$LOGS/wheel.log" "$LOGS/venv.log" | grep -Eo '[0-9]+ passed' |
      awk '{s+=$1} END{print s+0}')
 rs=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOGS/rust.log" |
      awk '{s+=$4} END{print s+0}')
