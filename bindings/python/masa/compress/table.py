@@ -24,7 +24,7 @@ import numpy as np
 
 RATIOS = (0.1, 0.2, 0.3)
 METHOD_ORDER = ("svd", "svd-llm", "pca", "pca-kl", "pca-dp", "full", "full+heal")
-RUN_ORDER = ("svd-llm", "full", "pca-dp", "pca", "pca-kl", "svd", "full+heal")
+RUN_ORDER = ("svd-llm", "full", "full+heal", "pca-dp", "pca", "pca-kl", "svd")
 LABELS = {
     "dense": "dense (transformers)", "dense-libmasa": "dense through libmasa",
     "svd": "truncated SVD (per layer)", "svd-llm": "SVD-LLM (whitened, per layer)",
@@ -155,6 +155,8 @@ class Runner:
 
             results, report["healing"] = heal(self.model, self.tok, results, steps=heal_steps,
                                               lr=self.args.heal_lr, seq_len=self.args.heal_seq,
+                                              heldout=self.args.heal_heldout,
+                                              eval_every=self.args.heal_eval_every,
                                               context=self.context, progress=self.log)
             config["healed"] = True
         report["seconds"]["total"] = time.perf_counter() - t0
@@ -267,14 +269,24 @@ def write_report(out):
                     s += f", captured energy {info['captured_energy']:.1%}"
                 if "rank" in info and "relative_error" not in info:
                     s += f", rank {info['rank']}"
-                if "atom_share" in info:
-                    s += f", atom share of budget {info['atom_share']}"
+                if "whitened_relative_error" in info:
+                    s += f", whitened relative error {info['whitened_relative_error']:.4f}"
+                if "grid" in info:
+                    s += " (tried: " + ", ".join(
+                        f"{g['atoms_total']} atoms/rank {g['rank']}: {g['whitened_relative_error']:.4f}"
+                        for g in info["grid"]) + ")"
                 if "relative_error" in info:
                     s += f"rank {info['rank']}, relative error {info['relative_error']:.3f} (whitened for SVD-LLM)"
                 parts.append(s)
             heal = rep.get("healing")
-            extra = (f"; healing {heal['steps']} steps, {heal['tokens']} tokens, {heal['seconds']:.0f} s"
-                     if heal else "")
+            extra = ""
+            if heal:
+                extra = (f"; healing {heal['steps']} steps of {heal['batch']} x {heal['seq_len']} tokens "
+                         f"({heal['tokens']:,} tokens), lr {heal['lr']:g}, {heal['seconds']:.0f} s")
+                if heal.get("heldout_curve"):
+                    extra += (f"; held-out loss ({heal['heldout_sequences']} calibration sequences) "
+                              + ", ".join(f"step {s}: {v:.4f}" for s, v in heal["heldout_curve"])
+                              + f"; kept step {heal['best_step']}")
             lines.append(f"- **{name}**: " + "; ".join(parts) + extra)
     speed = []
     for name, label in (("dense", "dense, transformers"), ("dense-libmasa", "dense, libmasa")):
@@ -353,9 +365,12 @@ def main(argv=None):
     ap.add_argument("--window-step", type=int, default=1,
                     help="score every k-th of the recipe's 40 windows (1 = all; the dense rows "
                          "use the same windows)")
-    ap.add_argument("--heal-steps", type=int, default=30)
-    ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--heal-steps", type=int, default=40)
+    ap.add_argument("--heal-lr", type=float, default=1e-5)
     ap.add_argument("--heal-seq", type=int, default=256)
+    ap.add_argument("--heal-heldout", type=int, default=8,
+                    help="calibration sequences kept out of healing to choose its step count")
+    ap.add_argument("--heal-eval-every", type=int, default=10)
     ap.add_argument("--all-libmasa", action="store_true",
                     help="evaluate every entry through libmasa too (default: the full method only)")
     ap.add_argument("--no-speed", action="store_true")
