@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from . import compress_model, save
+from . import attention_weights, compress_model, methods, save
 from .methods import METHODS
 
 
@@ -88,6 +88,11 @@ def main(argv=None):
     source = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     log(f"compressing attention: method {args.method}, "
         + ("explicit plan" if plan else f"{args.removed:.0%} removed"))
+    if plan is not None:
+        try:  # a bad plan fails before any work, with the plan's own message
+            methods.parse_plan(plan, attention_weights(model))
+        except (ValueError, KeyError, TypeError) as exc:
+            ap.error(f"--plan: {exc}")
     results, config, report = compress_model(
         model, tok, args.method, args.removed, source=source,
         calib_sequences=args.calib_sequences, calib_len=args.calib_len,

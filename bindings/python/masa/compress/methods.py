@@ -148,18 +148,9 @@ def _whitened_spectrum(e, c):
     """Squared singular values of R^T E (C = R R^T, with the residual's
     jitter rule): the whitened error of keeping rank r is the sum past r.
     Planning only (numpy float64); the factors come from core.residual."""
-    from .core import JITTERS
+    from .core import ref_cholesky
 
-    c = np.asarray(c, dtype=np.float64)
-    mean_diag = float(np.mean(np.diag(c)))
-    for t in (0.0,) + JITTERS:
-        try:
-            r = np.linalg.cholesky(c + t * mean_diag * np.eye(len(c)))
-            break
-        except np.linalg.LinAlgError:
-            continue
-    else:
-        raise ValueError("calibration matrix not positive definite even with jitter")
+    r, _ = ref_cholesky(c)
     return np.linalg.svd(r.T @ np.asarray(e, dtype=np.float64), compute_uv=False) ** 2
 
 

@@ -222,7 +222,15 @@ def write_report(out):
              f"Calibration: {calib_text(e)} from the gaps between "
              "the evaluation windows (no overlap). Parameters: attention projections only "
              "(q, k, v, o of 30 layers; dense 26,542,080). Each projection type gets the same "
-             "fraction of its dense count as budget. Written by `python -m masa.compress.table`.", ""]
+             "fraction of its dense count as budget. Written by `python -m masa.compress.table`.", "",
+             "The full method, exactly: per projection type, T atoms in the consecutive groups the "
+             "DP planner chooses for T atoms' worth of parameters (Matrix PCA of the unwhitened "
+             "weights), plus, in every layer, the whitened low-rank residual (SVD-LLM's step on "
+             "W_l - W^_l) at the rank the rest of the budget buys; T is the count with the least "
+             "whitened calibration error sum_l ||X_l (W_l - W~_l)||^2 / sum_l ||X_l W_l||^2 among "
+             "0, 3, 6, 10, 15, 20, 25 and the neighbours of the best (T = 0 is SVD-LLM exactly). "
+             "Healing fine-tunes the full method's atoms, coefficients and factors on calibration "
+             "text and keeps the step with the lowest loss on held-out calibration sequences.", ""]
     base = e.get("dense", {}).get("ppl")
     if "dense" in e:
         lines.append(f"- dense, transformers attention: ppl **{e['dense']['ppl']:.4f}**")
