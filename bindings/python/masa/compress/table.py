@@ -68,6 +68,8 @@ class Runner:
                  f"torch {torch.__version__}, {self.args.threads} threads")
 
     def restore(self):
+        if self.model is None:  # setup failed: nothing to restore
+            return
         import torch
 
         from .. import hf
@@ -174,7 +176,8 @@ class Runner:
         self.restore()
         # the libmasa path once (full method, 20%): it must agree with the
         # materialised one; --all-libmasa for every entry
-        if (method == "full" and ratio == 0.2) or self.args.all_libmasa:
+        if ((method == "full" and ratio == 0.2 and not self.args.no_libmasa_check)
+                or self.args.all_libmasa):
             _, _, info = load_compressed(d, path="libmasa", model=self.model, tokenizer=self.tok,
                                          context=self.context, keep_original=True)
             if info["path"] == "libmasa":
@@ -186,8 +189,8 @@ class Runner:
         self.record(name, entry)
 
 
-def load_entries(out):
-    runs = os.path.join(out, "runs")
+def load_entries(out, sub="runs"):
+    runs = os.path.join(out, sub)
     entries = {}
     if os.path.isdir(runs):
         for f in sorted(os.listdir(runs)):
@@ -238,22 +241,36 @@ def write_report(out):
         dl = e["dense-libmasa"]["ppl"]
         lines.append(f"- dense, libmasa attention: ppl **{dl:.4f}**"
                      + (f" (relative difference {abs(dl - base) / base:.1e})" if base else ""))
+    # rows not rerun on this run's windows come from runs-previous/ (an
+    # earlier run on fewer windows), each against the dense model on its own
+    # windows
+    prev = load_entries(out, "runs-previous")
+    bases = {x["window_step"]: x["ppl"] for x in (prev.get("dense"), e.get("dense")) if x}
+    if prev.get("dense"):
+        ps = prev["dense"]["window_step"]
+        lines.append(f"- rows marked * are from an earlier run (results/pretrained/runs-previous) "
+                     f"that scored every {ps}th window ({len(range(0, 40, ps))} windows x 511 "
+                     f"tokens): dense on those windows {prev['dense']['ppl']:.4f}; their ratio is "
+                     "to that")
     lines.append("")
-    lines.append("| method | removed target | params kept | removed actual | ppl (materialised) "
-                 "| ppl (libmasa) | ppl / dense |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| method | removed target | params kept | removed actual | windows "
+                 "| ppl (materialised) | ppl (libmasa) | ppl / dense |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for ratio in RATIOS:
         for m in METHOD_ORDER:
             name = f"{m}-{int(round(ratio * 100))}"
-            if name not in e:
+            x = e.get(name) or prev.get(name)
+            if x is None:
                 continue
-            x = e[name]
+            star = "" if name in e else " *"
+            ws = x.get("window_step", 1)
+            b = bases.get(ws)
             rep = x["report"]
             p_mat = x["materialised"]["ppl"]
             p_lib = x.get("libmasa", {}).get("ppl")
-            lines.append(f"| {LABELS[m]} | {ratio:.0%} | {rep['attention_params_kept']:,} | "
-                         f"{rep['removed_actual']:.3%} | {p_mat:.3f} | {_fmt(p_lib, 3)} | "
-                         f"{_fmt(p_mat / base if base else None, 3)} |")
+            lines.append(f"| {LABELS[m]}{star} | {ratio:.0%} | {rep['attention_params_kept']:,} | "
+                         f"{rep['removed_actual']:.3%} | {len(range(0, 40, ws))} | {p_mat:.3f} | "
+                         f"{_fmt(p_lib, 3)} | {_fmt(p_mat / b if b else None, 3)} |")
     for ratio in RATIOS:
         r = int(round(ratio * 100))
         dp = e.get(f"pca-dp-{r}")
@@ -265,9 +282,9 @@ def write_report(out):
     for ratio in RATIOS:
         for m in ("pca", "pca-kl", "pca-dp", "full", "full+heal", "svd", "svd-llm"):
             name = f"{m}-{int(round(ratio * 100))}"
-            if name not in e:
+            if name not in e and name not in prev:
                 continue
-            rep = e[name]["report"]
+            rep = (e.get(name) or prev[name])["report"]
             parts = []
             for p, info in rep["per_projection"].items():
                 s = f"{p}: "
@@ -284,7 +301,8 @@ def write_report(out):
                         f"{g['atoms_total']} atoms/rank {g['rank']}: {g['whitened_relative_error']:.4f}"
                         for g in info["grid"]) + ")"
                 if "relative_error" in info:
-                    s += f"rank {info['rank']}, relative error {info['relative_error']:.3f} (whitened for SVD-LLM)"
+                    s += (f"rank {info['rank']}, relative error {info['relative_error']:.4f}"
+                          + (" (whitened)" if m == "svd-llm" else " (Frobenius)"))
                 parts.append(s)
             heal = rep.get("healing")
             extra = ""
@@ -325,10 +343,10 @@ def write_report(out):
                 lines.append(f"| {label} | {t[key]['prefill_tokens_per_s']:.0f} | "
                              f"{t[key]['decode_ms_per_token']:.1f} |")
     write_atomic(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
-    plot(e, base, os.path.join(out, "ppl_vs_compression.png"), len(range(0, 40, step)))
+    plot(e, base, os.path.join(out, "ppl_vs_compression.png"), len(range(0, 40, step)), prev)
 
 
-def plot(e, base, path, n_windows):
+def plot(e, base, path, n_windows, prev=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,14 +354,17 @@ def plot(e, base, path, n_windows):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in METHOD_ORDER:
-        xs, ys = [], []
-        for ratio in RATIOS:
-            name = f"{m}-{int(round(ratio * 100))}"
-            if name in e:
-                xs.append(100 * e[name]["report"]["removed_actual"])
-                ys.append(e[name]["materialised"]["ppl"])
-        if xs:
-            ax.plot(xs, ys, marker="o", label=LABELS[m])
+        for source, style in ((e, "-"), (prev or {}, ":")):
+            xs, ys = [], []
+            for ratio in RATIOS:
+                name = f"{m}-{int(round(ratio * 100))}"
+                if name in source and (source is e or name not in e):
+                    xs.append(100 * source[name]["report"]["removed_actual"])
+                    ys.append(source[name]["materialised"]["ppl"])
+            if xs:
+                ws = len(range(0, 40, source[name].get("window_step", 1))) if source is not e else None
+                ax.plot(xs, ys, marker="o", ls=style,
+                        label=LABELS[m] + (f" ({ws} windows, earlier run)" if ws else ""))
     if base:
         ax.axhline(base, color="k", ls="--", lw=1, label=f"dense ({base:.2f})")
     ax.set_yscale("log")
@@ -382,6 +403,9 @@ def main(argv=None):
     ap.add_argument("--all-libmasa", action="store_true",
                     help="evaluate every entry through libmasa too (default: the full method only)")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--no-libmasa-check", action="store_true",
+                    help="skip the full method's 20%% evaluation through libmasa (by default it "
+                         "is scored both ways)")
     ap.add_argument("--skip-dense", action="store_true",
                     help="leave the dense rows to another run (several runs may share --out, "
                          "each with its own --methods/--ratios)")
