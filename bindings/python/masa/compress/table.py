@@ -29,7 +29,8 @@ LABELS = {
     "dense": "dense (transformers)", "dense-libmasa": "dense through libmasa",
     "svd": "truncated SVD (per layer)", "svd-llm": "SVD-LLM (whitened, per layer)",
     "pca": "Matrix PCA, one group", "pca-kl": "Matrix PCA, KL-drift groups",
-    "pca-dp": "Matrix PCA, DP groups", "full": "full: DP groups + whitened residual",
+    "pca-dp": "Matrix PCA, DP groups",
+    "full": "full: atoms (count by whitened calibration error) + whitened residual",
     "full+heal": "full + healing",
 }
 
