@@ -409,7 +409,9 @@ MASA_API masa_status masa_model_dense(const masa_model *model,
  * and table row, or masa_layer_set_dense(), and masa_layer_set_lowrank()
  * with its term (or masa_layer_remove_lowrank() when it has none), all
  * wrapping the model's memory. Projections the model does not cover are
- * left as they are. The layer must have been created with the matching
+ * left as they are, and so is the base of a "lowrank" projection (only its
+ * term is set: apply such a model to a fresh layer, whose base is unset, for
+ * W = A B alone). The layer must have been created with the matching
  * shapes (masa_layer_projection_shape equal to the model's d_in x d_out).
  * Errors: NULL_ARGUMENT; OUT_OF_RANGE (layer_index); BAD_SHAPE (shapes
  * differ: the message names the projection); errors of the set functions

@@ -123,12 +123,12 @@ extern "C" {
  * ====================================================================== */
 
 #define MASA_VERSION_MAJOR 0
-#define MASA_VERSION_MINOR 1
+#define MASA_VERSION_MINOR 2
 #define MASA_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define MASA_VERSION_NUMBER \
     (MASA_VERSION_MAJOR * 10000 + MASA_VERSION_MINOR * 100 + MASA_VERSION_PATCH)
-#define MASA_VERSION_STRING "0.1.0"
+#define MASA_VERSION_STRING "0.2.0"
 
 /* Version of the library actually loaded (compare with MASA_VERSION_NUMBER). */
 MASA_API unsigned masa_version_number(void);

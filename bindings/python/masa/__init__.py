@@ -54,7 +54,7 @@ from .errors import (
 from .decode import KVCache
 from .layer import Layer, Reserve, WeightPolicy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 # The C API version this binding was written for.
 __c_api_version__ = f"{EXPECTED_MAJOR}.{EXPECTED_MINOR}"
 

@@ -49,7 +49,7 @@ from .errors import (
 
 # The C API version this binding was written for (masa.h).
 EXPECTED_MAJOR = 0
-EXPECTED_MINOR = 1
+EXPECTED_MINOR = 2
 EXPECTED_VERSION_NUMBER = EXPECTED_MAJOR * 10000 + EXPECTED_MINOR * 100
 
 NUM_PROJECTIONS = 4

@@ -32,7 +32,7 @@ def version_number() -> int:
 
 
 def version() -> str:
-    """masa_version_string() of the loaded library, e.g. "0.1.0"."""
+    """masa_version_string() of the loaded library, e.g. "0.2.0"."""
     return _lib.lib().masa_version_string().decode()
 
 

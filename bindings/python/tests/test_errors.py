@@ -376,9 +376,16 @@ def test_masa_library_env_is_used():
     assert r.stdout.strip() == _lib.library_path()
 
 
+_NEEDED = _lib.EXPECTED_MAJOR * 10000 + _lib.EXPECTED_MINOR * 100
+
+
 @pytest.mark.parametrize("number,ok", [
-    (100, True), (101, True), (199, True), (300, True),
-    (0, False), (99, False), (10100, False),
+    # the needed minor, a later patch or minor: accepted
+    (_NEEDED, True), (_NEEDED + 1, True), (_NEEDED + 99, True),
+    (_NEEDED + 100, True),
+    # an older minor, nothing, another major: refused
+    (0, False), (_NEEDED - 1, False), (_NEEDED - 100, False),
+    (_NEEDED + 10000, False),
 ])
 def test_version_check(number, ok):
     if ok:

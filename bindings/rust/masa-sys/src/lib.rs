@@ -1,5 +1,5 @@
 //! Raw FFI declarations for libmasa, written by hand from `include/masa/masa.h`
-//! and `include/masa/compress.h` (version 0.1.0).
+//! and `include/masa/compress.h` (version 0.2.0).
 //!
 //! Everything here mirrors the C header one to one; the header is the
 //! reference documentation of every function (ownership, shapes, layouts,
@@ -30,14 +30,14 @@ use core::marker::{PhantomData, PhantomPinned};
 /// Major version of the header these declarations were written from.
 pub const MASA_VERSION_MAJOR: c_uint = 0;
 /// Minor version of the header these declarations were written from.
-pub const MASA_VERSION_MINOR: c_uint = 1;
+pub const MASA_VERSION_MINOR: c_uint = 2;
 /// Patch version of the header these declarations were written from.
 pub const MASA_VERSION_PATCH: c_uint = 0;
 /// `MAJOR * 10000 + MINOR * 100 + PATCH`.
 pub const MASA_VERSION_NUMBER: c_uint =
     MASA_VERSION_MAJOR * 10000 + MASA_VERSION_MINOR * 100 + MASA_VERSION_PATCH;
 /// `"MAJOR.MINOR.PATCH"`.
-pub const MASA_VERSION_STRING: &str = "0.1.0";
+pub const MASA_VERSION_STRING: &str = "0.2.0";
 
 // ---------------------------------------------------------------------------
 // Errors

@@ -404,7 +404,7 @@ impl<'a> Calibration<'a> {
     /// `C += X^T X` for the rows of `x` (`n_rows x dim`, row-major; its
     /// length must be a multiple of `dim`).
     pub fn accumulate(&mut self, x: &[f32]) -> Result<()> {
-        if x.len() % self.dim != 0 {
+        if !x.len().is_multiple_of(self.dim) {
             return Err(Error::binding(
                 Status::BadShape,
                 format!(

@@ -492,6 +492,10 @@ impl<'c> Model<'c> {
         Ok(Model { raw: NonNull::new(raw).expect("open succeeded"), ctx })
     }
 
+    pub(crate) fn as_ptr(&self) -> *const sys::masa_model {
+        self.raw.as_ptr()
+    }
+
     /// Number of layers.
     pub fn n_layers(&self) -> usize {
         let mut n = 0;

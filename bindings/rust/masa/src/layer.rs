@@ -8,6 +8,7 @@ use masa_sys as sys;
 
 use crate::context::{null_handle, Context};
 use crate::error::{check, expect_len, product, Error, Result, Status};
+use crate::io::{Model, ModelKind};
 use crate::params::{Coefficients, Dictionary};
 
 /// The four projections of an attention layer. With `dq = n_heads *
@@ -194,6 +195,10 @@ struct ProjState {
     /// Low-rank term: rank (0 = none) and the factors (owned or wrapped).
     rank: usize,
     lowrank: Option<(NonNull<f32>, NonNull<f32>)>,
+    /// The weight / the factors are a [`Model`]'s memory, shared with every
+    /// reader of the model: readable, never handed out writable.
+    weight_shared: bool,
+    lowrank_shared: bool,
 }
 
 /// An attention layer (`masa_layer`).
@@ -250,6 +255,8 @@ impl<'a> Layer<'a> {
             bias: None,
             rank: 0,
             lowrank: None,
+            weight_shared: false,
+            lowrank_shared: false,
         };
         let mut layer = Layer { raw, options: *options, proj: [unset; 4], _borrows: PhantomData };
         for p in Projection::ALL {
@@ -459,8 +466,12 @@ impl<'a> Layer<'a> {
     /// The factors of projection `which`'s low-rank term, writable (a
     /// cached MASA projection then needs [`refresh_weights`](Self::refresh_weights)).
     /// A modification of the parameters as [`weight_mut`](Self::weight_mut) is.
+    /// `None` also for factors in a [`Model`]'s memory.
     pub fn lowrank_mut(&mut self, which: Projection) -> Option<(&mut [f32], &mut [f32])> {
         let p = &self.proj[which.index()];
+        if p.lowrank_shared {
+            return None;
+        }
         if p.lowrank.is_some() {
             self.touch();
         }
@@ -520,6 +531,7 @@ impl<'a> Layer<'a> {
             )
         };
         let p = &mut self.proj[which.index()];
+        let (old_weight, old_lowrank) = (p.weight, p.lowrank);
         p.weight = if p.kind == ProjectionKind::Dense { NonNull::new(w) } else { None };
         p.bias = NonNull::new(b);
         p.rank = rank;
@@ -527,6 +539,57 @@ impl<'a> Layer<'a> {
             (Some(a), Some(b)) if rank > 0 => Some((a, b)),
             _ => None,
         };
+        // Memory that changed is no longer the model's.
+        p.weight_shared &= p.weight.is_some() && p.weight == old_weight;
+        p.lowrank_shared &= p.lowrank.is_some() && p.lowrank == old_lowrank;
+    }
+
+    /// Sets every projection `model` covers as its layer `layer_index` has
+    /// it (`masa_model_apply`): MASA projections over the model's
+    /// dictionaries and tables, dense weights and low-rank factors over its
+    /// memory (nothing is copied); projections the model does not cover are
+    /// left as they are, and so is the base of a "lowrank" projection (a
+    /// fresh layer's is unset: the projection is then `A B` alone). The layer borrows the model for `'a`, so the model
+    /// outlives it. The model's memory is shared by every layer set from it:
+    /// [`weight`](Self::weight) and [`lowrank`](Self::lowrank) read it, while
+    /// [`weight_mut`](Self::weight_mut) and [`lowrank_mut`](Self::lowrank_mut)
+    /// return `None` for it (give the projection memory of its own with the
+    /// `set_*` functions to train it). Errors as `masa_model_apply`:
+    /// [`Status::OutOfRange`] for `layer_index`, [`Status::BadShape`] when
+    /// the layer's projection shapes differ from the model's.
+    pub fn apply_model(&mut self, model: &'a Model<'_>, layer_index: usize) -> Result<()> {
+        // SAFETY: valid handles; the model outlives the layer ('a) and the
+        // library only reads the memory it wraps (forward/backward read the
+        // layer's parameters; writers are refused below).
+        check(unsafe { sys::masa_model_apply(model.as_ptr(), layer_index, self.raw.as_ptr()) })?;
+        for which in Projection::ALL {
+            let info = model.projection(which);
+            let p = &mut self.proj[which.index()];
+            match info.kind {
+                ModelKind::Absent => continue,
+                ModelKind::Masa => {
+                    let (first, count, atoms) = info
+                        .groups
+                        .iter()
+                        .copied()
+                        .find(|&(first, count, _)| layer_index >= first && layer_index < first + count)
+                        .expect("masa_model_apply succeeded: a group holds the layer");
+                    p.kind = ProjectionKind::Masa {
+                        atoms_len: atoms * info.d_in * info.d_out,
+                        coefficients_len: count * atoms,
+                        layer_index: layer_index - first,
+                    };
+                }
+                ModelKind::Dense => p.kind = ProjectionKind::Dense,
+                // The C call sets only the term: the base stays as it was.
+                ModelKind::LowRank => {}
+            }
+            self.refresh(which);
+            let p = &mut self.proj[which.index()];
+            p.weight_shared = p.weight.is_some() && info.kind == ModelKind::Dense;
+            p.lowrank_shared = p.lowrank.is_some();
+        }
+        Ok(())
     }
 
     /// The dense weight of projection `which` (`d_in * d_out` floats), or
@@ -540,9 +603,13 @@ impl<'a> Layer<'a> {
 
     /// The dense weight of projection `which`, writable. Counts as a
     /// modification of the parameters (`masa_layer_touch`): reserves and KV
-    /// caches this layer filled before are refused afterwards.
+    /// caches this layer filled before are refused afterwards. `None` also
+    /// for a weight in a [`Model`]'s memory ([`apply_model`](Self::apply_model)).
     pub fn weight_mut(&mut self, which: Projection) -> Option<&mut [f32]> {
         let p = &self.proj[which.index()];
+        if p.weight_shared {
+            return None;
+        }
         if p.weight.is_some() {
             self.touch();
         }

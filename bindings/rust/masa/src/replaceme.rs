@@ -23,7 +23,7 @@ fn batch_rows(
     target: &[f32],
     offset: Option<&[f32]>,
 ) -> Result<usize> {
-    if x.len() % d_in != 0 {
+    if !x.len().is_multiple_of(d_in) {
         return Err(Error::binding(
             Status::BadShape,
             format!("{func}: x has {} elements, not a multiple of d_in {d_in}", x.len()),

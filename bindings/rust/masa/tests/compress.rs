@@ -130,9 +130,9 @@ fn gram_and_pca_match_reference() {
     assert_eq!(pca.rank, l);
     // the reconstruction error is the sum of the dropped eigenvalues
     let mut recon = 0.0;
-    for k in 0..l {
-        for i in 0..n {
-            let x: f64 = m[k][i] as f64
+    for (k, mk) in m.iter().enumerate().take(l) {
+        for (i, &mki) in mk.iter().enumerate().take(n) {
+            let x: f64 = mki as f64
                 - (0..s)
                     .map(|a| pca.coefficients[k * s + a] as f64 * pca.atoms[a * n + i] as f64)
                     .sum::<f64>();
@@ -206,7 +206,7 @@ fn brute(g: &[f64], l: usize, n: usize, budget: usize, fixed: Option<&[usize]>) 
                     .zip(&atoms)
                     .map(|(w, &a)| w[a..].iter().map(|x| x.max(0.0)).sum::<f64>())
                     .sum();
-                if best.map_or(true, |b| err < b) {
+                if best.is_none_or(|b| err < b) {
                     best = Some(err);
                 }
             }

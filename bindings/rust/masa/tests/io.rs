@@ -115,3 +115,86 @@ fn compressed_model() {
     drop(m);
     std::fs::remove_file(&path).unwrap();
 }
+
+/// Layer::apply_model sets a layer exactly as the same parameters set by
+/// hand (bit-identical forward), keeps the model's memory read-only, and
+/// reports a bad layer index or shape.
+#[test]
+fn apply_model_matches_layer_set_by_hand() {
+    use masa::{Layer, LayerOptions, ProjectionKind, Workspace};
+    let ctx = Context::with_threads(1).unwrap();
+    let (d, layers, s) = (8usize, 3usize, 2usize);
+    let path = tmp("apply.safetensors");
+    let mut dict = Dictionary::new(&ctx, s, d, d).unwrap();
+    dict.init_uniform(0.0, 7).unwrap();
+    let mut coef = Coefficients::new(&ctx, layers, s).unwrap();
+    coef.init_cyclic().unwrap();
+    coef.add_uniform(0.3, 8).unwrap();
+    let mut a: Vec<f32> = (0..d * 2).map(|i| (i as f32 * 0.37).sin() * 0.2).collect();
+    let mut b: Vec<f32> = (0..2 * d).map(|i| (i as f32 * 0.11).cos() * 0.2).collect();
+    let mut dense: Vec<Vec<f32>> = (0..3)
+        .map(|p| (0..d * d).map(|i| ((i + 31 * p) as f32 * 0.7).sin() * 0.3).collect())
+        .collect();
+
+    let mut w = ModelWriter::create(&ctx, &path, layers).unwrap();
+    w.add_group(Projection::Q, 0, &dict, &coef).unwrap();
+    w.add_lowrank(Projection::Q, 1, d, d, 2, &a, &b).unwrap();
+    for l in 0..layers {
+        for (p, which) in [Projection::K, Projection::V, Projection::O].into_iter().enumerate() {
+            w.add_dense(which, l, d, d, &dense[p]).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    let model = Model::open(&ctx, &path).unwrap();
+
+    let opts = LayerOptions::new(d, 2).causal(true).rope(true);
+    let mut from_model = Layer::new(&ctx, &opts).unwrap();
+    assert_eq!(from_model.apply_model(&model, layers).unwrap_err().status(), Status::OutOfRange);
+    from_model.apply_model(&model, 1).unwrap();
+    assert_eq!(
+        from_model.projection_kind(Projection::Q),
+        ProjectionKind::Masa { atoms_len: s * d * d, coefficients_len: layers * s, layer_index: 1 }
+    );
+    assert_eq!(from_model.projection_kind(Projection::O), ProjectionKind::Dense);
+    assert_eq!(from_model.lowrank_rank(Projection::Q), 2);
+    assert_eq!(from_model.weight(Projection::O).unwrap(), &dense[2][..]);
+    assert_eq!(from_model.lowrank(Projection::Q).unwrap(), (&a[..], &b[..]));
+    // The model's memory is shared: never handed out writable.
+    assert!(from_model.weight_mut(Projection::O).is_none());
+    assert!(from_model.lowrank_mut(Projection::Q).is_none());
+
+    let mut by_hand = Layer::new(&ctx, &opts).unwrap();
+    by_hand.set_masa(Projection::Q, &dict, &coef, 1).unwrap();
+    by_hand.set_lowrank(Projection::Q, 2, &mut a, &mut b).unwrap();
+    let [k, v, o] = &mut dense[..] else { unreachable!() };
+    by_hand.set_dense(Projection::K, k).unwrap();
+    by_hand.set_dense(Projection::V, v).unwrap();
+    by_hand.set_dense(Projection::O, o).unwrap();
+
+    let (batch, seq) = (2, 5);
+    let x: Vec<f32> = (0..batch * seq * d).map(|i| (i as f32 * 0.23).sin()).collect();
+    let (mut y1, mut y2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    let mut ws = Workspace::new();
+    from_model.forward(batch, seq, 0, &x, &mut y1, &mut ws, None).unwrap();
+    by_hand.forward(batch, seq, 0, &x, &mut y2, &mut ws, None).unwrap();
+    assert!(y1.iter().any(|&v| v != 0.0));
+    assert_eq!(y1, y2);
+
+    // Layer 0 has no low-rank term: applying it removes layer 1's.
+    from_model.apply_model(&model, 0).unwrap();
+    assert_eq!(from_model.lowrank_rank(Projection::Q), 0);
+    // Memory of the layer's own is writable again.
+    from_model.set_dense_owned(Projection::O).unwrap();
+    assert!(from_model.weight_mut(Projection::O).is_some());
+
+    // A layer of another width is refused, unchanged.
+    let mut wide = Layer::new(&ctx, &LayerOptions::new(2 * d, 2)).unwrap();
+    let e = wide.apply_model(&model, 0).unwrap_err();
+    assert_eq!(e.status(), Status::BadShape);
+    assert_eq!(wide.projection_kind(Projection::Q), ProjectionKind::Unset);
+    // Every layer set from the model goes before it (the borrow checker
+    // refuses the other order).
+    drop((from_model, wide, by_hand));
+    drop(model);
+    std::fs::remove_file(&path).unwrap();
+}

@@ -596,7 +596,6 @@ fn weight_policies_match_reference() {
         let mut dc = vec![0.0f32; 6];
         let mut grads = Grads::new(GradMode::Set).coefficients(Projection::Q, &mut dc);
         layer.backward(batch, seq, 0, &x, &dy, Some(&mut dx), &mut grads, &mut ws, &rs).unwrap();
-        drop(grads);
         assert_close("policy dx", &dx, &want.dx, 1e-4);
         assert_close("policy dc", &dc[3..6], &want_dc, 1e-4);
     }
