@@ -276,8 +276,9 @@ def cpu_kind():
     except OSError:
         pass
     vec = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    vendor = "Intel" if "Intel" in model else "AMD" if "AMD" in model else ""
     from masa import blis_arch
-    return f"{model}, {vec}, BLIS {blis_arch()}"
+    return f"{vendor} {vec} (BLIS {blis_arch()}; {model})".strip()
 
 
 def report(blocks, stride=1, combined=0):
