@@ -355,7 +355,12 @@ def report(blocks, stride=1, combined=0):
                   "|---|---:|---:|---:|---:|---:|---:|---:|",
                   f"| dense | 30 | {comb[0]['dense_params']:,} | 0% | {base['ppl']:.3f} | 1.000x | | |"]
         for n, r in sorted(plain_rows.items()):
-            lines.append(f"| ReplaceMe ls n = {n} | {30 - n} | | | {r['ppl']:.3f} | "
+            # the pruned model's size: its combined row's, plus what MASA removed
+            c = next((c for c in comb if c["blocks"] == n), None)
+            params = (c["params"] + c["compress"]["attention_params_dense"]
+                      - c["compress"]["attention_params_kept"]) if c else None
+            size = (f"{params:,} | {1 - params / c['dense_params']:.1%}" if c else " | ")
+            lines.append(f"| ReplaceMe ls n = {n} | {30 - n} | {size} | {r['ppl']:.3f} | "
                          f"{r['ppl'] / base['ppl']:.3f}x | | {r['eval_seconds']:.0f} |")
         for r in comb:
             removed = 1 - r["params"] / r["dense_params"]
