@@ -2,7 +2,7 @@
 # Hardening checks of libmasa (project issue #6). Run from a clone after
 # scripts/install-deps.sh and scripts/build.sh:
 #
-#   scripts/hardening.sh              all steps, fuzzing 60 s + 30 s
+#   scripts/hardening.sh              all steps, fuzzing 60 s + 30 s + 20 s
 #   FUZZ_SECONDS=600 FUZZ_ST_SECONDS=600 scripts/hardening.sh
 #   HARDENING_STEPS="asan fuzz" scripts/hardening.sh    a subset
 #
@@ -28,7 +28,9 @@
 #             of its committed corpus: tests/fuzz/fuzz_api.c for FUZZ_SECONDS
 #             (tests/fuzz/corpus), then the safetensors reader
 #             tests/fuzz/fuzz_safetensors.c for FUZZ_ST_SECONDS (default 30;
-#             tests/fuzz/corpus_safetensors); a crash is saved in
+#             tests/fuzz/corpus_safetensors), then ReplaceMe's estimators and
+#             merge tests/fuzz/fuzz_replaceme.c for FUZZ_RM_SECONDS (default
+#             20; tests/fuzz/corpus_replaceme); a crash is saved in
 #             build-hardening/ as crash-*
 # Logs go to build-hardening/<step>.log. Exits nonzero if any step fails or
 # reports anything; prints a summary at the end.
@@ -37,6 +39,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_ST_SECONDS=${FUZZ_ST_SECONDS:-30}
+FUZZ_RM_SECONDS=${FUZZ_RM_SECONDS:-20}
 STEPS=${HARDENING_STEPS:-"asan tsan valgrind pyprobes fuzz"}
 LOGS="$ROOT/build-hardening"
 mkdir -p "$LOGS"
@@ -297,6 +300,7 @@ fuzz_one() {
 if want fuzz; then
     fuzz_one fuzz_api "$FUZZ_SECONDS"
     fuzz_one fuzz_safetensors "$FUZZ_ST_SECONDS"
+    fuzz_one fuzz_replaceme "$FUZZ_RM_SECONDS"
 fi
 
 echo

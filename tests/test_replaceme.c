@@ -698,6 +698,64 @@ START_TEST(test_cosine_errors)
 }
 END_TEST
 
+/* Finite inputs so large that x T overflows float32, and a learning rate
+ * so large that the step would: refused, T and Adam's state unchanged (a
+ * fit refused part-way restores them). */
+START_TEST(test_cosine_overflow)
+{
+    masa_context *ctx = make_ctx(1);
+    masa_cosine_options opt;
+    masa_cosine_options_init(&opt);
+    opt.learning_rate = 0.5f;
+    opt.epochs = 3;
+    opt.batch_rows = 1;
+    masa_cosine_estimator *est;
+    TU_OK(masa_cosine_estimator_create(ctx, 2, 2, &opt, &est));
+    /* row 0 is harmless for T = I; once T's off-diagonal grows, x T of
+     * row 1 (3e38 + 3e38 T_10) overflows */
+    float x[4] = {1, 2, 3e38f, 3e38f}, y[4] = {1, 2, 3, 1};
+    float t0[4], t1[4], t2[4];
+    double loss;
+    uint64_t steps;
+    TU_OK(masa_cosine_estimator_step(est, 1, x, y, NULL, &loss));
+    TU_OK(masa_cosine_estimator_step(est, 1, x + 2, y + 2, NULL, &loss));
+    TU_OK(masa_cosine_estimator_transform(est, t0));
+    ck_assert_int_eq(masa_cosine_estimator_loss(est, 1, x + 2, y + 2, NULL, &loss),
+                     MASA_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(masa_cosine_estimator_step(est, 1, x + 2, y + 2, NULL, NULL),
+                     MASA_ERROR_INVALID_ARGUMENT);
+    TU_OK(masa_cosine_estimator_transform(est, t1));
+    ck_assert(memcmp(t0, t1, sizeof t0) == 0);
+    TU_OK(masa_cosine_estimator_steps(est, &steps));
+    ck_assert_uint_eq(steps, 2);
+    /* a fit from I takes a step on each row; the second overflows */
+    float eye[4] = {1, 0, 0, 1};
+    TU_OK(masa_cosine_estimator_set_transform(est, eye));
+    double epoch_loss[3];
+    ck_assert_int_eq(masa_cosine_estimator_fit(est, 2, x, y, NULL, epoch_loss),
+                     MASA_ERROR_INVALID_ARGUMENT);
+    TU_OK(masa_cosine_estimator_transform(est, t2));
+    ck_assert(memcmp(t2, eye, sizeof eye) == 0);
+    TU_OK(masa_cosine_estimator_steps(est, &steps));
+    ck_assert_uint_eq(steps, 0);
+    masa_cosine_estimator_destroy(est);
+
+    /* a learning rate that overflows T itself */
+    opt.learning_rate = 3e38f;
+    TU_OK(masa_cosine_estimator_create(ctx, 2, 2, &opt, &est));
+    float tb[4] = {-3e38f, 0, 0, 1};
+    TU_OK(masa_cosine_estimator_set_transform(est, tb));
+    float xs[2] = {1, 0}, ys[2] = {0, 1};
+    ck_assert_int_eq(masa_cosine_estimator_step(est, 1, xs, ys, NULL, NULL),
+                     MASA_ERROR_INVALID_ARGUMENT);
+    ck_assert(strstr(masa_last_error(), "learning rate") != NULL);
+    TU_OK(masa_cosine_estimator_transform(est, t1));
+    ck_assert(memcmp(t1, tb, sizeof tb) == 0);
+    masa_cosine_estimator_destroy(est);
+    masa_context_destroy(ctx);
+}
+END_TEST
+
 /* ---- merge ---- */
 
 START_TEST(test_merge_layouts)
@@ -796,6 +854,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_cosine_fit);
     tcase_add_test(tc, test_cosine_zero_rows);
     tcase_add_test(tc, test_cosine_errors);
+    tcase_add_test(tc, test_cosine_overflow);
     tcase_add_test(tc, test_merge_layouts);
     suite_add_tcase(s, tc);
     return s;

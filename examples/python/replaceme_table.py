@@ -8,9 +8,15 @@ calibration sequences lie between those windows.
     PYTHONPATH=bindings/python ~/.cache/libmasa/venv/bin/python \\
         examples/python/replaceme_table.py [--calib-seqs 24] [--threads 2]
 
-Resumable: every finished row is results/replaceme/runs/<name>.json and is
-kept when the command runs again (--fresh recomputes); activations are cached
-in ~/.cache/libmasa/replaceme/ (not in the repository). Writes table.md.
+Resumable: every finished row is results/replaceme/runs/<name>.json
+(runs-stride<k>/ for --window-stride k > 1) and is kept when the command runs
+again (--fresh recomputes); activations are cached in
+~/.cache/libmasa/replaceme/ (not in the repository). Writes table.md
+(table-stride<k>.md).
+
+--combined N adds the combined rows: MASA compression of the attention at 20%
+(masa.compress's "full" method through its public compress_model) of the
+dense model, and of the model after ReplaceMe least squares removed N blocks.
 """
 
 from __future__ import annotations
@@ -37,13 +43,32 @@ CACHE = Path.home() / ".cache" / "libmasa" / "replaceme"
 # were made for calibration sets of millions of rows; on 12,288 rows they
 # give 120 steps, and Adam moves each entry of T by at most about lr per
 # step, so lr 1e-3 and 20 epochs here (240 steps).
+#
+# objective "full": 1 - cos(Y + M T, L), the reference repository's
+# `accurate: True`; "residual": 1 - cos(M T, L - Y), its default
+# (`accurate: False`, ReplaceMe/cosine_dist.py). See cosine_study.md.
 COSINE = {
     "cosine": dict(epochs=20, learning_rate=1e-3, batch_rows=1024, seed=0),
     "cosine-ref": dict(epochs=10, learning_rate=1e-4, batch_rows=1024, seed=0),
     # the same Adam, started from the least-squares T instead of I
     "cosine-from-ls": dict(epochs=10, learning_rate=1e-4, batch_rows=1024, seed=0),
+    # the reference's default objective with its settings
+    "cosine-resid": dict(epochs=10, learning_rate=1e-4, batch_rows=1024, seed=0),
+    # about 2,000 steps: near convergence on 12,288 rows
+    "cosine-conv": dict(epochs=160, learning_rate=1e-3, batch_rows=1024, seed=0),
+    "cosine-resid-conv": dict(epochs=160, learning_rate=1e-3, batch_rows=1024, seed=0),
 }
+OBJECTIVE = {"cosine-resid": "residual", "cosine-resid-conv": "residual"}
 METHODS = ["plain", "ls", "cosine"]
+COMBINED = {"masa20": 0.2}  # attention fraction removed by masa.compress "full"
+
+
+def runs_dir(stride):
+    return OUT / ("runs" if stride == 1 else f"runs-stride{stride}")
+
+
+def table_path(stride):
+    return OUT / ("table.md" if stride == 1 else f"table-stride{stride}.md")
 
 
 def write_json(path, obj):
@@ -63,12 +88,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--window-stride", type=int, default=1,
                     help="score every k-th of the 40 evaluation windows (1: the full recipe)")
+    ap.add_argument("--combined", type=int, default=0,
+                    help="also the combined rows for this n (ReplaceMe ls, then MASA at 20%%)")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     blocks = [int(v) for v in args.blocks.split(",")]
     methods = args.methods.split(",")
-    runs = OUT / "runs"
+    runs = runs_dir(args.window_stride)
     runs.mkdir(parents=True, exist_ok=True)
     calib = {"sequences": args.calib_seqs, "tokens_per_sequence": args.calib_len,
              "tokens": args.calib_seqs * args.calib_len, "window_stride": args.window_stride}
@@ -114,8 +141,8 @@ def main():
             return CACHE / f"acts-s{start}-n{n}-c{args.calib_seqs}x{args.calib_len}.npz"
 
         # one forward pass collects Y, M, L for every span still needing them
-        need = [(span_of(n)[0], n) for n in blocks
-                if any(m != "plain" and not done(f"n{n}-{m}") for m in methods)
+        need = [(span_of(n)[0], n) for n in blocks + ([args.combined] if args.combined else [])
+                if any(m != "plain" and not done(f"n{n}-{m}") for m in methods + ["ls+masa20"])
                 and not cache_of(span_of(n)[0], n).exists()]
         if need:
             t = time.monotonic()
@@ -152,10 +179,16 @@ def main():
                     if m == "cosine-from-ls":
                         est = core.LinearEstimator(acts["M"].shape[1], acts["L"].shape[1], ctx)
                         init = est.accumulate(acts["M"], acts["L"], acts["Y"]).solve(0.0)
-                    transform, losses = rm.estimate_cosine(acts["Y"], acts["M"], acts["L"],
-                                                           ctx, init=init, **COSINE[m])
+                    objective = OBJECTIVE.get(m, "full")
+                    if objective == "full":
+                        transform, losses = rm.estimate_cosine(
+                            acts["Y"], acts["M"], acts["L"], ctx, init=init, **COSINE[m])
+                    else:  # cos(M T, L - Y): no offset, the residual as target
+                        transform, losses = rm.estimate_cosine(
+                            None, acts["M"], np.ascontiguousarray(acts["L"] - acts["Y"]), ctx,
+                            init=init, **COSINE[m])
                     row["rows"] = len(acts["M"])
-                    row["cosine"] = COSINE[m]
+                    row["cosine"] = dict(COSINE[m], objective=objective)
                     row["cosine_epoch_loss"] = [float(v) for v in losses]
                 if transform is not None:
                     row["estimate_seconds"] = time.monotonic() - t
@@ -171,7 +204,64 @@ def main():
                 rm.log(f"n = {n} {m}: ppl {row['ppl']:.3f}")
                 del pruned
                 write_json(runs / f"n{n}-{m}.json", row)
-    report(sorted(blocks))
+        if args.combined:
+            combined_rows(args, model, tok, tokens, ev, ctx, calib, done, span_of, cache_of, runs)
+    report(sorted(blocks), args.window_stride, args.combined)
+
+
+def n_params(model):
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def compress_attention(model, tok, removed, ctx, source):
+    """masa.compress's "full" method (public entry point) on a loaded model,
+    written back as dense weights; returns the compression report."""
+    from masa import compress
+
+    results, _, rep = compress.compress_model(model, tok, "full", removed, source=source,
+                                              context=ctx, progress=rm.log)
+    compress.materialise_results(model, results)
+    return rep
+
+
+def combined_rows(args, model, tok, tokens, ev, ctx, calib, done, span_of, cache_of, runs):
+    """MASA at 20% of the attention alone (n = 0), and after ReplaceMe ls
+    removed args.combined blocks."""
+    n = args.combined
+    start, d = span_of(n)
+    dense = n_params(model)
+    for name, removed in COMBINED.items():
+        for pre in (None, "ls"):
+            key = name if pre is None else f"n{n}-{pre}+{name}"
+            if done(key):
+                continue
+            row = {"blocks": 0 if pre is None else n, "method": key, "calibration": calib,
+                   "attention_removed_target": removed, "dense_params": dense}
+            work = copy.deepcopy(model)
+            t = time.monotonic()
+            if pre == "ls":
+                z = np.load(cache_of(start, n))
+                est = core.LinearEstimator(z["M"].shape[1], z["L"].shape[1], ctx)
+                transform = est.accumulate(z["M"], z["L"], z["Y"]).solve(0.0)
+                rm.remove_blocks(work, start, n, transform, ctx)
+                row.update(start=start, end=start + n, distance=d[start],
+                           collect_seconds=float(z["seconds"]))
+                del z
+            row["estimate_seconds"] = time.monotonic() - t
+            t = time.monotonic()
+            rep = compress_attention(work, tok, removed, ctx,
+                                     source="smollm2" if pre is None else f"smollm2, ReplaceMe {pre} n={n}")
+            row["compress_seconds"] = time.monotonic() - t
+            row["compress"] = {k: rep[k] for k in ("attention_params_dense", "attention_params_kept",
+                                                   "removed_actual", "core")}
+            row["params"] = n_params(work) - (rep["attention_params_dense"]
+                                              - rep["attention_params_kept"])
+            t = time.monotonic()
+            row["ppl"] = rm.perplexity(work, tokens, ev, progress=f"ppl {key}")
+            row["eval_seconds"] = time.monotonic() - t
+            rm.log(f"{key}: ppl {row['ppl']:.3f}")
+            del work
+            write_json(runs / f"{key}.json", row)
 
 
 def cpu_kind():
@@ -186,16 +276,20 @@ def cpu_kind():
     except OSError:
         pass
     vec = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    vendor = "Intel" if "Intel" in model else "AMD" if "AMD" in model else ""
     from masa import blis_arch
-    return f"{model}, {vec}, BLIS {blis_arch()}"
+    return f"{vendor} {vec} (BLIS {blis_arch()}; {model})".strip()
 
 
-def report(blocks):
+def report(blocks, stride=1, combined=0):
     """table.md from the runs: the main methods (pending when missing), then
-    any extra cosine variant that was run."""
+    any extra cosine variant that was run, then the combined rows."""
     methods = list(dict.fromkeys(METHODS + list(COSINE)))
-    runs = OUT / "runs"
+    runs = runs_dir(stride)
     base = json.loads((runs / "base.json").read_text())
+    # every n with a row in the runs, not only this invocation's
+    blocks = sorted(set(blocks) | {int(p.name[1:].split("-")[0]) for p in runs.glob("n*-*.json")
+                                   if "masa" not in p.name})
     stride = base["calibration"].get("window_stride", 1)
     windows = len(range(0, 40, stride))
     lines = [
@@ -242,8 +336,39 @@ def report(blocks):
               "1 - mean cos(Y + M T, L) from T = I, " + json.dumps(COSINE["cosine"]) +
               "; cosine-ref (where present): the reference repository's settings " +
               json.dumps(COSINE["cosine-ref"]) + "; cosine-from-ls (where present): "
-              "those settings started from the ls solution.", ""]
-    (OUT / "table.md").write_text("\n".join(lines))
+              "those settings started from the ls solution; cosine-resid (where present): the "
+              "reference repository's default objective 1 - cos(M T, L - Y) with its settings; "
+              "-conv: " + json.dumps(COSINE["cosine-conv"]) + " (about 2,000 Adam steps).", ""]
+    comb = [json.loads(p.read_text()) for p in sorted(runs.glob("*masa*.json"))]
+    if comb:
+        plain_rows = {n: json.loads((runs / f"n{n}-ls.json").read_text())
+                      for n in {r["blocks"] for r in comb if r["blocks"]}
+                      if (runs / f"n{n}-ls.json").exists()}
+        lines += ["## Combined: ReplaceMe, then MASA compression of the remaining attention", "",
+                  "masa20: masa.compress's full method (DP groups + whitened residual, its public "
+                  "compress_model, 16 x 512 calibration tokens of its own, from the gaps between "
+                  "the evaluation windows) removing 20% of the attention parameters, written back "
+                  "as dense weights; ls+masa20: the same after ReplaceMe least squares removed n "
+                  "blocks. Parameters: the whole model's (dense "
+                  f"{comb[0]['dense_params']:,}; embeddings tied).", "",
+                  "| model | blocks | params | removed | ppl | vs dense | compress s | eval s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| dense | 30 | {comb[0]['dense_params']:,} | 0% | {base['ppl']:.3f} | 1.000x | | |"]
+        for n, r in sorted(plain_rows.items()):
+            # the pruned model's size: its combined row's, plus what MASA removed
+            c = next((c for c in comb if c["blocks"] == n), None)
+            params = (c["params"] + c["compress"]["attention_params_dense"]
+                      - c["compress"]["attention_params_kept"]) if c else None
+            size = (f"{params:,} | {1 - params / c['dense_params']:.1%}" if c else " | ")
+            lines.append(f"| ReplaceMe ls n = {n} | {30 - n} | {size} | {r['ppl']:.3f} | "
+                         f"{r['ppl'] / base['ppl']:.3f}x | | {r['eval_seconds']:.0f} |")
+        for r in comb:
+            removed = 1 - r["params"] / r["dense_params"]
+            lines.append(f"| {r['method']} | {30 - r['blocks']} | {r['params']:,} | {removed:.1%} | "
+                         f"{r['ppl']:.3f} | {r['ppl'] / base['ppl']:.3f}x | "
+                         f"{r['compress_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+        lines.append("")
+    table_path(stride).write_text("\n".join(lines))
     print("\n".join(lines))
 
 

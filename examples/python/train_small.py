@@ -48,12 +48,14 @@ class Block(nn.Module):
 
 
 class TinyMasaLM(nn.Module):
-    def __init__(self, vocab, d_model=64, n_heads=4, n_layers=4, n_atoms=2):
+    def __init__(self, vocab, d_model=64, n_heads=4, n_layers=4, n_atoms=2, context=None):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         # One dictionary (n_atoms atoms) and one n_layers x n_atoms table per
-        # projection type, shared by all layers.
-        self.shared = SharedAtoms(d_model, n_heads, n_layers, n_atoms, coefficient_noise=0.05)
+        # projection type, shared by all layers; context (a masa.Context)
+        # sets libmasa's threads, None = masa.default_context() (all CPUs).
+        self.shared = SharedAtoms(d_model, n_heads, n_layers, n_atoms, coefficient_noise=0.05,
+                                  context=context)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, i, self.shared)
                                     for i in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
@@ -64,6 +66,15 @@ class TinyMasaLM(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h))
+
+
+def next_token_loss(model, x, y):
+    """Mean cross-entropy of the predictions of y from x. The first target
+    needs both start tokens, which the model has; only position 0 (one known
+    token) is unpredictable, so it is left out."""
+    logits = model(x)
+    return nn.functional.cross_entropy(logits[:, 1:].reshape(-1, logits.shape[-1]),
+                                       y[:, 1:].reshape(-1))
 
 
 def batch(vocab, n, seq, generator):
@@ -92,14 +103,11 @@ def main(argv=None):
     print(f"attention parameters: {attn_params} shared vs {dense_equiv} dense "
           f"({100 * (1 - attn_params / dense_equiv):.0f}% fewer)")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    loss_fn = nn.CrossEntropyLoss()
 
     start, first, recent = time.time(), None, []
     for step in range(1, args.steps + 1):
         x, y = batch(args.vocab, args.batch, args.seq, gen)
-        # The first target needs both start tokens, which the model has; only
-        # position 0 (one known token) is unpredictable.
-        loss = loss_fn(model(x)[:, 1:].reshape(-1, args.vocab), y[:, 1:].reshape(-1))
+        loss = next_token_loss(model, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()

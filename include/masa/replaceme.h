@@ -163,7 +163,9 @@ MASA_API masa_status masa_cosine_estimator_steps(
 /* The loss 1 - (1/rows) sum_r cos(p_r, target_r), p = offset + x T, for the
  * current T (offset NULL = zero). A row where p_r or target_r is zero
  * counts cos = 0. Errors: NULL_ARGUMENT, BAD_SHAPE (rows 0),
- * INVALID_ARGUMENT (non-finite input), OVERFLOW, OUT_OF_MEMORY. */
+ * INVALID_ARGUMENT (non-finite input, or finite inputs so large that
+ * offset + x T overflows float32 and the loss is not finite), OVERFLOW,
+ * OUT_OF_MEMORY. */
 MASA_API masa_status masa_cosine_estimator_loss(
     const masa_cosine_estimator *est, size_t rows, const float *x,
     const float *target, const float *offset, double *loss);
@@ -177,7 +179,10 @@ MASA_API masa_status masa_cosine_estimator_loss(
  *   T -= (lr / (1 - beta1^k)) m / (sqrt(v) / sqrt(1 - beta2^k) + eps)
  * loss_before (may be NULL) receives the batch's loss before the step.
  * Products are float32 BLIS GEMMs; per-row norms and dots are float64.
- * Errors: as masa_cosine_estimator_loss; on error T is unchanged. */
+ * Errors: as masa_cosine_estimator_loss, and INVALID_ARGUMENT when the
+ * gradient is not finite in float32 or the step would make T non-finite
+ * (a learning rate too large for the inputs); on error T, Adam's moments
+ * and the step count are unchanged. */
 MASA_API masa_status masa_cosine_estimator_step(
     masa_cosine_estimator *est, size_t rows, const float *x,
     const float *target, const float *offset, double *loss_before);
@@ -195,8 +200,10 @@ MASA_API masa_status masa_cosine_estimator_step(
  * bit for bit. epoch_loss (may be NULL; options.epochs doubles) receives
  * each epoch's mean batch loss before the steps (the mean of the
  * loss_before values of masa_cosine_estimator_step).
- * Errors: as masa_cosine_estimator_step; a failure part-way (only
- * OUT_OF_MEMORY, before the first step) leaves T unchanged. */
+ * Errors: as masa_cosine_estimator_step. On any error T, Adam's moments
+ * and the step count are as before the call (a step refused part-way
+ * restores them from a copy taken at the start); epoch_loss may then hold
+ * the losses of the epochs before the refused step. */
 MASA_API masa_status masa_cosine_estimator_fit(
     masa_cosine_estimator *est, size_t rows, const float *x,
     const float *target, const float *offset, double *epoch_loss);

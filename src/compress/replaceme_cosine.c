@@ -240,16 +240,27 @@ static double batch_loss(const masa_cosine_estimator *e, size_t rows,
     return 1.0 - cos_sum / (double)rows;
 }
 
-/* Adam's update of T from s->grad (torch.optim.Adam's single-tensor form). */
-static void adam_update(masa_cosine_estimator *e, const float *g)
+/* Adam's update of T from g (torch.optim.Adam's single-tensor form). The
+ * new T is computed twice: a first pass only checks that every entry stays
+ * finite (a huge learning rate could overflow float32), so a refused step
+ * changes nothing. Returns false when refused. */
+static bool adam_update(masa_cosine_estimator *e, const float *g)
 {
     const masa_cosine_options *o = &e->opt;
-    e->steps++;
-    double k = (double)e->steps;
+    double k = (double)(e->steps + 1);
     float step_size = (float)(o->learning_rate / (1.0 - pow(o->beta1, k)));
     float bc2_sqrt = (float)sqrt(1.0 - pow(o->beta2, k));
     float b1 = o->beta1, b2 = o->beta2, eps = o->eps;
     size_t n = e->d_in * e->d_out;
+    float acc = 0.0f; /* x - x is 0 for finite x, NaN otherwise */
+    for (size_t i = 0; i < n; i++) {
+        float m = e->m1[i] + (1.0f - b1) * (g[i] - e->m1[i]);
+        float v = b2 * e->m2[i] + (1.0f - b2) * g[i] * g[i];
+        float t = e->t[i] - step_size * m / (sqrtf(v) / bc2_sqrt + eps);
+        acc += t - t;
+    }
+    if (acc != 0.0f)
+        return false;
     for (size_t i = 0; i < n; i++) {
         float m = e->m1[i] + (1.0f - b1) * (g[i] - e->m1[i]);
         float v = b2 * e->m2[i] + (1.0f - b2) * g[i] * g[i];
@@ -257,6 +268,26 @@ static void adam_update(masa_cosine_estimator *e, const float *g)
         e->m2[i] = v;
         e->t[i] -= step_size * m / (sqrtf(v) / bc2_sqrt + eps);
     }
+    e->steps++;
+    return true;
+}
+
+/* One step on a batch whose loss and gradient batch_loss just computed:
+ * refused (INVALID_ARGUMENT, nothing changed) when the loss or gradient
+ * overflowed float32 or the update would. */
+static masa_status checked_step(const char *fn, masa_cosine_estimator *e,
+                                double loss, const batch_scratch *s)
+{
+    if (!isfinite(loss) ||
+        !masa__replaceme_finite(s->grad, e->d_in * e->d_out))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: the batch's cosine or gradient is not finite "
+                          "(x T overflows float32: scale the inputs down)", fn);
+    if (!adam_update(e, s->grad))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: the step would make T non-finite (learning "
+                          "rate %g too large)", fn, e->opt.learning_rate);
+    return MASA_OK;
 }
 
 static masa_status check_batch(const char *fn, const masa_cosine_estimator *e,
@@ -286,8 +317,13 @@ MASA_API masa_status masa_cosine_estimator_loss(
     st = scratch_alloc(fn, est, rows, false, &s);
     if (st != MASA_OK)
         return st;
-    *loss = batch_loss(est, rows, x, target, offset, &s);
+    double value = batch_loss(est, rows, x, target, offset, &s);
     scratch_free(est, &s);
+    if (!isfinite(value))
+        return masa__fail(MASA_ERROR_INVALID_ARGUMENT,
+                          "%s: the cosine is not finite (x T overflows "
+                          "float32: scale the inputs down)", fn);
+    *loss = value;
     return MASA_OK;
 }
 
@@ -305,11 +341,11 @@ MASA_API masa_status masa_cosine_estimator_step(
     if (st != MASA_OK)
         return st;
     double loss = batch_loss(est, rows, x, target, offset, &s);
-    adam_update(est, s.grad);
+    st = checked_step(fn, est, loss, &s);
     scratch_free(est, &s);
-    if (loss_before)
+    if (st == MASA_OK && loss_before)
         *loss_before = loss;
-    return MASA_OK;
+    return st;
 }
 
 static uint64_t splitmix64(uint64_t *s)
@@ -344,7 +380,9 @@ MASA_API masa_status masa_cosine_estimator_fit(
     masa_context *ctx = est->ctx;
 
     /* the permutation, and the gathered batch: x, target, offset */
-    size_t n_order, n_gather;
+    /* ... and a copy of T and Adam's moments, restored if a step is
+     * refused part-way (see checked_step) */
+    size_t n_order, n_gather, n_saved = 3 * d_in * d_out * sizeof(float);
     if (!masa__mul(rows, sizeof(size_t), &n_order) ||
         !masa__mul3(batch, d_in + 2 * d_out, sizeof(float), &n_gather))
         return masa__fail(MASA_ERROR_OVERFLOW, "%s: rows (%zu) overflows", fn,
@@ -355,13 +393,17 @@ MASA_API masa_status masa_cosine_estimator_fit(
         return st;
     size_t *order = masa__alloc(ctx, n_order);
     float *xb = order ? masa__alloc(ctx, n_gather) : NULL;
-    if (!xb) {
+    float *saved = xb ? masa__alloc(ctx, n_saved) : NULL;
+    if (!saved) {
+        masa__free(ctx, xb);
         masa__free(ctx, order);
         scratch_free(est, &s);
         return masa__fail(MASA_ERROR_OUT_OF_MEMORY,
                           "%s: cannot allocate %zu bytes", fn,
-                          n_order + n_gather);
+                          n_order + n_gather + n_saved);
     }
+    memcpy(saved, est->t, n_saved); /* t, m1, m2: one allocation */
+    uint64_t saved_steps = est->steps;
     float *tb = xb + batch * d_in, *ob = tb + batch * d_out;
     for (size_t i = 0; i < rows; i++)
         order[i] = i;
@@ -381,15 +423,24 @@ MASA_API masa_status masa_cosine_estimator_fit(
             gather(tb, target, order + b0, n, d_out);
             if (offset)
                 gather(ob, offset, order + b0, n, d_out);
-            loss_sum += batch_loss(est, n, xb, tb, offset ? ob : NULL, &s);
-            adam_update(est, s.grad);
+            double loss = batch_loss(est, n, xb, tb, offset ? ob : NULL, &s);
+            st = checked_step(fn, est, loss, &s);
+            if (st != MASA_OK)
+                goto done;
+            loss_sum += loss;
             n_batches++;
         }
         if (epoch_loss)
             epoch_loss[epoch] = loss_sum / (double)n_batches;
     }
+done:
+    if (st != MASA_OK) {
+        memcpy(est->t, saved, n_saved);
+        est->steps = saved_steps;
+    }
+    masa__free(ctx, saved);
     masa__free(ctx, xb);
     masa__free(ctx, order);
     scratch_free(est, &s);
-    return MASA_OK;
+    return st;
 }

@@ -5,10 +5,14 @@ Lookup order (the first library that loads and has a compatible version wins):
 1. ``MASA_LIBRARY`` -- full path of the shared library.  When this variable is
    set it is the only place tried: a wrong path is an error, never silently
    replaced by another copy.
-2. A copy inside the package directory (``masa/libmasa.so*``).
-3. The build tree of a source checkout: walking up from the package
+2. A copy put inside the package directory by hand (``masa/libmasa.so*``).
+3. The library bundled by ``pip install ./bindings/python``
+   (``masa/_libs/libmasa.so.0``, built from the checkout by meson-python).
+   It comes before the build tree so that an installed package uses the
+   library it was built with, even from a venv inside a checkout.
+4. The build tree of a source checkout: walking up from the package
    directory, every ``<dir>/build/lib/libmasa.so*``.
-4. ``ctypes.util.find_library('masa')`` (the system's linker paths).
+5. ``ctypes.util.find_library('masa')`` (the system's linker paths).
 
 Every C function is declared with explicit ``argtypes`` and ``restype``;
 functions returning a ``masa_status`` raise :class:`masa.MasaError` (through
@@ -308,6 +312,8 @@ SIGNATURES.update({
 # ---------------------------------------------------------------------------
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Where bindings/python/meson.build installs the library it builds.
+BUNDLED_SUBDIR = "_libs"
 
 
 def _library_patterns():
@@ -352,6 +358,13 @@ def candidate_locations(environ=None, package_dir=None):
         places.extend(("package directory", str(p), True) for p in in_package)
     else:
         places.append(("package directory", str(package_dir / _library_patterns()[0]), False))
+
+    bundled = _glob_library(package_dir / BUNDLED_SUBDIR)
+    if bundled:
+        places.extend(("bundled library", str(p), True) for p in bundled)
+    else:
+        places.append(("bundled library",
+                       str(package_dir / BUNDLED_SUBDIR / _library_patterns()[1]), False))
 
     build_hits = []
     for parent in package_dir.parents:
@@ -497,7 +510,8 @@ def load(environ=None, package_dir=None):
     raise LibraryNotFoundError(
         "libmasa shared library not found; looked in:\n"
         + listing
-        + f"\nBuild it (meson setup build && ninja -C build) or set {ENV_VAR} "
+        + "\nInstall the package with its library (pip install ./bindings/python), "
+        f"build it (meson setup build && ninja -C build) or set {ENV_VAR} "
         "to the full path of libmasa.so.",
         searched=[where for _, where, _ in places],
     )

@@ -253,7 +253,9 @@ def collect_activations(model, tokens, starts, length, spans, batch=4, keep=True
 
 
 def estimate_cosine(y, m, l_, context=None, init=None, **options):
-    """T by Adam on 1 - mean cos(Y + M T, L) (from I, or from init)."""
+    """T by Adam on 1 - mean cos(Y + M T, L) (from I, or from init); with
+    y None, 1 - mean cos(M T, L) (pass L - Y as l_ for the reference
+    repository's default objective)."""
     est = core.CosineEstimator(m.shape[1], l_.shape[1], context, **options)
     if init is not None:
         est.set_transform(init)
@@ -351,6 +353,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cosine-init", choices=["identity", "ls"], default="identity",
                     help="cosine's starting T: I (ReplaceMe) or the least-squares solution")
+    ap.add_argument("--cosine-objective", choices=["full", "residual"], default="full",
+                    help="full: 1 - cos(Y + M T, L) (the reference's accurate: True); residual: "
+                         "1 - cos(M T, L - Y) (its default)")
     ap.add_argument("--calib-seqs", type=int, default=32, help="calibration sequences")
     ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")
     ap.add_argument("--text", help="text file instead of the fortunes")
@@ -442,9 +447,13 @@ def run(args, model, tok, ctx):
                 transform = est.solve(args.alpha)
             if args.method == "cosine":
                 a = acts[(start, n)]
+                y, target = a["Y"], a["L"]
+                if args.cosine_objective == "residual":
+                    y, target = None, np.ascontiguousarray(a["L"] - a["Y"])
                 transform, losses = estimate_cosine(
-                    a["Y"], a["M"], a["L"], ctx, init=transform, epochs=args.epochs,
+                    y, a["M"], target, ctx, init=transform, epochs=args.epochs,
                     learning_rate=args.lr, batch_rows=args.batch_rows, seed=args.seed)
+                entry["cosine_objective"] = args.cosine_objective
                 entry["cosine_epoch_loss"] = [float(v) for v in losses]
             entry["rows"] = est.rows
             entry["estimate_seconds"] = time.monotonic() - t

@@ -342,9 +342,11 @@ def test_not_found_lists_every_place(tmp_path, monkeypatch):
     with pytest.raises(masa.LibraryNotFoundError) as e:
         _lib.load(environ={}, package_dir=tmp_path / "pkg")
     text = str(e.value)
-    for place in ("MASA_LIBRARY", "package directory", "build tree", "find_library"):
+    for place in ("MASA_LIBRARY", "package directory", "bundled library", "build tree",
+                  "find_library"):
         assert place in text
-    assert len(e.value.searched) == 4
+    assert len(e.value.searched) == 5
+    assert "pip install ./bindings/python" in text
 
 
 def test_lookup_order(tmp_path, monkeypatch):
@@ -357,11 +359,21 @@ def test_lookup_order(tmp_path, monkeypatch):
     (build / "libmasa.so").symlink_to(real)
     places = _lib.candidate_locations(environ={}, package_dir=pkg)
     assert [p[0] for p in places] == [
-        "$MASA_LIBRARY", "package directory", "build tree", "ctypes.util.find_library('masa')"]
-    assert places[2] == ("build tree", str(build / "libmasa.so"), True)
+        "$MASA_LIBRARY", "package directory", "bundled library", "build tree",
+        "ctypes.util.find_library('masa')"]
+    assert places[3] == ("build tree", str(build / "libmasa.so"), True)
     cdll, path = _lib.load(environ={}, package_dir=pkg)
     assert path == str(build / "libmasa.so")
 
+    # The library pip bundles beats the build tree (a venv inside a checkout).
+    bundled = pkg / "_libs" / "libmasa.so.0"
+    bundled.parent.mkdir()
+    bundled.symlink_to(real)
+    assert _lib.candidate_locations(environ={}, package_dir=pkg)[2] == (
+        "bundled library", str(bundled), True)
+    assert _lib.load(environ={}, package_dir=pkg)[1] == str(bundled)
+
+    # A copy put in the package directory by hand beats both.
     (pkg / "libmasa.so").symlink_to(real)
     assert _lib.load(environ={}, package_dir=pkg)[1] == str(pkg / "libmasa.so")
     # An explicit MASA_LIBRARY is the only place tried.

@@ -2,6 +2,9 @@
 reference, and the pipeline end to end on the first 4 layers (compress,
 write, reload through libmasa and materialised; both agree)."""
 
+import os
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -89,7 +92,7 @@ def test_healing_trains_only_compressed_parameters(small_model, ctx):
     results, _, _ = compress_model(m, tok, "full", 0.2, source="smollm2", calib_sequences=2,
                                    calib_len=128, context=ctx)
     frozen = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    healed, rep = heal(m, tok, results, steps=3, lr=1e-3, seq_len=32, context=ctx)
+    healed, rep = heal(m, tok, results, steps=3, lr=1e-3, seq_len=32, context=ctx, heldout=0)
     assert rep["steps"] == 3 and rep["tokens"] == 96 and rep["parameters_trained"] > 0
     # every kind of compressed parameter moved
     for p in "qkvo":
@@ -104,3 +107,113 @@ def test_healing_trains_only_compressed_parameters(small_model, ctx):
     for k, v in m.state_dict().items():
         assert torch.equal(v, frozen[k]), k
     assert not isinstance(m.model.layers[0].self_attn, hf.LibmasaAttention)
+
+
+PLAN = {"q": {"groups": [{"start": 0, "atoms": 2}, {"start": 2, "atoms": 1}], "ranks": 8},
+        "k": {"groups": [{"start": 0, "layers": 4, "atoms": 1}], "ranks": {"1": 4, "3": 2}},
+        "o": {"ranks": 16}}  # v left out: stays dense
+
+
+def _stats_of(small_model, ctx):
+    from masa.compress import calibration_data
+
+    model, tok = small_model
+    stats, _, _ = calibration_data(model, tok, 1, 128, context=ctx)
+    return lambda l, key: stats[(l, key)]
+
+
+def test_explicit_plan_against_float64_reference(weights, small_model, ctx):
+    """The plan's groups, atoms and ranks exactly; the C core's result
+    against the float64 numpy reference; exact parameter counts."""
+    stats = _stats_of(small_model, ctx)
+    got = methods.compress_with_plan(CCore(ctx), weights, PLAN, stats)
+    ref = methods.compress_with_plan(NumpyCore(), weights, PLAN, stats)
+    assert sorted(got) == ["k", "o", "q"]
+    assert [g["atoms"].shape[0] for g in got["q"]["groups"]] == [2, 1]
+    assert [g["count"] for g in got["q"]["groups"]] == [2, 2]
+    assert sorted(got["k"]["lowrank"]) == [1, 3] and got["k"]["lowrank"][3][0].shape == (576, 2)
+    assert got["o"]["groups"] == [] and sorted(got["o"]["lowrank"]) == [0, 1, 2, 3]
+    n = 576 * 576
+    assert got["q"]["params"] == 2 * (n + 2) + 1 * (n + 2) + 4 * 8 * (576 + 576)
+    assert got["k"]["params"] == (576 * 192 + 4) + (4 + 2) * (576 + 192)
+    assert got["o"]["params"] == 4 * 16 * (576 + 576)
+    for p in got:
+        shape = weights[p].shape[1:]
+        for l in range(4):
+            a = methods.reconstruct(got[p], l, shape).astype(np.float64)
+            b = methods.reconstruct(ref[p], l, shape).astype(np.float64)
+            assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), (p, l)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"x": {"ranks": 1}}, "unknown projection"),
+    ({"q": {"groups": [{"start": 1, "atoms": 1}], "ranks": 1}}, "begin at 0"),
+    ({"q": {"groups": [{"start": 0, "atoms": 5}]}}, "cannot have 5 atoms"),
+    ({"q": {"groups": [{"start": 0, "layers": 3, "atoms": 1}]}}, "has 4 layers"),
+    ({"q": {"ranks": 577}}, "ranks must be"),
+    ({"q": {"ranks": {"1": 3}}}, "every layer needs a rank"),
+    ({}, "non-empty"),
+])
+def test_explicit_plan_errors(weights, bad, match):
+    with pytest.raises(ValueError, match=match):
+        methods.parse_plan(bad, weights)
+
+
+def test_written_model_loads_in_libmasa(small_model, ctx, tmp_path):
+    """What masa.compress writes is io.h's compressed-model format: libmasa's
+    reader (masa_model_open) opens it and sets layers that compute what the
+    reconstructed weights compute; the `masa` tool lists it."""
+    import masa
+    from masa import safetensors_file as sf
+
+    model, tok = small_model
+    m = truncated(model, 4)
+    results, config, report = compress_model(m, tok, "full", None, source="smollm2",
+                                             calib_sequences=1, calib_len=128, context=ctx,
+                                             plan=PLAN)
+    assert report["attention_params_kept"] == (sum(r["params"] for r in results.values())
+                                               + 4 * 576 * 192)  # v dense
+    save(tmp_path, results, config, report, context=ctx)
+    f = sf.load_model(ctx, tmp_path / "attention.safetensors")
+    assert f.projection("q").groups == ((0, 2, 2), (2, 2, 1))
+    assert f.projection("o").kind == "lowrank" and f.projection("v").kind is None
+    w = attention_weights(m)
+    x = np.random.default_rng(1).standard_normal((1, 5, 576)).astype(np.float32)
+    for l in range(4):
+        geo = dict(n_kv_heads=3, head_dim=64, causal=True, rope=True, rope_theta=1e5)
+        got = masa.Layer(ctx, 576, 9, **geo)
+        got.set_dense("v", w["v"][l])
+        f.apply(got, l)
+        want = masa.Layer(ctx, 576, 9, **geo)
+        for p in "qkvo":
+            want.set_dense(p, w[p][l] if p == "v" else
+                           methods.reconstruct(results[p], l, w[p].shape[1:]))
+        y, y0 = got.forward(x).astype(np.float64), want.forward(x).astype(np.float64)
+        assert np.abs(y - y0).max() <= 1e-4 * np.abs(y0).max()
+    f.close()
+    tool = os.path.join(os.path.dirname(os.environ.get("MASA_LIBRARY", "")), "..", "programs",
+                        "masa", "masa")
+    if os.path.exists(tool):
+        out = subprocess.run([tool, "info", str(tmp_path / "attention.safetensors")],
+                             capture_output=True, text=True, check=True).stdout
+        assert "masa.q.group1.atoms" in out and "masa.o.layer3.lowrank_b" in out
+
+
+def test_healing_keeps_the_step_with_the_best_heldout_loss(small_model, ctx):
+    """A learning rate that wrecks the model: the held-out calibration loss
+    rises, so healing keeps step 0 (the compressed parameters unchanged)."""
+    from masa.compress.heal import heal
+
+    model, tok = small_model
+    m = truncated(model, 4)
+    results, _, _ = compress_model(m, tok, "svd-llm", 0.2, source="smollm2", calib_sequences=2,
+                                   calib_len=128, context=ctx)
+    healed, rep = heal(m, tok, results, steps=2, lr=0.5, seq_len=32, context=ctx, heldout=2,
+                       eval_every=1)
+    steps, losses = zip(*rep["heldout_curve"])
+    assert steps == (0, 1, 2) and min(losses[1:]) > losses[0]
+    assert rep["best_step"] == 0 and rep["tokens"] == 64
+    for p in "qkvo":
+        for l, (a, b) in results[p]["lowrank"].items():
+            np.testing.assert_array_equal(healed[p]["lowrank"][l][0], a)
+            np.testing.assert_array_equal(healed[p]["lowrank"][l][1], b)

@@ -5,7 +5,7 @@
 //!    rpath of this workspace's tests, examples and binaries.
 //! 2. The `pkg-config` program (or `$PKG_CONFIG`) for `masa`, honouring
 //!    `PKG_CONFIG_PATH` etc. Pointing `PKG_CONFIG_PATH` at
-//!    `<build>/meson-uninstalled` picks meson's uninstalled `.pc` file.
+//!    `<build>/pkgconfig` picks the build tree's `masa-uninstalled.pc`.
 //! 3. The project's own build tree: `<repo>/build/lib/libmasa.so` (this crate
 //!    lives in `<repo>/bindings/rust/masa-sys`), so `cargo test` works right
 //!    after `meson setup build && ninja -C build` at the repository root.
@@ -57,6 +57,18 @@ fn main() {
         plan.add_masa_and_private_libs();
         plan.rpath.push(dir);
     } else if let Some((dirs, libs)) = pkg_config(statik) {
+        if !statik {
+            for dir in dirs.iter().filter(|d| !on_default_loader_path(d)) {
+                println!(
+                    "cargo:warning=libmasa is in {0}, outside the dynamic loader's default \
+                     path: this package's tests get an rpath to it, but a binary crate of \
+                     yours needs its own (a build.rs turning DEP_MASA_RPATH into \
+                     -Wl,-rpath: \"rpath in your own crate\" in libmasa's \
+                     bindings/rust/README.md) or LD_LIBRARY_PATH={0}",
+                    dir.display()
+                );
+            }
+        }
         for dir in dirs {
             plan.rpath.push(dir.clone());
             plan.search.push(dir);
@@ -238,6 +250,17 @@ fn build_tree(statik: bool) -> Option<PathBuf> {
     } else {
         None
     }
+}
+
+/// True for the directories a Linux loader searches without being told:
+/// `/lib`, `/usr/lib` and `/usr/local/lib` (Debian's ld.so.conf), their
+/// `lib64` variants and multiarch subdirectories. A heuristic: it only
+/// decides whether to print a warning.
+fn on_default_loader_path(dir: &Path) -> bool {
+    ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/local/lib64"].iter().any(|base| {
+        dir.strip_prefix(base)
+            .is_ok_and(|rest| rest.components().count() <= 1 && !rest.starts_with("pkgconfig"))
+    })
 }
 
 /// Debian keeps its BLIS in `/usr/lib/<multiarch>/blis-pthread`.

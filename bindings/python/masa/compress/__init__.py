@@ -4,15 +4,19 @@ factors), writing and reloading the result. Command line: ``python -m
 masa.compress --help``.
 
 Output directory:
-  attention.safetensors  the compressed attention tensors (names below)
+  attention.safetensors  the compressed attention in libmasa's
+                         compressed-model format (include/masa/io.h:
+                         ``masa.{p}.group{g}.atoms`` [S, d_in, d_out],
+                         ``.coefficients`` [layers, S],
+                         ``masa.{p}.layer{l}.lowrank_a`` [d_in, r] and
+                         ``_b`` [r, d_out], the "masa.model" metadata), written
+                         by the C writer; ``masa info`` lists it and
+                         masa_model_open() / masa.safetensors_file.load_model
+                         read it
   config.json            what to reload it: source model, method, fraction,
-                         geometry, per projection the groups (start, layers,
-                         atoms) and per-layer ranks
-  report.json, report.md parameters, energies, errors, choices, timings
-Tensor names: ``attn.{p}.group{g}.atoms`` [S, d_in, d_out],
-``attn.{p}.group{g}.coefficients`` [layers, S],
-``attn.layers.{l}.{p}.lowrank_a`` [d_in, r], ``...lowrank_b`` [r, d_out]
-(p in q, k, v, o; row-vector convention, W = transpose of nn.Linear.weight).
+                         geometry, the plan (groups, atoms, ranks)
+  report.json            parameters, energies, errors, choices, timings
+p in q, k, v, o; row-vector convention, W = transpose of nn.Linear.weight.
 Everything outside attention (and attention biases) comes from the source
 model, which config.json names.
 """
@@ -47,18 +51,6 @@ def attention_weights(model):
 # ---------------------------------------------------------------------------
 
 
-def tensors_of(results):
-    t = {}
-    for p, r in results.items():
-        for g, grp in enumerate(r["groups"]):
-            t[f"attn.{p}.group{g}.atoms"] = np.ascontiguousarray(grp["atoms"], dtype=np.float32)
-            t[f"attn.{p}.group{g}.coefficients"] = np.ascontiguousarray(grp["coefs"], dtype=np.float32)
-        for l, (a, b) in r["lowrank"].items():
-            t[f"attn.layers.{l}.{p}.lowrank_a"] = np.ascontiguousarray(a, dtype=np.float32)
-            t[f"attn.layers.{l}.{p}.lowrank_b"] = np.ascontiguousarray(b, dtype=np.float32)
-    return t
-
-
 def plan_of(results):
     """The JSON-able structure of results (no arrays)."""
     plan = {}
@@ -72,19 +64,52 @@ def plan_of(results):
     return plan
 
 
-def write_safetensors(path, tensors, metadata):
-    """Through libmasa's safetensors writer (masa.safetensors_file: atomic,
-    fsync'd)."""
+def write_model(path, results, n_layers, metadata=None, context=None):
+    """The compressed attention as a libmasa compressed-model file (io.h's
+    format: what ``masa info`` and masa_model_open() read), through the C
+    writer (atomic, fsync'd)."""
     from .. import safetensors_file
 
-    safetensors_file.save_file(tensors, path, metadata=metadata)
-    return "libmasa C writer"
+    groups = {p: [(g["start"], g["atoms"], g["coefs"]) for g in r["groups"]]
+              for p, r in results.items() if r["groups"]}
+    lowrank = {p: dict(r["lowrank"]) for p, r in results.items() if r["lowrank"]}
+    safetensors_file.save_model(path, n_layers, groups=groups, lowrank=lowrank,
+                                metadata=metadata, context=context)
+    return "libmasa C writer (masa_model_writer, io.h compressed-model format)"
 
 
-def read_safetensors(path):
+def read_model(path, context=None):
+    """{p: result} (groups and low-rank terms) of a compressed-model file,
+    read by libmasa (masa_model_open checks it whole)."""
     from .. import safetensors_file
+    from ..core import default_context
 
-    return safetensors_file.load_file(path)
+    context = context if context is not None else default_context()
+    m = safetensors_file.load_model(context, path)
+    try:
+        out = {}
+        for p in "qkvo":
+            info = m.projection(p)
+            if info.kind is None:
+                continue
+            if info.kind == "dense":
+                raise ValueError(f"{path}: projection {p} is dense; masa.compress writes none")
+            groups = []
+            for g, (first, count, _) in enumerate(info.groups):
+                _, atoms, coefs = m.group(p, g)
+                groups.append({"start": first, "count": count, "atoms": atoms, "coefs": coefs})
+            lowrank = {}
+            for l in range(m.n_layers):
+                term = m.lowrank(p, l)
+                if term is not None:
+                    lowrank[l] = term
+            r = {"groups": groups, "lowrank": lowrank}
+            r["params"] = methods.count_params(r, (info.d_in, info.d_out))
+            r["dense_params"] = m.n_layers * info.d_in * info.d_out
+            out[p] = r
+        return out
+    finally:
+        m.close()
 
 
 def write_json(path, obj):
@@ -93,10 +118,13 @@ def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
-def save(out_dir, results, config, report):
+MODEL_FILE = "attention.safetensors"
+
+
+def save(out_dir, results, config, report, context=None):
     os.makedirs(out_dir, exist_ok=True)
-    writer = write_safetensors(os.path.join(out_dir, "attention.safetensors"), tensors_of(results),
-                               {"format": "masa-attention", "method": config["method"]})
+    writer = write_model(os.path.join(out_dir, MODEL_FILE), results, _n_layers(results),
+                         {"compress_method": config["method"]}, context)
     config = dict(config, plan=plan_of(results), config_version=CONFIG_VERSION)
     write_json(os.path.join(out_dir, "config.json"), config)
     report = dict(report, writer=writer)
@@ -104,20 +132,14 @@ def save(out_dir, results, config, report):
     return config
 
 
-def results_from(tensors, config):
-    """Rebuilds the per-projection results from the saved tensors."""
-    out = {}
-    for p, pp in config["plan"].items():
-        groups = []
-        for g, grp in enumerate(pp["groups"]):
-            groups.append({"start": grp["start"], "count": grp["layers"],
-                           "atoms": tensors[f"attn.{p}.group{g}.atoms"],
-                           "coefs": tensors[f"attn.{p}.group{g}.coefficients"]})
-        lowrank = {int(l): (tensors[f"attn.layers.{l}.{p}.lowrank_a"],
-                            tensors[f"attn.layers.{l}.{p}.lowrank_b"]) for l in pp["ranks"]}
-        out[p] = {"groups": groups, "lowrank": lowrank, "params": pp["params"],
-                  "dense_params": pp["dense_params"]}
-    return out
+def _n_layers(results):
+    n = 0
+    for r in results.values():
+        for g in r["groups"]:
+            n = max(n, g["start"] + g["count"])
+        if r["lowrank"]:
+            n = max(n, max(r["lowrank"]) + 1)
+    return n
 
 
 def load_compressed(out_dir, path="libmasa", context=None, model=None, tokenizer=None,
@@ -130,8 +152,7 @@ def load_compressed(out_dir, path="libmasa", context=None, model=None, tokenizer
 
     with open(os.path.join(out_dir, "config.json")) as f:
         config = json.load(f)
-    tensors = read_safetensors(os.path.join(out_dir, "attention.safetensors"))
-    results = results_from(tensors, config)
+    results = read_model(os.path.join(out_dir, MODEL_FILE), context)
     if model is None:
         model, tokenizer = hf.load_model(config["source"])
     info = {"config": config}
@@ -210,29 +231,40 @@ def calibration_data(model, tokenizer, n_sequences, seq_len, cache_path=None, co
 
 def compress_model(model, tokenizer, method, removed, *, source, calib_sequences=16,
                    calib_len=512, calib_cache=None, kl_groups=3, context=None, prefer_c=True,
-                   progress=None):
+                   progress=None, plan=None):
     """Compresses the attention of a loaded model; returns (results,
-    config, report) ready for save()."""
+    config, report) ready for save(). With ``plan`` (methods.parse_plan) the
+    groups, atoms and ranks are the plan's (``removed`` is ignored, None is
+    fine) and the residuals are whitened unless the method is an unwhitened
+    one (svd, pca, pca-kl, pca-dp)."""
     from .. import hf
 
     t0 = time.perf_counter()
     core = get_core(prefer_c, context)
     weights = attention_weights(model)
     need_calib = method in ("svd-llm", "full", "pca-kl")
+    if plan is not None:
+        need_calib = method in ("svd-llm", "full")
     stats_map, drift, calib_info = {}, None, None
     if need_calib:
         stats_map, drift, calib_info = calibration_data(
             model, tokenizer, calib_sequences, calib_len, calib_cache, context, progress)
     t1 = time.perf_counter()
-    results = methods.compress_attention(core, method, weights, removed,
-                                         stats=lambda l, key: stats_map[(l, key)],
-                                         drift=drift, kl_groups=kl_groups, progress=progress)
+    stats = lambda l, key: stats_map[(l, key)]  # noqa: E731
+    if plan is None:
+        results = methods.compress_attention(core, method, weights, removed, stats=stats,
+                                             drift=drift, kl_groups=kl_groups, progress=progress)
+    else:
+        results = methods.compress_with_plan(core, weights, plan, stats, whiten=need_calib,
+                                             progress=progress)
     t2 = time.perf_counter()
-    dense = sum(r["dense_params"] for r in results.values())
-    kept = sum(r["params"] for r in results.values())
+    dense = sum(int(w.size) for w in weights.values())
+    # projections a plan leaves out stay dense
+    kept = sum(results[p]["params"] if p in results else int(w.size) for p, w in weights.items())
     g = hf.attention_geometry(model)
     config = {"source": source, "method": method, "removed_target": removed,
-              "geometry": g, "kl_groups": kl_groups if method == "pca-kl" else None}
+              "geometry": g, "kl_groups": kl_groups if method == "pca-kl" else None,
+              "explicit_plan": plan is not None}
     report = {
         "method": method, "removed_target": removed,
         "attention_params_dense": dense, "attention_params_kept": kept,

@@ -28,13 +28,15 @@ STAT_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}
 
 
 def _calib_backend():
-    """libmasa's calibration handle class, or None without the C core."""
+    """libmasa's calibration handles (masa.compression.Calibration), or None
+    when the library is not loadable."""
     try:
-        from .c_core import Calib, clib
+        from .c_core import calibration
+        from .. import compression
 
-        clib()
-        return Calib
-    except (ImportError, AttributeError):
+        compression._c()
+        return calibration
+    except (ImportError, AttributeError, OSError):
         return None
 
 
@@ -55,18 +57,18 @@ class _TorchGram:
 
 
 class _CGram:
-    def __init__(self, calib_class, dim, context):
-        self.handle = calib_class(context, dim)
+    def __init__(self, make, dim, context):
+        self.handle = make(context, dim)
 
     def accumulate(self, x):
         self.handle.accumulate(np.ascontiguousarray(x, dtype=np.float32))
 
     @property
     def rows(self):
-        return self.handle.rows
+        return self.handle.n_rows
 
     def array(self):
-        return np.array(self.handle.matrix, dtype=np.float64)
+        return self.handle.matrix
 
 
 class InputStatistics:

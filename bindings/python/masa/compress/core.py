@@ -99,6 +99,18 @@ def ref_group_plan(gram, rows, cols, budget, starts=None):
     return [i for i, _ in plan], [s for _, s in plan], error, params
 
 
+def ref_cholesky(calib):
+    """(R lower, jitter) with C + jitter I = R R^T, the C core's jitter rule."""
+    c = np.asarray(calib, dtype=np.float64)
+    mean_diag = float(np.mean(np.diag(c)))
+    for t in (0.0,) + JITTERS:
+        try:
+            return np.linalg.cholesky(c + t * mean_diag * np.eye(len(c))), t * mean_diag
+        except np.linalg.LinAlgError:
+            continue
+    raise ValueError("calibration matrix not positive definite even with jitter")
+
+
 def ref_residual(w, w_hat, calib, rank):
     """A [d_in, r], B [r, d_out] (f32) minimising ||X (E - A B)||_F with
     E = w - w_hat; calib None = plain SVD. Also a dict of errors."""
@@ -110,17 +122,7 @@ def ref_residual(w, w_hat, calib, rank):
         r_t = None
         m = e
     else:
-        c = np.asarray(calib, dtype=np.float64)
-        mean_diag = float(np.mean(np.diag(c)))
-        for t in (0.0,) + JITTERS:
-            try:
-                r = np.linalg.cholesky(c + t * mean_diag * np.eye(len(c)))
-                jitter = t * mean_diag
-                break
-            except np.linalg.LinAlgError:
-                continue
-        else:
-            raise ValueError("calibration matrix not positive definite even with jitter")
+        r, jitter = ref_cholesky(calib)
         r_t = r.T
         m = r_t @ e
     u, s, vt = np.linalg.svd(m, full_matrices=False)

@@ -1,7 +1,10 @@
 """Healing: a short fine-tune of the compressed attention parameters only
 (atoms, coefficient tables, low-rank factors) through libmasa's backward,
 everything else frozen, on calibration text (the gaps between evaluation
-windows; never evaluation text). Next-token cross-entropy, AdamW."""
+windows; never evaluation text). Next-token cross-entropy, AdamW. A
+held-out slice of the calibration sequences (not trained on) picks the step
+count: the parameters kept are those of the evaluated step (every
+eval_every steps, and step 0 = no healing) with the lowest held-out loss."""
 
 from __future__ import annotations
 
@@ -14,19 +17,25 @@ from .. import hf
 from .modules import compressed_cores, results_from_cores
 
 
-def heal(model, tokenizer, results, steps=100, lr=1e-4, seq_len=256, batch=1, context=None,
-         progress=None, seed=0):
-    """Returns (healed results, report). The model is left unswapped with
-    its original attention (the healed weights are in the results)."""
+def heal(model, tokenizer, results, steps=100, lr=1e-5, seq_len=256, batch=1, context=None,
+         progress=None, seed=0, heldout=8, eval_every=10):
+    """Returns (healed results, report). ``heldout`` calibration sequences
+    are kept out of training; their mean next-token loss is measured before
+    training and every ``eval_every`` steps, and the parameters with the
+    lowest held-out loss are returned (possibly the unhealed ones: step 0).
+    The model is left unswapped with its original attention (the healed
+    weights are in the results)."""
     from ..evaluate import Corpus
 
     corpus = Corpus(tokenizer)
-    n_seq = steps * batch
+    n_train = steps * batch
     # Calibration sequences of seq_len from the gaps (cycled if steps exceed them).
-    per_gap = max(1, min(n_seq, 39 * ((18000 // seq_len) - 1)))
-    data = corpus.calibration(per_gap, seq_len)
+    n_train = max(1, min(n_train, 39 * ((18000 // seq_len) - 1) - heldout))
+    data = corpus.calibration(n_train + heldout, seq_len)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(data))
+    held = torch.as_tensor(data[order[:heldout]]) if heldout else None
+    order = order[heldout:]
     cores = compressed_cores(model, results, context)
     hf.swap_attention(model, cores=cores, context=context, keep_original=True)
     frozen = []
@@ -45,21 +54,44 @@ def heal(model, tokenizer, results, steps=100, lr=1e-4, seq_len=256, batch=1, co
             params.append(prm)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train(False)  # no dropout; gradients still flow
-    t0, losses, tokens = time.perf_counter(), [], 0
+
+    def loss_of(x):
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 x[:, 1:].reshape(-1))
+
+    def heldout_loss():
+        with torch.no_grad():
+            return float(np.mean([loss_of(held[i:i + 1]).item() for i in range(len(held))]))
+
+    t0, losses, tokens, curve = time.perf_counter(), [], 0, []
+    best = None
+    if held is not None:
+        curve.append((0, heldout_loss()))
+        best = (curve[-1][1], 0, [p.detach().clone() for p in params])
+        if progress:
+            progress(f"heal: held-out loss before {curve[-1][1]:.4f}")
     try:
         for step in range(steps):
             idx = [order[(step * batch + j) % len(order)] for j in range(batch)]
             x = torch.as_tensor(np.stack([data[i] for i in idx]))
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     x[:, 1:].reshape(-1))
+            loss = loss_of(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
             tokens += x.numel()
-            if progress and (step + 1) % 10 == 0:
-                progress(f"heal step {step + 1}/{steps}: loss {np.mean(losses[-10:]):.4f}")
+            if held is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                curve.append((step + 1, heldout_loss()))
+                if curve[-1][1] < best[0]:
+                    best = (curve[-1][1], step + 1, [p.detach().clone() for p in params])
+                if progress:
+                    progress(f"heal step {step + 1}/{steps}: train loss {np.mean(losses[-eval_every:]):.4f}, "
+                             f"held-out {curve[-1][1]:.4f}")
+        if best is not None:
+            with torch.no_grad():
+                for p, v in zip(params, best[2]):
+                    p.copy_(v)
     finally:
         for prm in params:
             prm.requires_grad_(False)
@@ -69,5 +101,7 @@ def heal(model, tokenizer, results, steps=100, lr=1e-4, seq_len=256, batch=1, co
         hf.unswap_attention(model)
     report = {"steps": steps, "batch": batch, "seq_len": seq_len, "tokens": tokens, "lr": lr,
               "seconds": time.perf_counter() - t0, "parameters_trained": int(sum(p.numel() for p in params)),
-              "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:]))}
+              "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
+              "heldout_sequences": int(heldout), "heldout_curve": curve,
+              "best_step": None if best is None else best[1]}
     return healed, report

@@ -18,9 +18,13 @@ Methods:
   pca-kl   Matrix PCA, groups cut at the largest logit-lens KL drifts; atoms
            per group chosen by the planner under the budget
   pca-dp   Matrix PCA, groups and atoms chosen by the exact DP planner
-  full     DP groups on part of the budget + per-layer whitened residual of
-           W_l - W^_l on the rest; the split is chosen per projection by the
-           calibrated (whitened) error over a grid, all reported
+  full     per projection type: T atoms in DP-chosen groups (the planner's
+           best grouping for T atoms' worth of parameters) + per-layer
+           whitened residual of W_l - W^_l at the rank the rest of the budget
+           buys (the same rank in every layer); T is chosen by the whitened
+           calibration error sum_l ||X_l (W_l - W~_l)||^2 over a grid that
+           includes T = 0 (= SVD-LLM), then refined around the best. Every
+           candidate is reported.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 from .calibration import STAT_OF
 
 METHODS = ("svd", "svd-llm", "pca", "pca-kl", "pca-dp", "full")
-FULL_ATOM_SHARES = (0.1, 0.25, 0.5)
+# Atom counts the full method tries first (then the neighbours of the best).
+FULL_ATOM_COUNTS = (0, 3, 6, 10, 15, 20, 25)
 
 
 def dense_params(weights):
@@ -108,7 +113,7 @@ def kl_starts(drift, n_groups):
 
 
 def compress_projection(core, method, w, budget, stats=None, key=None, drift=None,
-                        kl_groups=3, atom_shares=FULL_ATOM_SHARES):
+                        kl_groups=3, atom_counts=FULL_ATOM_COUNTS):
     """One projection type's compression (see the module doc)."""
     L, d_in, d_out = w.shape
     N = d_in * d_out
@@ -135,42 +140,107 @@ def compress_projection(core, method, w, budget, stats=None, key=None, drift=Non
                 "info": {"starts": list(map(int, starts)), "atoms": [int(c) for c in counts],
                          "captured_energy": captured / total}}
     if method == "full":
-        best, grid = None, []
-        for share in atom_shares:
-            atom_budget = int(share * budget)
-            if atom_budget < N + L:
-                continue
-            starts, counts, _ = core.group_plan(gram, d_in, d_out, atom_budget)
-            groups, captured = _groups(core, w, starts, counts, gram)
-            res = {"groups": groups, "lowrank": {}}
-            used = count_params(res, (d_in, d_out))
-            rank = min((budget - used) // (L * (d_in + d_out)), d_in, d_out)
-            before = after = 0.0
-            if rank >= 1:
-                for l in range(L):
-                    w_hat = reconstruct(res, l, (d_in, d_out))
-                    a, b, info = core.residual(w[l], w_hat, stats(l, key), rank)
-                    res["lowrank"][l] = (a, b)
-                    after += info["error_after"]
-            # whitened error of the whole reconstruction, relative to the
-            # whitened energy of the weights (comparable across shares)
-            ref = sum(_whitened_energy(w[l], stats(l, key)) for l in range(L))
-            if rank < 1:
-                for l in range(L):
-                    after += _whitened_energy(w[l] - reconstruct(res, l, (d_in, d_out)), stats(l, key))
-            rel = after / ref
-            entry = {"atom_share": share, "starts": list(map(int, starts)),
-                     "atoms": [int(c) for c in counts], "rank": int(max(rank, 0)),
-                     "captured_energy": captured / total, "whitened_relative_error": rel}
-            grid.append(entry)
-            if best is None or rel < best[0]:
-                best = (rel, res, entry)
-        if best is None:
-            raise ValueError(f"budget {budget} too small for the full method")
-        res = best[1]
-        res["info"] = dict(best[2], grid=grid)
-        return res
+        return _full(core, w, budget, stats, key, gram, total, atom_counts)
     raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+
+
+def _whitened_spectrum(e, c):
+    """Squared singular values of R^T E (C = R R^T, with the residual's
+    jitter rule): the whitened error of keeping rank r is the sum past r.
+    Planning only (numpy float64); the factors come from core.residual."""
+    from .core import ref_cholesky
+
+    r, _ = ref_cholesky(c)
+    return np.linalg.svd(r.T @ np.asarray(e, dtype=np.float64), compute_uv=False) ** 2
+
+
+# Whitened spectra of the full method's candidates, shared by every budget
+# of the same weights and statistics (one process compresses at several
+# ratios: the spectra do not depend on the budget, only the rank does).
+_SPECTRA = {}
+
+
+def _fingerprint(w, stats, key):
+    L = w.shape[0]
+    return (w.shape, float(np.sum(w, dtype=np.float64)), float(w.reshape(-1)[0]), key,
+            float(np.trace(stats(0, key))), float(np.trace(stats(L - 1, key))))
+
+
+def _atom_part(core, w, gram, n_atoms):
+    L, d_in, d_out = w.shape
+    if not n_atoms:
+        return {"groups": [], "lowrank": {}}, [], [], 0.0
+    starts, counts, _ = core.group_plan(gram, d_in, d_out, n_atoms * (d_in * d_out + L))
+    groups, captured = _groups(core, w, starts, counts, gram)
+    return {"groups": groups, "lowrank": {}}, starts, counts, captured
+
+
+def _full_spectra(core, w, stats, key, gram, n_atoms):
+    """(per-layer whitened spectra of W_l - W^_l, whitened energy of W,
+    starts, counts, captured energy) for n_atoms atoms; cached."""
+    fp = (_fingerprint(w, stats, key), n_atoms)
+    if fp not in _SPECTRA:
+        L, d_in, d_out = w.shape
+        res, starts, counts, captured = _atom_part(core, w, gram, n_atoms)
+        spectra, ref = [], 0.0
+        for l in range(L):
+            c = stats(l, key)
+            e = w[l].astype(np.float64) - reconstruct(res, l, (d_in, d_out))
+            spectra.append(_whitened_spectrum(e, c))
+            ref += _whitened_energy(w[l], c)
+        _SPECTRA[fp] = (spectra, ref, list(map(int, starts)), [int(x) for x in counts], captured)
+    return _SPECTRA[fp]
+
+
+def _full_candidate(core, w, budget, stats, key, gram, n_atoms):
+    """(whitened relative error, entry) of the full method with n_atoms
+    atoms (0: SVD-LLM), or None when the budget cannot pay for them."""
+    L, d_in, d_out = w.shape
+    N = d_in * d_out
+    spectra, ref, starts, counts, captured = _full_spectra(core, w, stats, key, gram, n_atoms)
+    used = sum(s * (N + (e - b)) for s, b, e in zip(counts, starts, starts[1:] + [L]))
+    rank = min((budget - used) // (L * (d_in + d_out)), d_in, d_out)
+    if rank < 0 or (rank == 0 and not n_atoms):
+        return None
+    err = sum(float(sv[rank:].sum()) for sv in spectra)
+    entry = {"atoms_total": int(sum(counts)), "starts": starts, "atoms": counts,
+             "rank": int(rank), "captured_energy": captured / float(np.trace(gram)),
+             "whitened_relative_error": err / ref}
+    return err / ref, entry
+
+
+def _full(core, w, budget, stats, key, gram, total, atom_counts):
+    L, d_in, d_out = w.shape
+    N = d_in * d_out
+    most = min(L, budget // (N + L))
+    tried = {}
+
+    def attempt(t):
+        if 0 <= t <= most and t not in tried:
+            tried[t] = _full_candidate(core, w, budget, stats, key, gram, t)
+
+    for t in atom_counts:
+        attempt(t)
+    while True:  # neighbours of the best until it is a local minimum
+        ok = {t: c for t, c in tried.items() if c is not None}
+        if not ok:
+            raise ValueError(f"budget {budget} too small for the full method")
+        best = min(ok, key=lambda t: ok[t][0])
+        new = [t for t in (best - 1, best + 1) if 0 <= t <= most and t not in tried]
+        if not new:
+            break
+        for t in new:
+            attempt(t)
+    entry = ok[best][1]
+    res, _, _, _ = _atom_part(core, w, gram, best)
+    rank = entry["rank"]
+    for l in range(L):
+        w_hat = reconstruct(res, l, (d_in, d_out)) if res["groups"] else None
+        if rank:
+            a, b, _ = core.residual(w[l], w_hat, stats(l, key), rank)
+            res["lowrank"][l] = (a, b)
+    res["info"] = dict(entry, grid=[ok[t][1] for t in sorted(ok)])
+    return res
 
 
 def compress_attention(core, method, weights, removed, stats=None, drift=None, kl_groups=3,
@@ -188,6 +258,89 @@ def compress_attention(core, method, weights, removed, stats=None, drift=None, k
         if progress:
             progress(f"{method} {p}: {r['params']} of {w.size} parameters ({r['info']})"
                      if "grid" not in r["info"] else
-                     f"{method} {p}: {r['params']} of {w.size} parameters, atom share "
-                     f"{r['info']['atom_share']}, rank {r['info']['rank']}")
+                     f"{method} {p}: {r['params']} of {w.size} parameters, "
+                     f"{r['info']['atoms_total']} atoms, rank {r['info']['rank']}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Explicit plans
+# ---------------------------------------------------------------------------
+
+
+def parse_plan(plan, weights):
+    """Checks an explicit plan and fills in its defaults. plan: {p: {"groups":
+    [{"start": i, "atoms": S}, ...] (each group runs to the next start; a
+    "layers" entry, if present, must agree), "ranks": r (every layer) or
+    {"layer": r} (missing layers: no low-rank term)}}; the "plan" of a
+    config.json written by masa.compress has this form. Projections the plan
+    leaves out stay dense. Returns {p: (starts, atoms, ranks[L])}."""
+    if not isinstance(plan, dict) or not plan:
+        raise ValueError("a plan is a non-empty JSON object keyed by projection (q, k, v, o)")
+    out = {}
+    for p, spec in plan.items():
+        if p not in weights:
+            raise ValueError(f"plan: unknown projection {p!r} (one of q, k, v, o)")
+        L, d_in, d_out = weights[p].shape
+        if not isinstance(spec, dict) or not set(spec) <= {"groups", "ranks", "params", "dense_params"}:
+            raise ValueError(f"plan {p}: an object with 'groups' and/or 'ranks'")
+        groups = spec.get("groups") or []
+        starts = [int(g["start"]) for g in groups]
+        atoms = [int(g["atoms"]) for g in groups]
+        if groups and (starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:]))
+                       or starts[-1] >= L):
+            raise ValueError(f"plan {p}: group starts {starts} must begin at 0, increase, stay below {L}")
+        ends = starts[1:] + [L]
+        for g, (s, e, a) in enumerate(zip(starts, ends, atoms)):
+            if "layers" in groups[g] and int(groups[g]["layers"]) != e - s:
+                raise ValueError(f"plan {p}: group {g} has {e - s} layers, not {groups[g]['layers']}")
+            if not 1 <= a <= e - s:
+                raise ValueError(f"plan {p}: group {g} ({e - s} layers) cannot have {a} atoms")
+        r = spec.get("ranks", 0)
+        if isinstance(r, dict):
+            ranks = [0] * L
+            for k, v in r.items():
+                if not 0 <= int(k) < L:
+                    raise ValueError(f"plan {p}: rank for layer {k} of {L}")
+                ranks[int(k)] = int(v)
+        else:
+            ranks = [int(r)] * L
+        if any(not 0 <= x <= min(d_in, d_out) for x in ranks):
+            raise ValueError(f"plan {p}: ranks must be in 0..{min(d_in, d_out)}")
+        if not groups and any(x == 0 for x in ranks):
+            raise ValueError(f"plan {p}: without groups every layer needs a rank")
+        out[p] = (starts, atoms, ranks)
+    return out
+
+
+def compress_with_plan(core, weights, plan, stats=None, whiten=True, progress=None):
+    """{p: result} following an explicit plan (parse_plan); the residuals
+    are whitened by the calibration statistics when whiten is true."""
+    out = {}
+    for p, (starts, atoms, ranks) in parse_plan(plan, weights).items():
+        w = weights[p]
+        L, d_in, d_out = w.shape
+        key = STAT_OF[p]
+        res = {"groups": [], "lowrank": {}}
+        captured = total = 0.0
+        if starts:
+            gram = core.gram(list(w))
+            total = float(np.trace(gram))
+            res["groups"], captured = _groups(core, w, starts, atoms, gram)
+        after = 0.0
+        for l in range(L):
+            if ranks[l]:
+                w_hat = reconstruct(res, l, (d_in, d_out)) if starts else None
+                a, b, info = core.residual(w[l], w_hat, stats(l, key) if whiten else None, ranks[l])
+                res["lowrank"][l] = (a, b)
+                after += info["error_after"]
+        res["info"] = {"starts": starts, "atoms": atoms, "ranks": ranks,
+                       "captured_energy": captured / total if total else 0.0,
+                       "residual_error": after, "explicit_plan": True}
+        res["params"] = count_params(res, (d_in, d_out))
+        res["budget"] = None
+        res["dense_params"] = int(w.size)
+        out[p] = res
+        if progress:
+            progress(f"plan {p}: {res['params']} of {w.size} parameters")
     return out

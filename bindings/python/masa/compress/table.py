@@ -24,12 +24,13 @@ import numpy as np
 
 RATIOS = (0.1, 0.2, 0.3)
 METHOD_ORDER = ("svd", "svd-llm", "pca", "pca-kl", "pca-dp", "full", "full+heal")
-RUN_ORDER = ("svd-llm", "full", "pca-dp", "pca", "pca-kl", "svd", "full+heal")
+RUN_ORDER = ("svd-llm", "full", "full+heal", "pca-dp", "pca", "pca-kl", "svd")
 LABELS = {
     "dense": "dense (transformers)", "dense-libmasa": "dense through libmasa",
     "svd": "truncated SVD (per layer)", "svd-llm": "SVD-LLM (whitened, per layer)",
     "pca": "Matrix PCA, one group", "pca-kl": "Matrix PCA, KL-drift groups",
-    "pca-dp": "Matrix PCA, DP groups", "full": "full: DP groups + whitened residual",
+    "pca-dp": "Matrix PCA, DP groups",
+    "full": "full: atoms (count by whitened calibration error) + whitened residual",
     "full+heal": "full + healing",
 }
 
@@ -68,6 +69,8 @@ class Runner:
                  f"torch {torch.__version__}, {self.args.threads} threads")
 
     def restore(self):
+        if self.model is None:  # setup failed: nothing to restore
+            return
         import torch
 
         from .. import hf
@@ -155,6 +158,8 @@ class Runner:
 
             results, report["healing"] = heal(self.model, self.tok, results, steps=heal_steps,
                                               lr=self.args.heal_lr, seq_len=self.args.heal_seq,
+                                              heldout=self.args.heal_heldout,
+                                              eval_every=self.args.heal_eval_every,
                                               context=self.context, progress=self.log)
             config["healed"] = True
         report["seconds"]["total"] = time.perf_counter() - t0
@@ -172,7 +177,8 @@ class Runner:
         self.restore()
         # the libmasa path once (full method, 20%): it must agree with the
         # materialised one; --all-libmasa for every entry
-        if (method == "full" and ratio == 0.2) or self.args.all_libmasa:
+        if ((method == "full" and ratio == 0.2 and not self.args.no_libmasa_check)
+                or self.args.all_libmasa):
             _, _, info = load_compressed(d, path="libmasa", model=self.model, tokenizer=self.tok,
                                          context=self.context, keep_original=True)
             if info["path"] == "libmasa":
@@ -184,8 +190,8 @@ class Runner:
         self.record(name, entry)
 
 
-def load_entries(out):
-    runs = os.path.join(out, "runs")
+def load_entries(out, sub="runs"):
+    runs = os.path.join(out, sub)
     entries = {}
     if os.path.isdir(runs):
         for f in sorted(os.listdir(runs)):
@@ -220,7 +226,15 @@ def write_report(out):
              f"Calibration: {calib_text(e)} from the gaps between "
              "the evaluation windows (no overlap). Parameters: attention projections only "
              "(q, k, v, o of 30 layers; dense 26,542,080). Each projection type gets the same "
-             "fraction of its dense count as budget. Written by `python -m masa.compress.table`.", ""]
+             "fraction of its dense count as budget. Written by `python -m masa.compress.table`.", "",
+             "The full method, exactly: per projection type, T atoms in the consecutive groups the "
+             "DP planner chooses for T atoms' worth of parameters (Matrix PCA of the unwhitened "
+             "weights), plus, in every layer, the whitened low-rank residual (SVD-LLM's step on "
+             "W_l - W^_l) at the rank the rest of the budget buys; T is the count with the least "
+             "whitened calibration error sum_l ||X_l (W_l - W~_l)||^2 / sum_l ||X_l W_l||^2 among "
+             "0, 3, 6, 10, 15, 20, 25 and the neighbours of the best (T = 0 is SVD-LLM exactly). "
+             "Healing fine-tunes the full method's atoms, coefficients and factors on calibration "
+             "text and keeps the step with the lowest loss on held-out calibration sequences.", ""]
     base = e.get("dense", {}).get("ppl")
     if "dense" in e:
         lines.append(f"- dense, transformers attention: ppl **{e['dense']['ppl']:.4f}**")
@@ -228,22 +242,36 @@ def write_report(out):
         dl = e["dense-libmasa"]["ppl"]
         lines.append(f"- dense, libmasa attention: ppl **{dl:.4f}**"
                      + (f" (relative difference {abs(dl - base) / base:.1e})" if base else ""))
+    # rows not rerun on this run's windows come from runs-previous/ (an
+    # earlier run on fewer windows), each against the dense model on its own
+    # windows
+    prev = load_entries(out, "runs-previous")
+    bases = {x["window_step"]: x["ppl"] for x in (prev.get("dense"), e.get("dense")) if x}
+    if prev.get("dense"):
+        ps = prev["dense"]["window_step"]
+        lines.append(f"- rows marked * are from an earlier run (results/pretrained/runs-previous) "
+                     f"that scored every {ps}th window ({len(range(0, 40, ps))} windows x 511 "
+                     f"tokens): dense on those windows {prev['dense']['ppl']:.4f}; their ratio is "
+                     "to that")
     lines.append("")
-    lines.append("| method | removed target | params kept | removed actual | ppl (materialised) "
-                 "| ppl (libmasa) | ppl / dense |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| method | removed target | params kept | removed actual | windows "
+                 "| ppl (materialised) | ppl (libmasa) | ppl / dense |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for ratio in RATIOS:
         for m in METHOD_ORDER:
             name = f"{m}-{int(round(ratio * 100))}"
-            if name not in e:
+            x = e.get(name) or prev.get(name)
+            if x is None:
                 continue
-            x = e[name]
+            star = "" if name in e else " *"
+            ws = x.get("window_step", 1)
+            b = bases.get(ws)
             rep = x["report"]
             p_mat = x["materialised"]["ppl"]
             p_lib = x.get("libmasa", {}).get("ppl")
-            lines.append(f"| {LABELS[m]} | {ratio:.0%} | {rep['attention_params_kept']:,} | "
-                         f"{rep['removed_actual']:.3%} | {p_mat:.3f} | {_fmt(p_lib, 3)} | "
-                         f"{_fmt(p_mat / base if base else None, 3)} |")
+            lines.append(f"| {LABELS[m]}{star} | {ratio:.0%} | {rep['attention_params_kept']:,} | "
+                         f"{rep['removed_actual']:.3%} | {len(range(0, 40, ws))} | {p_mat:.3f} | "
+                         f"{_fmt(p_lib, 3)} | {_fmt(p_mat / b if b else None, 3)} |")
     for ratio in RATIOS:
         r = int(round(ratio * 100))
         dp = e.get(f"pca-dp-{r}")
@@ -255,9 +283,9 @@ def write_report(out):
     for ratio in RATIOS:
         for m in ("pca", "pca-kl", "pca-dp", "full", "full+heal", "svd", "svd-llm"):
             name = f"{m}-{int(round(ratio * 100))}"
-            if name not in e:
+            if name not in e and name not in prev:
                 continue
-            rep = e[name]["report"]
+            rep = (e.get(name) or prev[name])["report"]
             parts = []
             for p, info in rep["per_projection"].items():
                 s = f"{p}: "
@@ -267,14 +295,25 @@ def write_report(out):
                     s += f", captured energy {info['captured_energy']:.1%}"
                 if "rank" in info and "relative_error" not in info:
                     s += f", rank {info['rank']}"
-                if "atom_share" in info:
-                    s += f", atom share of budget {info['atom_share']}"
+                if "whitened_relative_error" in info:
+                    s += f", whitened relative error {info['whitened_relative_error']:.4f}"
+                if "grid" in info:
+                    s += " (tried: " + ", ".join(
+                        f"{g['atoms_total']} atoms/rank {g['rank']}: {g['whitened_relative_error']:.4f}"
+                        for g in info["grid"]) + ")"
                 if "relative_error" in info:
-                    s += f"rank {info['rank']}, relative error {info['relative_error']:.3f} (whitened for SVD-LLM)"
+                    s += (f"rank {info['rank']}, relative error {info['relative_error']:.4f}"
+                          + (" (whitened)" if m == "svd-llm" else " (Frobenius)"))
                 parts.append(s)
             heal = rep.get("healing")
-            extra = (f"; healing {heal['steps']} steps, {heal['tokens']} tokens, {heal['seconds']:.0f} s"
-                     if heal else "")
+            extra = ""
+            if heal:
+                extra = (f"; healing {heal['steps']} steps of {heal['batch']} x {heal['seq_len']} tokens "
+                         f"({heal['tokens']:,} tokens), lr {heal['lr']:g}, {heal['seconds']:.0f} s")
+                if heal.get("heldout_curve"):
+                    extra += (f"; held-out loss ({heal['heldout_sequences']} calibration sequences) "
+                              + ", ".join(f"step {s}: {v:.4f}" for s, v in heal["heldout_curve"])
+                              + f"; kept step {heal['best_step']}")
             lines.append(f"- **{name}**: " + "; ".join(parts) + extra)
     speed = []
     for name, label in (("dense", "dense, transformers"), ("dense-libmasa", "dense, libmasa")):
@@ -305,10 +344,10 @@ def write_report(out):
                 lines.append(f"| {label} | {t[key]['prefill_tokens_per_s']:.0f} | "
                              f"{t[key]['decode_ms_per_token']:.1f} |")
     write_atomic(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
-    plot(e, base, os.path.join(out, "ppl_vs_compression.png"), len(range(0, 40, step)))
+    plot(e, base, os.path.join(out, "ppl_vs_compression.png"), len(range(0, 40, step)), prev)
 
 
-def plot(e, base, path, n_windows):
+def plot(e, base, path, n_windows, prev=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,14 +355,17 @@ def plot(e, base, path, n_windows):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in METHOD_ORDER:
-        xs, ys = [], []
-        for ratio in RATIOS:
-            name = f"{m}-{int(round(ratio * 100))}"
-            if name in e:
-                xs.append(100 * e[name]["report"]["removed_actual"])
-                ys.append(e[name]["materialised"]["ppl"])
-        if xs:
-            ax.plot(xs, ys, marker="o", label=LABELS[m])
+        for source, style in ((e, "-"), (prev or {}, ":")):
+            xs, ys = [], []
+            for ratio in RATIOS:
+                name = f"{m}-{int(round(ratio * 100))}"
+                if name in source and (source is e or name not in e):
+                    xs.append(100 * source[name]["report"]["removed_actual"])
+                    ys.append(source[name]["materialised"]["ppl"])
+            if xs:
+                ws = len(range(0, 40, source[name].get("window_step", 1))) if source is not e else None
+                ax.plot(xs, ys, marker="o", ls=style,
+                        label=LABELS[m] + (f" ({ws} windows, earlier run)" if ws else ""))
     if base:
         ax.axhline(base, color="k", ls="--", lw=1, label=f"dense ({base:.2f})")
     ax.set_yscale("log")
@@ -353,12 +395,18 @@ def main(argv=None):
     ap.add_argument("--window-step", type=int, default=1,
                     help="score every k-th of the recipe's 40 windows (1 = all; the dense rows "
                          "use the same windows)")
-    ap.add_argument("--heal-steps", type=int, default=30)
-    ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--heal-steps", type=int, default=40)
+    ap.add_argument("--heal-lr", type=float, default=1e-5)
     ap.add_argument("--heal-seq", type=int, default=256)
+    ap.add_argument("--heal-heldout", type=int, default=8,
+                    help="calibration sequences kept out of healing to choose its step count")
+    ap.add_argument("--heal-eval-every", type=int, default=10)
     ap.add_argument("--all-libmasa", action="store_true",
                     help="evaluate every entry through libmasa too (default: the full method only)")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--no-libmasa-check", action="store_true",
+                    help="skip the full method's 20%% evaluation through libmasa (by default it "
+                         "is scored both ways)")
     ap.add_argument("--skip-dense", action="store_true",
                     help="leave the dense rows to another run (several runs may share --out, "
                          "each with its own --methods/--ratios)")
