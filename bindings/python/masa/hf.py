@@ -400,12 +400,22 @@ def _swapped(model):
 def decoding(model, max_seq, batch=1):
     """Gives every swapped block a libmasa KV cache for ``batch`` sequences
     of up to ``max_seq`` tokens; inside, forward calls decode incrementally
-    (a call at position 0 restarts the sequence)."""
+    (a call at position 0 restarts the sequence).
+
+    For the session each layer keeps its composed weights (the 'cached'
+    weight policy), so a decode step does not compose W_l from the atoms
+    again for every token; the policy each layer had is restored on exit.
+    The parameters must not change inside the session (the cache's keys and
+    values were computed with them anyway)."""
     blocks = _swapped(model)
     old = _set_use_cache(model, True)
+    policies = []
     try:
         for b in blocks:
-            b.kv_cache = KVCache(b.core.c_layer(), batch, max_seq)
+            layer = b.core.c_layer()
+            policies.append((layer, layer.weight_policy))
+            layer.set_weight_policy("cached")
+            b.kv_cache = KVCache(layer, batch, max_seq)
         yield blocks
     finally:
         _set_use_cache(model, False if old is None else old)
@@ -413,6 +423,9 @@ def decoding(model, max_seq, batch=1):
             cache, b.kv_cache = b.kv_cache, None
             if cache is not None:
                 cache.close()
+        for layer, policy in policies:
+            if not layer.closed:
+                layer.set_weight_policy(policy)
 
 
 @torch.no_grad()

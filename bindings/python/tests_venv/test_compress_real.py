@@ -11,6 +11,7 @@ import torch
 
 from conftest import truncated
 from masa import hf
+from masa.layer import WeightPolicy
 from masa.compress import (attention_weights, compress_model, load_compressed, methods,
                            save)
 from masa.compress.c_core import CCore
@@ -82,6 +83,17 @@ def test_pipeline_end_to_end(small_model, ctx, tmp_path, method):
     assert ((la - lb).norm() / la.norm()).item() < 1e-4
     # compression changed the model, but not beyond recognition
     assert 1e-4 < ((la - l0).norm() / l0.norm()).item() < 0.5
+    # greedy decoding through libmasa's KV cache, which keeps each layer's
+    # composed weights for the session, gives the materialised model's tokens
+    prompt = ids[:, :16]
+    with torch.no_grad():
+        want = a.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(hf.greedy_generate(b, prompt, 8), want)
+    with hf.decoding(b, 32):
+        assert all(l.self_attn.core.c_layer().weight_policy == WeightPolicy.CACHED
+                   for l in b.model.layers)
+    assert all(l.self_attn.core.c_layer().weight_policy == WeightPolicy.ON_THE_FLY
+               for l in b.model.layers)
 
 
 def test_healing_trains_only_compressed_parameters(small_model, ctx):
