@@ -345,7 +345,7 @@ def report(blocks, stride=1, combined=0):
                       for n in {r["blocks"] for r in comb if r["blocks"]}
                       if (runs / f"n{n}-ls.json").exists()}
         lines += ["## Combined: ReplaceMe, then MASA compression of the remaining attention", "",
-                  "masa20: masa.compress's full method (DP groups + whitened residual, its public "
+                  "masa20: masa.compress's full method (as results/pretrained/table.md defines it; its public "
                   "compress_model, 16 x 512 calibration tokens of its own, from the gaps between "
                   "the evaluation windows) removing 20% of the attention parameters, written back "
                   "as dense weights; ls+masa20: the same after ReplaceMe least squares removed n "
