@@ -556,12 +556,32 @@ impl<'a> Layer<'a> {
     /// return `None` for it (give the projection memory of its own with the
     /// `set_*` functions to train it). Errors as `masa_model_apply`:
     /// [`Status::OutOfRange`] for `layer_index`, [`Status::BadShape`] when
-    /// the layer's projection shapes differ from the model's.
+    /// the layer's projection shapes differ from the model's (the layer is
+    /// then unchanged); after any other error (out of memory under the cached
+    /// weight policy) the projections are partly set: set each again before
+    /// use (until then they read as unset and their factors as read-only).
     pub fn apply_model(&mut self, model: &'a Model<'_>, layer_index: usize) -> Result<()> {
         // SAFETY: valid handles; the model outlives the layer ('a) and the
         // library only reads the memory it wraps (forward/backward read the
         // layer's parameters; writers are refused below).
-        check(unsafe { sys::masa_model_apply(model.as_ptr(), layer_index, self.raw.as_ptr()) })?;
+        let applied = check(unsafe { sys::masa_model_apply(model.as_ptr(), layer_index, self.raw.as_ptr()) });
+        if let Err(e) = applied {
+            // Index and shapes are checked before anything is set; a later
+            // failure (out of memory composing a cached projection) leaves
+            // an unknown mix of old and model projections. Forget what this
+            // wrapper knew, so that no stale pointer or gradient length is
+            // used: every projection reads as unset (no gradients accepted,
+            // no weight handed out) and its factors as shared, until set again.
+            if !matches!(e.status(), Status::OutOfRange | Status::BadShape) {
+                for which in Projection::ALL {
+                    self.proj[which.index()].kind = ProjectionKind::Unset;
+                    self.refresh(which);
+                    let p = &mut self.proj[which.index()];
+                    p.lowrank_shared = p.lowrank.is_some();
+                }
+            }
+            return Err(e);
+        }
         for which in Projection::ALL {
             let info = model.projection(which);
             let p = &mut self.proj[which.index()];
