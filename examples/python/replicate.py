@@ -191,6 +191,9 @@ def train_run(variant, seed, mcfg, tcfg, splits, context, log, eta, checkpoint=N
               checkpoint_seconds=300.0, interrupt_after=None):
     """Trains one variant with one seed; returns the run's record.
 
+    eta: the run's seconds left -> all runs' seconds left (for the progress
+    lines), or None where no such estimate exists.
+
     checkpoint: a path where the run's full state (model, optimizer, data
     order, curve) is saved every checkpoint_seconds and after the last step;
     a run started again with a checkpoint of the same run there continues
@@ -256,7 +259,8 @@ def train_run(variant, seed, mcfg, tcfg, splits, context, log, eta, checkpoint=N
                 log(f"[{variant} seed {seed}] step {step}/{tcfg.steps} loss "
                     f"{sum(recent) / len(recent):.4f} lr {lr:.2e} "
                     f"{step * tokens_per_step / train_time:,.0f} tok/s  "
-                    f"run left {fmt_time(left)}  all left {fmt_time(eta(left))}")
+                    f"run left {fmt_time(left)}"
+                    + (f"  all left {fmt_time(eta(left))}" if eta else ""))
 
     if model.coefficients_mlp is not None:
         model.collapse()  # evaluated, like every variant, as it would be deployed

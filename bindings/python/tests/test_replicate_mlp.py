@@ -262,3 +262,24 @@ def test_scale_study_trains_keeps_and_reports(tmp_path, splits):
     assert "[dense 1x seed 0] kept" in log and "trained 0 run(s)" in log
     assert not any(n.endswith(".ckpt") for n in os.listdir(out / "runs"))
     assert math.isfinite(r2["val_loss"])
+
+
+def test_scale_study_jobs_train_the_same_runs(tmp_path, splits):
+    """--jobs 2 trains the runs in worker processes side by side: the same
+    records (bit for bit: each run has its seed and one thread either way)
+    as one run after another, and the table reports them all."""
+    argv = ["--layers", "3", "--d-model", "16", "--context", "8", "--base-steps", "2",
+            "--batch-size", "2", "--plan", "1:0,1", "--variants", "dense,masa-qkvo",
+            "--reference", str(tmp_path / "none")]
+    seq, par = tmp_path / "one-by-one", tmp_path / "side-by-side"
+    assert replicate_scale.main(argv + ["--out", str(seq)]) == 0
+    assert replicate_scale.main(argv + ["--out", str(par), "--jobs", "2"]) == 0
+    names = sorted(os.listdir(seq / "runs"))
+    assert len(names) == 4 and sorted(os.listdir(par / "runs")) == names
+    for n in names:
+        a = json.loads((seq / "runs" / n).read_text())
+        b = json.loads((par / "runs" / n).read_text())
+        assert a["val_loss"] == b["val_loss"] and a["curve"] == b["curve"], n
+    log = (par / "log.txt").read_text()
+    assert "4 to train" in log and "2 at a time" in log and "trained 4 run(s)" in log
+    assert "| 1x (32) | masa-qkvo | 2 of 2 |" in (par / "table.md").read_text()
