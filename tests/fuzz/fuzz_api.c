@@ -54,85 +54,9 @@
 
 #include <masa/masa.h>
 
-/* ---------------------------------------------------------------------- */
-/* input reader                                                           */
-
-typedef struct reader {
-    const uint8_t *p;
-    size_t n;
-} reader;
-
-static unsigned u8(reader *r)
-{
-    if (r->n == 0)
-        return 0;
-    r->n--;
-    return *r->p++;
-}
-
-static unsigned u16(reader *r)
-{
-    return u8(r) | (u8(r) << 8);
-}
-
-static uint64_t u64(reader *r)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v |= (uint64_t)u8(r) << (8 * i);
-    return v;
-}
-
-/* 0 .. n-1 */
-static size_t pick(reader *r, size_t n)
-{
-    return n ? (n <= 256 ? u8(r) % n : u16(r) % n) : 0;
-}
-
-static int chance(reader *r, unsigned percent)
-{
-    return u8(r) % 100 < percent;
-}
-
-/* ---------------------------------------------------------------------- */
-/* failure reporting                                                      */
-
-#define FAIL(...)                                                            \
-    do {                                                                     \
-        fprintf(stderr, "fuzz_api: %s:%d: ", __FILE__, __LINE__);            \
-        fprintf(stderr, __VA_ARGS__);                                        \
-        fprintf(stderr, " (last error: \"%s\")\n", masa_last_error());      \
-        abort();                                                             \
-    } while (0)
-
-#define REQUIRE(cond, ...)                                                   \
-    do {                                                                     \
-        if (!(cond))                                                         \
-            FAIL(__VA_ARGS__);                                               \
-    } while (0)
-
-/* MASA_FUZZ_TRACE=1: print what each input does (to study a finding). */
-static int trace;
-#define TRACE(...)                                                           \
-    do {                                                                     \
-        if (trace)                                                           \
-            fprintf(stderr, __VA_ARGS__);                                    \
-    } while (0)
-
-/* Every status must be a known one with a string; failures need a message. */
-static masa_status checked(masa_status st, const char *what)
-{
-    REQUIRE((int)st >= MASA_OK && (int)st <= MASA_ERROR_INTERNAL,
-            "%s returned unknown status %d", what, (int)st);
-    REQUIRE(st != MASA_ERROR_INTERNAL, "%s: internal error", what);
-    REQUIRE(masa_status_string(st) != NULL, "status string NULL");
-    TRACE("  %s -> %s %s\n", what, masa_status_string(st), masa_last_error());
-    if (st != MASA_OK)
-        REQUIRE(masa_last_error()[0] != '\0', "%s failed (%s) without message",
-                what, masa_status_string(st));
-    return st;
-}
-#define CALL(expr) checked((expr), #expr)
+#define FUZZ_NAME "fuzz_api"
+#define FUZZ_LAST_STATUS MASA_ERROR_INTERNAL /* the core API */
+#include "fuzz_input.h"
 
 /* ---------------------------------------------------------------------- */
 /* memory the harness owns; freed at the end of the input                 */

@@ -40,53 +40,9 @@
 
 #include <masa/masa.h>
 
-typedef struct reader {
-    const uint8_t *p;
-    size_t n;
-} reader;
-
-static unsigned u8(reader *r)
-{
-    if (r->n == 0)
-        return 0;
-    r->n--;
-    return *r->p++;
-}
-
-static size_t pick(reader *r, size_t n) { return n ? u8(r) % n : 0; }
-static int chance(reader *r, unsigned percent) { return u8(r) % 100 < percent; }
-
-static int trace;
-#define TRACE(...)                                                           \
-    do {                                                                     \
-        if (trace)                                                           \
-            fprintf(stderr, __VA_ARGS__);                                    \
-    } while (0)
-
-#define FAIL(...)                                                            \
-    do {                                                                     \
-        fprintf(stderr, "fuzz_replaceme: %s:%d: ", __FILE__, __LINE__);      \
-        fprintf(stderr, __VA_ARGS__);                                        \
-        fprintf(stderr, " (last error: \"%s\")\n", masa_last_error());      \
-        abort();                                                             \
-    } while (0)
-#define REQUIRE(cond, ...)                                                   \
-    do {                                                                     \
-        if (!(cond))                                                         \
-            FAIL(__VA_ARGS__);                                               \
-    } while (0)
-
-static masa_status checked(masa_status st, const char *what)
-{
-    REQUIRE((int)st >= MASA_OK && (int)st <= MASA_ERROR_NOT_FOUND,
-            "%s returned unknown status %d", what, (int)st);
-    REQUIRE(st != MASA_ERROR_INTERNAL, "%s: internal error", what);
-    TRACE("  %s -> %s %s\n", what, masa_status_string(st), masa_last_error());
-    if (st != MASA_OK)
-        REQUIRE(masa_last_error()[0] != '\0', "%s failed without message", what);
-    return st;
-}
-#define CALL(expr) checked((expr), #expr)
+#define FUZZ_NAME "fuzz_replaceme"
+#define FUZZ_LAST_STATUS MASA_ERROR_NOT_FOUND
+#include "fuzz_input.h"
 
 /* ---- allocator hook: failure at a chosen allocation, a size limit ---- */
 
