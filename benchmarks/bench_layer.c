@@ -70,6 +70,7 @@ static const shape full_shapes[] = {
     {1, 8192, 512, 8, 8},
     {1, 2048, 1024, 16, 4},
     {1, 512, 512, 8, 8}, /* 512 tokens: the composition amortised least */
+    {8, 128, 128, 4, 4}, /* replicate.py's training layer: small products */
 };
 static const shape quick_shapes[] = {
     {2, 64, 64, 4, 4},

@@ -20,6 +20,8 @@ Configurations (interpreter, loop, threads):
               torch >= 2.4, so not here), 1 + 1 threads
   venv-1      the venv's python (torch 2.x, MKL), the loop now, 1 + 1 threads
   venv-2      the venv's python, the loop now, 2 + 2 threads
+  venv-1x2    two venv-1 processes side by side (as replicate_scale.py --jobs 2
+              trains): tokens/s of both together, timed steps started at once
 """
 
 import argparse
@@ -35,17 +37,18 @@ sys.path.insert(0, HERE)
 REPO = os.path.dirname(os.path.dirname(HERE))
 DEBIAN_PYTHON = "/usr/bin/python3"
 VENV_PYTHON = os.path.expanduser(os.environ.get("MASA_VENV", "~/.cache/libmasa/venv")) + "/bin/python"
-CONFIGS = {  # name: (interpreter, new loop, threads)
-    "before": (DEBIAN_PYTHON, False, 1),
-    "debian-new": (DEBIAN_PYTHON, True, 1),
-    "venv-1": (VENV_PYTHON, True, 1),
-    "venv-2": (VENV_PYTHON, True, 2),
+CONFIGS = {  # name: (interpreter, new loop, threads, processes side by side)
+    "before": (DEBIAN_PYTHON, False, 1, 1),
+    "debian-new": (DEBIAN_PYTHON, True, 1, 1),
+    "venv-1": (VENV_PYTHON, True, 1, 1),
+    "venv-2": (VENV_PYTHON, True, 2, 1),
+    "venv-1x2": (VENV_PYTHON, True, 1, 2),
 }
 PARTS = ("masa_forward", "masa_backward", "torch_forward", "torch_backward", "optimizer", "gc",
          "other")
 
 
-def child(variant, new_loop, threads, steps, warmup):
+def child(variant, new_loop, threads, steps, warmup, sync=False):
     """Measures one configuration in this interpreter; prints a JSON line."""
     import contextlib
     import gc
@@ -96,6 +99,9 @@ def child(variant, new_loop, threads, steps, warmup):
         for _ in range(warmup):
             x, y = batches.next()
             replicate.train_step(model, opt, x, y, tcfg.lr, tcfg.grad_clip)
+        if sync:  # the parent starts the side-by-side processes' timed steps at once
+            print("ready", flush=True)
+            sys.stdin.readline()
         start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(steps):
             x, y = batches.next()
@@ -138,14 +144,33 @@ def child(variant, new_loop, threads, steps, warmup):
 
 
 def run_child(name, variant, steps, warmup):
-    python, new_loop, threads = CONFIGS[name]
+    """One configuration's measurement; side-by-side processes are summed:
+    tokens/s of both, tokens per CPU-second of both, the mean breakdown."""
+    python, new_loop, threads, processes = CONFIGS[name]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [python, os.path.abspath(__file__), "--child", name, "--variant", variant,
-           "--steps", str(steps), "--warmup", str(warmup)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"configuration {name} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+           "--steps", str(steps), "--warmup", str(warmup)] + (["--sync"] if processes > 1 else [])
+    procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+    if processes > 1:
+        for p in procs:  # every one warmed up, then all go
+            if p.stdout.readline().strip() != "ready":
+                break
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+    outs = [p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode:
+            raise RuntimeError(f"configuration {name} failed:\n{err}")
+    rs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    if processes == 1:
+        return rs[0]
+    return {"tokens_per_s": sum(r["tokens_per_s"] for r in rs),
+            "tokens_per_cpu_s": len(rs) / sum(1 / r["tokens_per_cpu_s"] for r in rs),
+            "torch": rs[0]["torch"],
+            "breakdown_ms": {k: statistics.mean(r["breakdown_ms"][k] for r in rs) for k in PARTS},
+            "step_ms": statistics.mean(r["step_ms"] for r in rs)}
 
 
 def write_report(path, results, args, seconds):
@@ -186,7 +211,9 @@ def write_report(path, results, args, seconds):
         med, cpu = statistics.median(tps), median(name, "tokens_per_cpu_s")
         ratio = f"{med / before:.2f}x" if before else ""
         cpu_ratio = f"{cpu / before_cpu:.2f}x" if before_cpu else ""
-        lines.append(f"| {name} | {rs[0]['torch']} | {CONFIGS[name][2]} + {CONFIGS[name][2]} | "
+        threads, processes = CONFIGS[name][2:]
+        side = f" ({processes} processes)" if processes > 1 else ""
+        lines.append(f"| {name} | {rs[0]['torch']} | {threads} + {threads}{side} | "
                      f"{med:,.0f} | {', '.join(f'{t:,.0f}' for t in tps)} | {ratio} | {cpu:,.0f} | "
                      f"{cpu_ratio} |")
     lines += [
@@ -226,10 +253,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(REPO, "results", "replicate", "scale", "speed.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--sync", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        python, new_loop, threads = CONFIGS[args.child]
-        child(args.variant, new_loop, threads, args.steps, args.warmup)
+        python, new_loop, threads, _ = CONFIGS[args.child]
+        child(args.variant, new_loop, threads, args.steps, args.warmup, args.sync)
         return 0
     args.argv = sys.argv[1:] if argv is None else argv
     names = args.configs.split(",")
