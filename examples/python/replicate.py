@@ -88,6 +88,15 @@ class Log:
         self.file.close()
 
 
+def finish(log, context, table):
+    """The end of a study: its table into the log, then log and context closed."""
+    if os.path.exists(table):
+        with open(table, encoding="utf-8") as f:
+            log(f.read())
+    context.close()
+    log.close()
+
+
 def shown_path(path):
     """A path relative to the repository when inside it (for the log)."""
     rel = os.path.relpath(os.path.abspath(path), REPO)
@@ -482,10 +491,7 @@ def main(argv=None):
     wall = time.time() - start
     report()
     log(f"== trained {len(todo)} run(s) in {fmt_time(wall)}; results in {shown_path(out)}")
-    with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
-        log(f.read())
-    context.close()
-    log.close()
+    finish(log, context, os.path.join(out, "table.md"))
     return 0
 
 

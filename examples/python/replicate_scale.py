@@ -180,6 +180,9 @@ def write_plot(records, variants, plan, path, base, mcfg):
                         color=f"C{variants.index(v)}", label=v)
     ax_gap.axhline(0.0, color="black", lw=0.8)
     for ax in (ax_gap, ax_loss):
+        # the plan's range, so a panel without points yet (a report written
+        # before dense's run is done) still has a log axis
+        ax.set_xlim(tokens(min(multiples)) / 1.5, tokens(max(multiples)) * 1.5)
         ax.set_xscale("log")
         ax.set_xlabel("training tokens (bytes)")
         ax.grid(alpha=0.3)
@@ -309,10 +312,7 @@ def main(argv=None):
             report()
     report()
     log(f"== trained {len(todo)} run(s) in {replicate.fmt_time(time.time() - start)}")
-    with open(os.path.join(args.out, "table.md"), encoding="utf-8") as f:
-        log(f.read())
-    context.close()
-    log.close()
+    replicate.finish(log, context, os.path.join(args.out, "table.md"))
     return 0
 
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import vit_data as data  # noqa: E402
 import vit_models as models  # noqa: E402
-from replicate import Log, fmt_time, mean_spread  # noqa: E402  (the replication's helpers)
+from replicate import Log, finish, fmt_time, mean_spread  # noqa: E402  (the replication's helpers)
 
 CHECKPOINT_FORMAT = 1
 
@@ -434,11 +434,7 @@ def main(argv=None):
         report()  # after every run, so an interrupted invocation leaves its results
     report()
     log(f"== trained {len(todo)} run(s) in {fmt_time(time.time() - start)}; results in {out}")
-    if os.path.exists(os.path.join(out, "table.md")):
-        with open(os.path.join(out, "table.md"), encoding="utf-8") as f:
-            log(f.read())
-    context.close()
-    log.close()
+    finish(log, context, os.path.join(out, "table.md"))
     return 0
 
 
