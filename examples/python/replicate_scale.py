@@ -9,7 +9,7 @@ and seeds as replicate.py; a k-times-longer run has k times the steps and
 the same learning-rate schedule stretched over them (warmup 10% of the
 steps, cosine decay), and evaluates the curve every 20k steps.
 
-    python3 examples/python/replicate_scale.py   # 1x: 3 seeds, 4x: 2 seeds, 16x: 1 seed
+    python3 examples/python/replicate_scale.py   # 1x: 3 seeds, 4x: 2 seeds, 16x: 2 seeds
     python3 examples/python/replicate_scale.py --jobs 2   # two runs at a time, 1 thread each
 
 On 2 cores, two one-thread runs side by side train about twice the tokens per
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 REPO = replicate.REPO
 VARIANTS = ("dense", "masa-qkvo", "masa-mlp", "repeat-all-over")
-PLAN = "1:0,1,2/4:0,1/16:0"   # tokens multiple: seeds
+PLAN = "1:0,1,2/4:0,1/16:0,1"   # tokens multiple: seeds
 BASE = replicate.TrainConfig()
 
 

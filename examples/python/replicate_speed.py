@@ -13,13 +13,16 @@ the table gives medians.
 
     python3 examples/python/replicate_speed.py            # writes results/replicate/scale/speed.md
 
-Configurations (interpreter, loop, threads):
+Configurations (interpreter, loop, torch + libmasa threads):
   before      Debian's python3 (torch 1.13, OpenBLAS), the loop as it was
               (garbage collector on, for-each AdamW), 1 torch + 1 libmasa thread
   debian-new  Debian's python3, the loop now (GC frozen; fused AdamW needs
               torch >= 2.4, so not here), 1 + 1 threads
   venv-1      the venv's python (torch 2.x, MKL), the loop now, 1 + 1 threads
   venv-2      the venv's python, the loop now, 2 + 2 threads
+  venv-1+2    the venv's python, the loop now, 1 torch + 2 libmasa threads (torch's
+              idle OpenMP threads poll for work, and took the core libmasa's
+              second thread needed)
   venv-1x2    two venv-1 processes side by side (as replicate_scale.py --jobs 2
               trains): tokens/s of both together, timed steps started at once
 """
@@ -37,12 +40,13 @@ sys.path.insert(0, HERE)
 REPO = os.path.dirname(os.path.dirname(HERE))
 DEBIAN_PYTHON = "/usr/bin/python3"
 VENV_PYTHON = os.path.expanduser(os.environ.get("MASA_VENV", "~/.cache/libmasa/venv")) + "/bin/python"
-CONFIGS = {  # name: (interpreter, new loop, threads, processes side by side)
-    "before": (DEBIAN_PYTHON, False, 1, 1),
-    "debian-new": (DEBIAN_PYTHON, True, 1, 1),
-    "venv-1": (VENV_PYTHON, True, 1, 1),
-    "venv-2": (VENV_PYTHON, True, 2, 1),
-    "venv-1x2": (VENV_PYTHON, True, 1, 2),
+CONFIGS = {  # name: (interpreter, new loop, (torch, libmasa) threads, processes side by side)
+    "before": (DEBIAN_PYTHON, False, (1, 1), 1),
+    "debian-new": (DEBIAN_PYTHON, True, (1, 1), 1),
+    "venv-1": (VENV_PYTHON, True, (1, 1), 1),
+    "venv-2": (VENV_PYTHON, True, (2, 2), 1),
+    "venv-1+2": (VENV_PYTHON, True, (1, 2), 1),
+    "venv-1x2": (VENV_PYTHON, True, (1, 1), 2),
 }
 PARTS = ("masa_forward", "masa_backward", "torch_forward", "torch_backward", "optimizer", "gc",
          "other")
@@ -63,8 +67,8 @@ def child(variant, new_loop, threads, steps, warmup, sync=False):
     import replicate_data as data
     import replicate_models as models
 
-    torch.set_num_threads(threads)
-    ctx = masa.Context(n_threads=threads)
+    torch.set_num_threads(threads[0])
+    ctx = masa.Context(n_threads=threads[1])
     tcfg = replicate.TrainConfig()
     mcfg = models.ModelConfig()
     torch.manual_seed(0)
@@ -147,7 +151,7 @@ def run_child(name, variant, steps, warmup):
     """One configuration's measurement; side-by-side processes are summed:
     tokens/s of both, tokens per CPU-second of both, the mean breakdown."""
     python, new_loop, threads, processes = CONFIGS[name]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads[0]))
     cmd = [python, os.path.abspath(__file__), "--child", name, "--variant", variant,
            "--steps", str(steps), "--warmup", str(warmup)] + (["--sync"] if processes > 1 else [])
     procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -213,7 +217,7 @@ def write_report(path, results, args, seconds):
         cpu_ratio = f"{cpu / before_cpu:.2f}x" if before_cpu else ""
         threads, processes = CONFIGS[name][2:]
         side = f" ({processes} processes)" if processes > 1 else ""
-        lines.append(f"| {name} | {rs[0]['torch']} | {threads} + {threads}{side} | "
+        lines.append(f"| {name} | {rs[0]['torch']} | {threads[0]} + {threads[1]}{side} | "
                      f"{med:,.0f} | {', '.join(f'{t:,.0f}' for t in tps)} | {ratio} | {cpu:,.0f} | "
                      f"{cpu_ratio} |")
     lines += [

@@ -20,8 +20,8 @@ import replicate_speed  # noqa: E402
 
 def test_one_process_and_two_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setenv("MASA_VENV", os.path.dirname(os.path.dirname(sys.executable)))
-    monkeypatch.setitem(replicate_speed.CONFIGS, "venv-1", (sys.executable, True, 1, 1))
-    monkeypatch.setitem(replicate_speed.CONFIGS, "venv-1x2", (sys.executable, True, 1, 2))
+    monkeypatch.setitem(replicate_speed.CONFIGS, "venv-1", (sys.executable, True, (1, 1), 1))
+    monkeypatch.setitem(replicate_speed.CONFIGS, "venv-1x2", (sys.executable, True, (1, 1), 2))
     out = tmp_path / "speed.md"
     assert replicate_speed.main(["--configs", "venv-1,venv-1x2", "--steps", "2", "--warmup", "1",
                                  "--rounds", "1", "--out", str(out)]) == 0
