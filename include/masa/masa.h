@@ -205,6 +205,8 @@ MASA_API void masa_context_options_default(masa_context_options *options,
 
 /* Creates a context. options may be NULL for the defaults. The context owns a
  * pool of n_threads - 1 worker threads (the calling thread is the n-th).
+ * After a call, idle workers poll for new work for 0.1 ms, then sleep until
+ * the next call (so a context between calls costs no CPU).
  * *out is set to NULL on failure. */
 MASA_API masa_status masa_context_create(const masa_context_options *options,
                                          masa_context **out);

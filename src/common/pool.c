@@ -3,6 +3,11 @@
  * uneven tasks balance themselves. A caller that finds the pool busy runs its
  * tasks alone instead of waiting (see "Threads" in masa.h).
  *
+ * Idle threads poll for SPIN_NS before they sleep on a condition variable:
+ * a layer makes a dozen calls of a few hundred microseconds each, and waking
+ * a sleeping thread costs tens of microseconds (more in a virtual machine).
+ * Polling stops after SPIN_NS, so a pool idle between calls costs no CPU.
+ *
  * A call returns as soon as every task is done, without waiting for workers
  * that never woke up for it: on a loaded machine a woken worker can wait
  * milliseconds for a core, and waiting for all of them made every call cost
@@ -13,6 +18,15 @@
  * before the fork runs everything on the calling thread (fork.c). */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
 
 #include "common/internal.h"
 
@@ -24,7 +38,9 @@ struct masa_pool {
     pthread_mutex_t busy;    /* held by the call that owns the pool */
     pthread_mutex_t lock;    /* protects the fields below */
     pthread_cond_t wake, done;
-    uint32_t generation;     /* bumped for every call */
+    /* bumped for every call, under the lock; polled without it */
+    _Atomic uint32_t generation;
+    size_t sleeping;         /* workers waiting on `wake` */
     bool stop;
     /* the current call */
     masa_task_fn task;
@@ -34,6 +50,42 @@ struct masa_pool {
     _Atomic uint64_t next;
     atomic_size_t finished;  /* tasks of the current call completed */
 };
+
+#define SPIN_NS 100000 /* 0.1 ms */
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Polls until a new call is published or SPIN_NS have passed. */
+static void spin_for_call(masa_pool *pool, uint32_t seen)
+{
+    uint64_t start = now_ns();
+    for (unsigned i = 1;; i++) {
+        if (atomic_load_explicit(&pool->generation, memory_order_relaxed) !=
+            seen)
+            return;
+        cpu_relax();
+        if (i % 64 == 0 && now_ns() - start > SPIN_NS)
+            return;
+    }
+}
+
+/* Polls until the call's n_tasks are done or SPIN_NS have passed. */
+static void spin_for_done(masa_pool *pool, size_t n_tasks)
+{
+    uint64_t start = now_ns();
+    for (unsigned i = 1;; i++) {
+        if (atomic_load(&pool->finished) >= n_tasks)
+            return;
+        cpu_relax();
+        if (i % 64 == 0 && now_ns() - start > SPIN_NS)
+            return;
+    }
+}
 
 typedef struct worker_start {
     masa_pool *pool;
@@ -66,19 +118,23 @@ static void *worker_main(void *p)
     masa_pool *pool = ((worker_start *)p)->pool;
     size_t index = ((worker_start *)p)->index;
     uint32_t seen = 0;
-    pthread_mutex_lock(&pool->lock);
     for (;;) {
-        while (!pool->stop && pool->generation == seen)
+        spin_for_call(pool, seen);
+        /* the call's fields are read under the lock they were written in */
+        pthread_mutex_lock(&pool->lock);
+        while (!pool->stop && atomic_load(&pool->generation) == seen) {
+            pool->sleeping++;
             pthread_cond_wait(&pool->wake, &pool->lock);
+            pool->sleeping--;
+        }
         if (pool->stop)
             break;
-        seen = pool->generation;
+        seen = atomic_load(&pool->generation);
         masa_task_fn task = pool->task;
         void *arg = pool->arg;
         size_t n_tasks = pool->n_tasks;
         pthread_mutex_unlock(&pool->lock);
         run_tasks(pool, seen, task, arg, n_tasks, index);
-        pthread_mutex_lock(&pool->lock);
     }
     pthread_mutex_unlock(&pool->lock);
     return NULL;
@@ -118,6 +174,7 @@ masa_status masa__pool_create(const masa_context *ctx, size_t n_threads,
                         .epoch = masa__fork_epoch()};
     atomic_init(&pool->next, 0);
     atomic_init(&pool->finished, 0);
+    atomic_init(&pool->generation, 0);
     pthread_mutex_init(&pool->busy, NULL);
     pthread_mutex_init(&pool->lock, NULL);
     pthread_cond_init(&pool->wake, NULL);
@@ -185,14 +242,17 @@ void masa__pool_run(masa_pool *pool, size_t n_tasks, masa_task_fn task,
     pool->task = task;
     pool->arg = arg;
     pool->n_tasks = n_tasks;
-    uint32_t gen = ++pool->generation;
+    uint32_t gen = atomic_load(&pool->generation) + 1;
     atomic_store(&pool->finished, 0);
     atomic_store(&pool->next, (uint64_t)gen << 32);
-    pthread_cond_broadcast(&pool->wake);
+    atomic_store(&pool->generation, gen); /* polling workers start now */
+    if (pool->sleeping)
+        pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->lock);
 
     run_tasks(pool, gen, task, arg, n_tasks, 0);
 
+    spin_for_done(pool, n_tasks);
     pthread_mutex_lock(&pool->lock);
     while (atomic_load(&pool->finished) < n_tasks)
         pthread_cond_wait(&pool->done, &pool->lock);
