@@ -12,9 +12,10 @@ steps, cosine decay), and evaluates the curve every 20k steps.
     python3 examples/python/replicate_scale.py   # 1x: 3 seeds, 4x: 2 seeds, 16x: 2 seeds
     python3 examples/python/replicate_scale.py --jobs 2   # two runs at a time, 1 thread each
 
-On 2 cores, two one-thread runs side by side train about twice the tokens per
-second of one run (4,100 + 4,100 against 4,131 with 1 thread, 5,173 with 2
-threads: results/replicate/scale/speed.md); the records are the same.
+On 2 cores, two one-thread runs side by side train twice the tokens per
+second of one run (8,411 tokens/s together against 4,113 for one run with 1
+thread and 5,339 with 2; Intel AVX-512, idle: results/replicate/scale/speed.md);
+the records are the same.
 
 Writes results/replicate/scale/: table.md, gap.png, runs/<variant>-x<k>-seed<n>.json,
 log.txt. The 1x runs of replicate.py --full (results/replicate/full/runs) are
