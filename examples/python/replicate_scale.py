@@ -185,6 +185,9 @@ def write_plot(records, variants, plan, path, base, mcfg):
         # before dense's run is done) still has a log axis
         ax.set_xlim(tokens(min(multiples)) / 1.5, tokens(max(multiples)) * 1.5)
         ax.set_xscale("log")
+        ax.set_xticks([tokens(m) for m in multiples],
+                      [f"{tokens(m) / 1e3:,.0f}k\n({m}x)" for m in multiples])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training tokens (bytes)")
         ax.grid(alpha=0.3)
         ax.legend()
