@@ -191,7 +191,7 @@ def write_report(path, results, args, seconds):
     lines = [
         "# Training throughput of replicate.py's loop",
         "",
-        f"Command: `python3 examples/python/replicate_speed.py {' '.join(args.argv)}`".rstrip() + "",
+        "Command: `" + " ".join(["python3 examples/python/replicate_speed.py"] + args.argv) + "`",
         "",
         f"CPU: {cpu_kind()} ({os.cpu_count()} logical CPUs); libmasa {masa.version()}. "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {fmt(seconds)} in all; "
