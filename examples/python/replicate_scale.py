@@ -13,8 +13,8 @@ steps, cosine decay), and evaluates the curve every 20k steps.
     python3 examples/python/replicate_scale.py --jobs 2   # two runs at a time, 1 thread each
 
 On 2 cores, two one-thread runs side by side train twice the tokens per
-second of one run (8,411 tokens/s together against 4,113 for one run with 1
-thread and 5,339 with 2; Intel AVX-512, idle: results/replicate/scale/speed.md);
+second of one run (8,191 tokens/s together against 4,013 for one run with 1
+thread and 5,243 with 2; Intel AVX-512, idle: results/replicate/scale/speed.md);
 the records are the same.
 
 Writes results/replicate/scale/: table.md, gap.png, runs/<variant>-x<k>-seed<n>.json,
@@ -246,6 +246,8 @@ def main(argv=None):
 
     plan = parse_plan(args.plan)
     variants = args.variants.split(",")
+    if args.jobs < 1 or args.threads < 1:
+        ap.error("--jobs and --threads: at least 1")
     if "dense" not in variants or any(v not in models.VARIANTS for v in variants):
         ap.error("--variants: names of replicate_models.VARIANTS, dense among them")
     mcfg = models.ModelConfig(**{k: v for k, v in (
