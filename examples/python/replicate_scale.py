@@ -58,7 +58,8 @@ def parse_plan(text):
 def train_config(multiple, base, threads):
     """base stretched k-fold: k times the steps, the curve every k times as many steps."""
     return replicate.TrainConfig(steps=base.steps * multiple, batch_size=base.batch_size,
-                                 eval_every=base.eval_every * multiple, threads=threads)
+                                 lr=base.lr, eval_every=base.eval_every * multiple,
+                                 threads=threads)
 
 
 def find_record(paths, mcfg, tcfg):
@@ -242,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int)
     ap.add_argument("--base-steps", type=int)
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--lr", type=float, help="peak learning rate (default replicate.py's; give "
+                    "another --out: runs of another rate are other runs)")
     args = ap.parse_args(argv)
 
     plan = parse_plan(args.plan)
@@ -254,7 +257,7 @@ def main(argv=None):
         ("n_layers", args.layers), ("n_atoms", args.layers and args.layers // 3),
         ("d_model", args.d_model), ("context", args.context)) if v})
     base = replicate.TrainConfig(**{k: v for k, v in (
-        ("steps", args.base_steps), ("batch_size", args.batch_size)) if v})
+        ("steps", args.base_steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v})
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     log = replicate.Log(os.path.join(args.out, "log.txt"))
     argv = sys.argv[1:] if argv is None else argv

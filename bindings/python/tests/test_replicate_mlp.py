@@ -283,3 +283,21 @@ def test_scale_study_jobs_train_the_same_runs(tmp_path, splits):
     log = (par / "log.txt").read_text()
     assert "4 to train" in log and "2 at a time" in log and "trained 4 run(s)" in log
     assert "| 1x (32) | masa-qkvo | 2 of 2 |" in (par / "table.md").read_text()
+
+
+def test_scale_study_learning_rate(tmp_path, splits):
+    """--lr trains with that peak rate, stretched like the default one, and
+    does not take a 1x run of the default rate from the reference."""
+    ref = tmp_path / "reference"
+    small = ["--layers", "3", "--d-model", "16", "--context", "8", "--batch-size", "2"]
+    assert replicate.main(["--quick", "--variants", "dense", "--steps", "2", "--out", str(ref)]
+                          + small) == 0
+    out = tmp_path / "lr"
+    assert replicate_scale.main(small + ["--base-steps", "2", "--plan", "1:0/2:0", "--variants",
+                                         "dense", "--lr", "0.001", "--out", str(out),
+                                         "--reference", str(ref / "runs")]) == 0
+    for k in (1, 2):
+        r = json.loads((out / "runs" / f"dense-x{k}-seed0.json").read_text())
+        assert r["train_config"]["lr"] == 0.001 and r["train_config"]["steps"] == 2 * k
+    assert "0 run(s) kept, 2 to train" in (out / "log.txt").read_text()
+    assert "AdamW lr 0.001" in (out / "table.md").read_text()
