@@ -114,37 +114,6 @@ static void free_blocks(void)
 }
 
 /* ---------------------------------------------------------------------- */
-/* allocator hook with failure injection and a size limit                 */
-
-typedef struct hook_state {
-    long count, fail_at, live;
-} hook_state;
-static hook_state hook;
-
-static void *hook_malloc(size_t size, void *user)
-{
-    hook_state *h = user;
-    if (h != &hook)
-        FAIL("allocator hook got user %p, want %p", user, (void *)&hook);
-    if (h->count++ == h->fail_at || size > ((size_t)64 << 20))
-        return NULL;
-    void *p = malloc(size);
-    if (p)
-        h->live++;
-    return p;
-}
-
-static void hook_free(void *p, void *user)
-{
-    hook_state *h = user;
-    if (h != &hook)
-        FAIL("allocator hook got user %p", user);
-    if (p)
-        h->live--;
-    free(p);
-}
-
-/* ---------------------------------------------------------------------- */
 /* values                                                                 */
 
 static const float special[] = {0.0f,     -0.0f,   1.0f,     -1.0f,

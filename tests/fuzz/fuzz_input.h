@@ -1,6 +1,7 @@
 /*
  * What the libFuzzer harnesses of libmasa's API share: reading the fuzzer's
- * bytes as a little program, and reporting a broken rule as a crash.
+ * bytes as a little program, reporting a broken rule as a crash, and an
+ * allocator hook that fails on request.
  *
  * Before including, a harness defines FUZZ_NAME (its name, for messages) and
  * FUZZ_LAST_STATUS (the last status its calls may return: the core API stops
@@ -90,5 +91,36 @@ static inline masa_status checked(masa_status st, const char *what)
     return st;
 }
 #define CALL(expr) checked((expr), #expr)
+
+/* An allocator hook with failure injection (allocation number fail_at fails;
+ * -1: none) and a size limit; live counts blocks not yet returned. Contexts
+ * get it with alloc_user = &hook. */
+typedef struct hook_state {
+    long count, fail_at, live;
+} hook_state;
+static hook_state hook;
+
+static inline void *hook_malloc(size_t size, void *user)
+{
+    hook_state *h = user;
+    if (h != &hook)
+        FAIL("allocator hook got user %p, want %p", user, (void *)&hook);
+    if (h->count++ == h->fail_at || size > ((size_t)64 << 20))
+        return NULL;
+    void *p = malloc(size);
+    if (p)
+        h->live++;
+    return p;
+}
+
+static inline void hook_free(void *p, void *user)
+{
+    hook_state *h = user;
+    if (h != &hook)
+        FAIL("allocator hook got user %p", user);
+    if (p)
+        h->live--;
+    free(p);
+}
 
 #endif

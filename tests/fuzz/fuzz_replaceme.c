@@ -44,32 +44,6 @@
 #define FUZZ_LAST_STATUS MASA_ERROR_NOT_FOUND
 #include "fuzz_input.h"
 
-/* ---- allocator hook: failure at a chosen allocation, a size limit ---- */
-
-typedef struct hook_state {
-    long count, fail_at, live;
-} hook_state;
-static hook_state hook;
-
-static void *hook_malloc(size_t size, void *user)
-{
-    hook_state *h = user;
-    if (h->count++ == h->fail_at || size > ((size_t)64 << 20))
-        return NULL;
-    void *p = malloc(size);
-    if (p)
-        h->live++;
-    return p;
-}
-
-static void hook_free(void *p, void *user)
-{
-    hook_state *h = user;
-    if (p)
-        h->live--;
-    free(p);
-}
-
 /* ---- harness memory, freed at the end of each input ---- */
 
 enum { MAX_BLOCKS = 256 };
